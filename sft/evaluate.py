@@ -1,0 +1,130 @@
+"""loradock eval --base-model M [--adapter DIR] --data HELDOUT.jsonl [--metrics exact_match,rouge_l]
+
+Greedy generation for every held-out prompt with the base model and, when given, with the
+adapter on top of it (transformers + PEFT), scored against the reference answers.
+"""
+
+import json
+from pathlib import Path
+
+from loradock.errors import LoradockError
+from sft.data import RowProblem, prompt_and_reference, read_rows, to_messages
+
+METRICS = ("exact_match", "rouge_l")
+
+
+def load_heldout(path: str, columns: dict | None = None, limit: int | None = None) -> list[tuple[list[dict], str]]:
+    """(conversation to answer, reference answer) for each good row; bad rows are skipped."""
+    items = []
+    for row in read_rows(path):
+        try:
+            items.append(prompt_and_reference(to_messages(row.data, columns)))
+        except RowProblem:
+            continue
+    if not items:
+        raise LoradockError(f"{path} has no usable (prompt, response) rows", f"run `loradock data check {path}`")
+    return items[:limit] if limit else items
+
+
+def parse_metrics(spec: str) -> list[str]:
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METRICS]
+    if unknown or not names:
+        raise LoradockError(f"--metrics {spec!r}: unknown metric {', '.join(unknown) or '(none)'}",
+                            f"choose from {', '.join(METRICS)}")
+    return names
+
+
+def score(predictions: list[str], references: list[str], metrics: list[str]) -> dict[str, float]:
+    """Mean of each metric over the rows, in [0, 1]."""
+    results = {}
+    if "exact_match" in metrics:
+        hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+        results["exact_match"] = hits / len(references)
+    if "rouge_l" in metrics:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"])
+        total = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references))
+        results["rouge_l"] = total / len(references)
+    return {name: round(value, 4) for name, value in results.items()}
+
+
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers, decoded without special tokens, batch by batch (left padding)."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    answers = []
+    for start in range(0, len(conversations), batch_size):
+        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                 for c in conversations[start:start + batch_size]]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        new_tokens = out[:, inputs["input_ids"].shape[1]:]
+        answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return answers
+
+
+def adapter_base_model(adapter: str) -> str:
+    config_path = Path(adapter) / "adapter_config.json"
+    if not config_path.exists():
+        raise LoradockError(f"--adapter {adapter} is not a PEFT adapter folder (no adapter_config.json)",
+                            "pass the --output folder of `loradock train`")
+    return json.loads(config_path.read_text())["base_model_name_or_path"]
+
+
+def evaluate(base_model: str, data: str, adapter: str | None = None, metrics: list[str] = METRICS,
+             max_new_tokens: int | None = None, limit: int | None = None, batch_size: int = 16) -> dict:
+    """Score the base model and the adapter on the same prompts; returns the report."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sft.base_model import resolve_base_model
+
+    if adapter and adapter_base_model(adapter) != base_model:
+        raise LoradockError(f"--adapter {adapter} was trained on {adapter_base_model(adapter)!r}, "
+                            f"not on --base-model {base_model!r}",
+                            f"pass --base-model {adapter_base_model(adapter)}")
+    items = load_heldout(data, limit=limit)
+    conversations, references = [c for c, _ in items], [r for _, r in items]
+    base_path = resolve_base_model(base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if max_new_tokens is None:  # room for the longest reference, and a little more
+        max_new_tokens = min(512, max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references) + 16)
+    model = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    sides = {"base": generate(model, tokenizer, conversations, max_new_tokens, batch_size)}
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).eval()
+        adapter_tokenizer = AutoTokenizer.from_pretrained(adapter)  # with the chat template it was trained with
+        sides["adapter"] = generate(model, adapter_tokenizer, conversations, max_new_tokens, batch_size)
+    return {
+        "base_model": base_model, "adapter": adapter, "data": data, "rows": len(items),
+        "max_new_tokens": max_new_tokens,
+        "metrics": {side: score(predictions, references, metrics) for side, predictions in sides.items()},
+        "examples": [
+            {"prompt": c[-1]["content"], "reference": r, **{side: sides[side][i] for side in sides}}
+            for i, (c, r) in enumerate(items)
+        ],
+    }
+
+
+def render(report: dict, n_examples: int = 3, width: int = 28) -> str:
+    sides = list(report["metrics"])
+    names = list(report["metrics"][sides[0]])
+    lines = [f"eval: {report['data']} ({report['rows']} rows, greedy, max {report['max_new_tokens']} new tokens)",
+             f"  {'model':<10}" + "".join(f"{name:>14}" for name in names)]
+    for side in sides:
+        label = side if side == "base" else "adapter"
+        lines.append(f"  {label:<10}" + "".join(f"{report['metrics'][side][name]:>14.3f}" for name in names))
+    columns = ["prompt", "reference", *sides]
+    clip = lambda text: (text[: width - 1] + "…") if len(text) > width else text  # noqa: E731
+    lines += ["", "  " + " | ".join(f"{c:<{width}}" for c in columns)]
+    for example in report["examples"][:n_examples]:
+        lines.append("  " + " | ".join(f"{clip(example[c].replace(chr(10), ' ')):<{width}}" for c in columns))
+    return "\n".join(lines)
