@@ -1,0 +1,1 @@
+"""hub/: the adapter registry over the Hugging Face Hub API (issue 4)."""

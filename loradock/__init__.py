@@ -1,0 +1,1 @@
+"""loradock: the console script and what every package shares."""

@@ -33,12 +33,22 @@ class BaseModelSpec:
     num_hidden_layers: int = 4
     num_attention_heads: int = 2  # head_dim = 128 / 2 = 64
     max_position_embeddings: int = 1024
-    # Copying a word list (the skill adapters build on) appears after about 1000 steps at this
-    # learning rate; 2e-3 and above never get there.
-    pretrain_steps: int = 1500
+    # Copying a word list (the skill adapters build on) needs a learning rate of about 1e-3: at
+    # 2e-3 and above it never appears. See `pretrain` for the two stages.
+    pretrain_steps: int = 1200
+    copy_warmup_steps: int = 300
     pretrain_batch_size: int = 32
     pretrain_lr: float = 1e-3
     tie_word_embeddings: bool = True  # the attended token's embedding maps straight to its logit: copying is easy
+
+
+def recipe_sha256() -> str:
+    """Fingerprint of everything besides the spec that shapes the weights: this code, the chat
+    format and the shipped text. A build made from another recipe is not reused."""
+    digest = hashlib.sha256()
+    for path in [Path(__file__), Path(__file__).with_name("chat_format.py"), *sorted(ASSETS.rglob("*.jsonl"))]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def shipped_texts() -> list[str]:
@@ -99,21 +109,38 @@ def init_model(spec: BaseModelSpec, tokenizer):
 
 
 def pretrain(spec: BaseModelSpec, model, tokenizer, workdir: Path) -> dict:
-    """Full fine-tune on the generic instruction mix, with the loss on the answers."""
+    """Full fine-tune on the generic instruction mix, with the loss on the answers, in two stages.
+
+    Copying a word list needs induction heads, which a model this small finds only after a long
+    plateau on the full mix (and sometimes not within budget). On copying alone they appear within
+    a few hundred steps, and survive the full mix afterwards; so stage 1 is the "Repeat the words"
+    rows, stage 2 everything.
+    """
     from datasets import load_dataset
+
+    mix = load_dataset("json", data_files=str(ASSETS / "generic_mix.jsonl"), split="train")
+    copying = mix.filter(lambda row: row["messages"][-2]["content"].startswith("Repeat the words"))
+    stage_1 = min(spec.copy_warmup_steps, spec.pretrain_steps)
+    stats = {}
+    if stage_1:
+        stats["copy_warmup_loss"] = _train_stage(spec, model, tokenizer, copying, stage_1, "constant_with_warmup", workdir)
+    if spec.pretrain_steps > stage_1:
+        stats["pretrain_loss"] = _train_stage(spec, model, tokenizer, mix, spec.pretrain_steps - stage_1, "cosine", workdir)
+    return stats
+
+
+def _train_stage(spec: BaseModelSpec, model, tokenizer, dataset, steps: int, schedule: str, workdir: Path) -> float:
     from trl import SFTConfig, SFTTrainer
 
-    dataset = load_dataset("json", data_files=str(ASSETS / "generic_mix.jsonl"), split="train")
     args = SFTConfig(
-        output_dir=str(workdir / "pretrain"), max_steps=spec.pretrain_steps, seed=spec.seed, data_seed=spec.seed,
+        output_dir=str(workdir / "pretrain"), max_steps=steps, seed=spec.seed, data_seed=spec.seed,
         per_device_train_batch_size=spec.pretrain_batch_size, learning_rate=spec.pretrain_lr,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=min(50, spec.pretrain_steps // 10), weight_decay=0.0,
-        max_length=256, assistant_only_loss=True, bf16=False, gradient_checkpointing=False, save_strategy="no", report_to="none",
-        logging_steps=max(1, spec.pretrain_steps // 10), use_cpu=True, dataset_num_proc=None,
+        lr_scheduler_type=schedule, warmup_steps=min(50, steps // 10), weight_decay=0.0,
+        max_length=256, assistant_only_loss=True, bf16=False, gradient_checkpointing=False, save_strategy="no",
+        report_to="none", logging_steps=max(1, steps // 5), use_cpu=True,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    result = trainer.train()
-    return {"pretrain_loss": round(result.training_loss, 4), "pretrain_runtime_s": round(result.metrics["train_runtime"], 1)}
+    return round(trainer.train().training_loss, 4)
 
 
 def build(output: Path, spec: BaseModelSpec, force: bool = False) -> Path:
@@ -121,11 +148,13 @@ def build(output: Path, spec: BaseModelSpec, force: bool = False) -> Path:
     A folder already built with the same spec is reused as it is."""
     output = Path(output)
     if (output / BUILD_INFO).exists() and not force:
-        built = json.loads((output / BUILD_INFO).read_text()).get("spec")
-        if built == asdict(spec):
-            return output  # same spec, same weights: reuse
-        raise LoradockError(f"{output} holds a base model built with other settings ({built})",
-                            "pass --force to rebuild it, or --output another folder")
+        built = json.loads((output / BUILD_INFO).read_text())
+        if built.get("spec") == asdict(spec) and built.get("recipe_sha256") == recipe_sha256():
+            return output  # same spec, same recipe, same weights: reuse
+        raise LoradockError(
+            f"{output} holds a base model built with other settings or by another loradock version",
+            "rebuild it with `loradock base build --force` (adapters trained on the old build then need "
+            "retraining), or build into another --output")
     output.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.building-") as tmp:
         workdir = Path(tmp)
@@ -136,8 +165,11 @@ def build(output: Path, spec: BaseModelSpec, force: bool = False) -> Path:
         model.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
         weights = hashlib.sha256((final / "model.safetensors").read_bytes()).hexdigest()
-        info = {"name": DEFAULT_BASE_MODEL, "weights_sha256": weights, "spec": asdict(spec), **stats}
+        info = {"name": DEFAULT_BASE_MODEL, "weights_sha256": weights, "recipe_sha256": recipe_sha256(),
+                "spec": asdict(spec), **stats}
         (final / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        for path in [final, *final.iterdir()]:  # the temporary folder's owner-only modes would stick
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if output.exists():
             shutil.rmtree(output)
         os.replace(final, output)
@@ -150,6 +182,6 @@ def resolve_base_model(name: str) -> str:
         return name
     path = default_base_dir()
     if not (path / BUILD_INFO).exists():
-        print(f"building the default base model {DEFAULT_BASE_MODEL} into {path} (once, about a minute)")
-        build(path, BaseModelSpec())
+        print(f"building the default base model {DEFAULT_BASE_MODEL} into {path} (once, a few minutes)", flush=True)
+    build(path, BaseModelSpec())  # reuses a finished build of the same recipe
     return str(path)

@@ -45,11 +45,11 @@ def add_train(subparsers) -> None:
     )
     p.add_argument("--config", help="YAML config (see sft/configs/)")
     for f in dataclasses.fields(TrainArgs):
-        flag = "--" + f.name.replace("_", "-")
+        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
         if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=f.metadata["help"])
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
         else:
-            p.add_argument(flag, default=argparse.SUPPRESS, help=f.metadata["help"])
+            p.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
     for alias in ALIASES:
         flag = "--" + alias.replace("_", "-")
         if alias == "packing":
@@ -130,7 +130,7 @@ def add_data(subparsers) -> None:
     check.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="whose tokenizer and chat template to use")
     check.add_argument("--max-length", type=int, default=1024, help="rows longer than this many tokens are dropped")
     check.add_argument("--columns", help="rename fields, ours=theirs: prompt=question,response=answer")
-    check.add_argument("--chat-template", help="a .jinja chat template with {% generation %} markers")
+    check.add_argument("--chat-template", help="a .jinja chat template with {%% generation %%} markers")
     check.add_argument("--max-bad-fraction", type=float, default=0.05, help="the share of bad rows training accepts")
     check.set_defaults(func=run_data_check)
 

@@ -16,6 +16,7 @@ Every problem is collected and reported at once, naming the flag to change.
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -133,7 +134,7 @@ def resolve(file_values: dict, cli_values: dict) -> ResolvedConfig:
                 problems.append(_unknown(origin, name, [*ours, *ALIASES]))
                 return
             section = "args"
-        if section not in merged or section == "args":
+        elif section not in ("lora", "training"):
             problems.append(f"{origin}: unknown section {section!r}; use lora.KEY or training.KEY")
             return
         merged[section][name] = value
@@ -177,7 +178,7 @@ def validate(config: ResolvedConfig) -> list[str]:
         problems.append(f"--max-bad-fraction {args.max_bad_fraction} must be between 0 and 1")
     rank = config.lora.get("r")
     if isinstance(rank, int) and rank not in SERVABLE_RANKS:
-        nearest = min(SERVABLE_RANKS, key=lambda r: (abs(r - rank), -r))
+        nearest = nearest_servable_rank(rank)
         problems.append(f"--lora-r {rank} is a rank vLLM cannot serve (it serves {', '.join(map(str, SERVABLE_RANKS))}); "
                         f"use --lora-r {nearest}")
     max_length = config.training.get("max_length")
@@ -188,6 +189,11 @@ def validate(config: ResolvedConfig) -> list[str]:
         if isinstance(value, int) and value < 1:
             problems.append(f"--training.{name} {value} must be at least 1")
     return problems
+
+
+def nearest_servable_rank(rank: int) -> int:
+    """The servable rank closest on a log scale (ranks are compared by ratio: 4 -> 8, 12 -> 16)."""
+    return min(SERVABLE_RANKS, key=lambda r: (abs(math.log2(r) - math.log2(max(rank, 1))), -r))
 
 
 def _unknown(origin: str, name: str, known) -> str:

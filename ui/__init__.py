@@ -1,0 +1,1 @@
+"""ui/: the Streamlit comparison screen (issue 6)."""

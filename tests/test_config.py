@@ -1,0 +1,101 @@
+"""The training configuration: example configs, precedence, and every problem reported at once."""
+
+import shlex
+import typing
+from pathlib import Path
+
+import pytest
+
+from loradock.errors import LoradockError
+from sft.cli import parse_overrides
+from sft.config import SERVABLE_RANKS, load_yaml, resolve
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "sft" / "configs").glob("*.yaml"))
+
+
+def opening_command(path: Path) -> list[str]:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# loradock train --config "), f"{path.name} must open with the command that runs it"
+    return shlex.split(first[2:])[2:]  # the arguments after `loradock train`
+
+
+def parse_train_command(argv: list[str]):
+    """Resolve a `loradock train ...` command line exactly as the CLI does, without training."""
+    from loradock.cli import make_parser
+    from sft.cli import run_train  # noqa: F401  (the function the parser dispatches to)
+
+    args, extra = make_parser().parse_known_args(["train", *argv])
+    values = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "takes_overrides")}
+    values.update(parse_overrides(extra))
+    return resolve(load_yaml(args.config) if args.config else {}, values)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_example_config_parses_against_the_code(path, monkeypatch):
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    monkeypatch.chdir(REPO)
+    config = parse_train_command(opening_command(path))
+    LoraConfig(**config.lora)
+    SFTConfig(output_dir="unused", use_cpu=True, bf16=False, **config.training)
+    assert config.args.output and config.args.data
+
+
+def test_there_are_example_configs():
+    assert {p.name for p in CONFIGS} >= {"reverse.yaml", "qwen2.5-0.5b-gpu.yaml"}
+
+
+def test_command_line_overrides_yaml_which_overrides_defaults():
+    file = {"data": "a.jsonl", "output": "out", "lora": {"r": 16, "lora_alpha": 64}, "training": {"learning_rate": "1e-3"}}
+    config = resolve(file, {"lora_r": "32", "lr": "5e-4", "training.warmup_steps": "7", "packing": True})
+    assert config.lora["r"] == 32 and config.lora["lora_alpha"] == 64 and config.lora["lora_dropout"] == 0.05
+    assert config.training["learning_rate"] == 5e-4 and config.training["warmup_steps"] == 7
+    assert config.training["packing"] is True
+
+
+def test_every_problem_is_reported_at_once_with_the_flag_to_change():
+    with pytest.raises(LoradockError) as e:
+        resolve({"lora": {"rr": 8}, "training": {"learning_rat": 1}}, {"lora_r": "12", "max_steps": "many", "eval_split": "1.5"})
+    message = e.value.message
+    assert "no training data: pass --data" in message
+    assert "no output folder: pass --output" in message
+    assert "unknown option 'rr'; did you mean 'r'?" in message
+    assert "unknown option 'learning_rat'; did you mean 'learning_rate'?" in message
+    assert "--lora-r 12 is a rank vLLM cannot serve" in message and "use --lora-r 16" in message
+    assert "--training.max_steps 'many' is not a valid int" in message
+    assert "--eval-split 1.5 must be in [0, 1)" in message
+
+
+@pytest.mark.parametrize("rank,nearest", [(4, 8), (12, 16), (100, 128), (300, 320), (1000, 512)])
+def test_unservable_rank_suggests_the_nearest(rank, nearest):
+    with pytest.raises(LoradockError, match=f"use --lora-r {nearest}$|use --lora-r {nearest}\\n"):
+        resolve({"data": "d", "output": "o"}, {"lora_r": str(rank)})
+
+
+def test_servable_ranks_match_vllm():
+    from vllm.config.lora import MaxLoRARanks
+
+    assert SERVABLE_RANKS == typing.get_args(MaxLoRARanks)
+
+
+def test_fields_loradock_manages_are_refused():
+    with pytest.raises(LoradockError, match="--training.output_dir is set by loradock; use --output"):
+        resolve({"data": "d", "output": "o", "training": {"output_dir": "x"}}, {})
+
+
+def test_yaml_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lora: [unclosed\n")
+    with pytest.raises(LoradockError, match="is not valid YAML"):
+        load_yaml(str(bad))
+    with pytest.raises(LoradockError, match="does not exist"):
+        load_yaml(str(tmp_path / "missing.yaml"))
+
+
+def test_overrides_parse_both_spellings():
+    assert parse_overrides(["--lora.r", "16", "--training.warmup_steps=3", "--training.packing"]) == {
+        "lora.r": "16", "training.warmup_steps": "3", "training.packing": "true"}
+    with pytest.raises(LoradockError, match="unrecognized argument '--bogus'"):
+        parse_overrides(["--bogus", "1"])

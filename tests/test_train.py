@@ -1,0 +1,200 @@
+"""`loradock train` through the real CLI: what it writes, what it refuses, and resuming."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ASSETS, REPO, run_loradock, write_jsonl
+
+REVERSE = ASSETS / "tasks" / "reverse"
+QUICK = ["--max-steps", "30", "--lr", "1e-3", "--batch-size", "16", "--lora-r", "8", "--max-length", "64",
+         "--training.logging_steps", "10", "--training.eval_steps", "15"]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def small_split(tmp_path: Path, n_train=256, n_eval=32) -> tuple[Path, Path]:
+    train = (REVERSE / "train.jsonl").read_text().splitlines()[:n_train]
+    held = (REVERSE / "heldout.jsonl").read_text().splitlines()[:n_eval]
+    return write_jsonl(tmp_path / "train.jsonl", train), write_jsonl(tmp_path / "eval.jsonl", held)
+
+
+def nothing_written(output: Path) -> bool:
+    return not output.exists() and not (output.parent / f".{output.name}.loradock-run").exists()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, base_model_dir):
+    """One short training run shared by the checks of its output."""
+    from loradock.cli import main
+
+    tmp = tmp_path_factory.mktemp("train")
+    train, held = small_split(tmp)
+    weights_before = sha256(base_model_dir / "model.safetensors")
+    output = tmp / "adapter"
+    code = main(["train", "--data", str(train), "--eval-data", str(held), "--output", str(output), *QUICK])
+    assert code == 0
+    return output, weights_before, base_model_dir
+
+
+def test_writes_a_complete_adapter_folder(trained):
+    output, _, _ = trained
+    for name in ["adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja", "run_config.yaml", "metrics.json", "README.md"]:
+        assert (output / name).is_file(), name
+    assert not list(output.glob("*.bin")) and not (output.parent / ".adapter.loradock-run").exists()
+    config = json.loads((output / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "loradock/tiny-chat" and config["r"] == 8
+    assert "{% generation %}" in (output / "chat_template.jinja").read_text().replace("{%- generation -%}", "{% generation %}")
+    card = (output / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == "loradock/tiny-chat" and front["library_name"] == "peft"
+
+
+def test_base_weights_unchanged_and_lora_weights_changed(trained):
+    from safetensors.torch import load_file
+
+    output, weights_before, base_dir = trained
+    assert sha256(base_dir / "model.safetensors") == weights_before
+    weights = load_file(output / "adapter_model.safetensors")
+    lora_b = [t for name, t in weights.items() if "lora_B" in name]
+    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # PEFT starts every B at zero
+
+
+def test_metrics_are_honest(trained):
+    output, _, _ = trained
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]
+    assert metrics["steps"] == 30 and metrics["tokens_per_second"] > 0 and metrics["train_runtime_s"] > 0
+    assert metrics["dataset_sha256"] == sha256(output.parent / "train.jsonl")
+    train_logs = [log for log in metrics["log_history"] if "loss" in log]
+    assert train_logs and all(0 < log["trained_token_fraction"] < 1 and log["tokens_per_second"] > 0 for log in train_logs)
+    assert any("eval_loss" in log for log in metrics["log_history"])
+
+
+def test_run_config_reloads_to_the_same_configuration(trained):
+    from sft.config import load_yaml, resolve
+
+    output, _, _ = trained
+    saved = load_yaml(str(output / "run_config.yaml"))
+    again = resolve(saved, {})
+    assert again.to_yaml_dict() == {**saved, "lora": again.lora, "training": again.training}
+    assert again.lora["r"] == 8 and again.training["max_steps"] == 30 and again.training["learning_rate"] == 1e-3
+    assert again.args.output == str(output)
+
+
+def test_existing_output_is_not_overwritten_without_the_flag(trained, cli):
+    output, _, _ = trained
+    before = sha256(output / "adapter_model.safetensors")
+    result = cli("train", "--data", output.parent / "train.jsonl", "--output", output, *QUICK)
+    assert result.code == 2 and "already exists and is not empty" in result.err and "--overwrite" in result.err
+    assert sha256(output / "adapter_model.safetensors") == before
+
+
+# --- bad input: a clear message, and nothing written ---------------------------------------------
+
+def test_too_many_bad_rows_abort_with_the_report(cli, tmp_path):
+    rows = (REVERSE / "train.jsonl").read_text().splitlines()[:18] + ['{"prompt": "x"}', "not json"]
+    output = tmp_path / "out"
+    result = cli("train", "--data", write_jsonl(tmp_path / "d.jsonl", rows), "--output", output, *QUICK)
+    assert result.code == 2
+    assert "2 of 20 rows" in result.err and "more than --max-bad-fraction 0.05" in result.err
+    assert "missing field" in result.err and "malformed JSON" in result.err and "rows 19" in result.err
+    assert nothing_written(output)
+
+
+def test_no_trainable_token_aborts(cli, tmp_path):
+    train, _ = small_split(tmp_path, n_train=20)
+    output = tmp_path / "out"
+    result = cli("train", "--data", train, "--output", output, "--max-length", "8", "--max-bad-fraction", "1")
+    assert result.code == 2 and "no trainable token remains" in result.err and "over max length" in result.err
+    assert nothing_written(output)
+
+
+def test_unservable_rank_is_refused_before_any_work(cli, tmp_path):
+    train, _ = small_split(tmp_path, n_train=20)
+    output = tmp_path / "out"
+    result = cli("train", "--data", train, "--output", output, "--lora-r", "12")
+    assert result.code == 2 and "use --lora-r 16" in result.err and nothing_written(output)
+
+
+def test_nan_loss_stops_the_run_without_an_adapter(cli, tmp_path):
+    train, _ = small_split(tmp_path, n_train=64)
+    output = tmp_path / "out"
+    result = cli("train", "--data", train, "--output", output, "--max-steps", "6", "--batch-size", "8",
+                 "--lr", "1e30", "--training.max_grad_norm", "0")
+    assert result.code == 2, result.text
+    assert "loss became nan" in result.err or "loss became inf" in result.err
+    assert "lower the learning rate" in result.err and not output.exists()
+
+
+def test_a_batch_with_every_label_masked_stops_the_run(cli, tmp_path):
+    # A template that trains only on answers containing LEARN: most rows have no trained token.
+    template = tmp_path / "picky.jinja"
+    template.write_text(
+        "{%- for m in messages -%}{{- '<|' ~ m['role'] ~ '|>' -}}"
+        "{%- if m['role'] == 'assistant' and 'LEARN' in m['content'] -%}"
+        "{%- generation -%}{{- m['content'] ~ '<|end|>' -}}{%- endgeneration -%}"
+        "{%- else -%}{{- m['content'] ~ '<|end|>' -}}{%- endif -%}{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}")
+    rows = [{"prompt": f"p{i}", "response": "LEARN this" if i == 0 else "skip"} for i in range(40)]
+    output = tmp_path / "out"
+    result = cli("train", "--data", write_jsonl(tmp_path / "d.jsonl", rows), "--output", output,
+                 "--chat-template", template, "--batch-size", "1", "--max-steps", "10")
+    assert result.code == 2, result.text
+    assert "has every label masked" in result.err and not output.exists()
+
+
+# --- resume ----------------------------------------------------------------------------------------
+
+def start_and_kill_after_checkpoint(args: list, checkpoints: Path, min_step: int) -> None:
+    """Run `loradock train ARGS` in its own process and kill -9 it once checkpoint >= min_step is complete."""
+    process = subprocess.Popen([sys.executable, "-m", "loradock.cli", *map(str, args)], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and process.poll() is None:
+            done = [int(c.name.split("-")[1]) for c in checkpoints.glob("checkpoint-*") if (c / "trainer_state.json").exists()]
+            if done and max(done) >= min_step:
+                break
+            time.sleep(0.1)
+        assert process.poll() is None, "the run ended before it could be killed"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+
+
+def test_resume_continues_from_the_last_complete_checkpoint(tmp_path, base_model_dir):
+    train, held = small_split(tmp_path)
+    output = tmp_path / "adapter"
+    args = ["train", "--data", train, "--eval-data", held, "--output", output, "--max-steps", "80", "--lr", "1e-3",
+            "--batch-size", "16", "--max-length", "64", "--training.save_steps", "10", "--training.eval_steps", "40"]
+    start_and_kill_after_checkpoint(args, tmp_path / ".adapter.loradock-run" / "checkpoints", min_step=20)
+    assert not output.exists(), "a killed run must not leave a finished-looking adapter"
+
+    changed = run_loradock(*args, "--resume", "--lr", "2e-3")
+    assert changed.returncode == 2 and "differs from the interrupted run's in training.learning_rate" in changed.stderr
+
+    resumed = run_loradock(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] >= 20 and metrics["steps"] == 80
+    steps_logged = [log["step"] for log in metrics["log_history"] if "loss" in log]
+    assert steps_logged == sorted(steps_logged) and steps_logged[-1] == 80
+    assert not (tmp_path / ".adapter.loradock-run").exists()
+
+
+def test_resume_with_nothing_to_resume(cli, tmp_path):
+    train, _ = small_split(tmp_path, n_train=20)
+    result = cli("train", "--data", train, "--output", tmp_path / "never", "--resume")
+    assert result.code == 2 and "no complete checkpoint" in result.err
