@@ -239,10 +239,14 @@ def coerce(tp, value):
         return yaml.safe_load(value) if isinstance(value, str) else value
     origin, members = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if value is None or value == "null":  # YAML's spelling; "none" is a real value (report_to: none)
             if type(None) in members:
                 return None
-        for member in [m for m in members if m is not type(None)]:
+        candidates = [m for m in members if m is not type(None)]
+        takes_list = any(typing.get_origin(m) is list for m in candidates)
+        if type(value) in candidates and not (isinstance(value, str) and takes_list and "," in value):
+            return value  # already one of the allowed types ("all-linear" stays a string)
+        for member in candidates:
             try:
                 return coerce(member, value)
             except (TypeError, ValueError):

@@ -28,6 +28,7 @@ REASONS = {
     "unknown_role": "unknown role",
     "empty_response": "empty response",
     "too_long": "over max length",
+    "untrained": "no trained token",  # the template marks no token of the row for training
 }
 
 

@@ -81,9 +81,8 @@ class DataReport:
 
 def check_data(path, tokenizer, chat_template: str, max_length: int, columns: dict | None = None) -> DataReport:
     """Read, convert, render and tokenize every row; nothing is raised for bad rows."""
-    report = DataReport(path=str(path), sha256=dataset_sha256(path), max_length=max_length)
-    rows = read_rows(path)
-    report.rows_read = len(rows)
+    rows = read_rows(path)  # first: it names a missing or unreadable file
+    report = DataReport(path=str(path), sha256=dataset_sha256(path), max_length=max_length, rows_read=len(rows))
     chats = []
     for row in rows:
         try:
@@ -99,6 +98,9 @@ def check_data(path, tokenizer, chat_template: str, max_length: int, columns: di
             if len(ids) > max_length:
                 detail = f"{len(ids)} tokens > --max-length {max_length}"
                 report.dropped.setdefault("too_long", []).append((number, detail))
+            elif not any(mask):  # TRL would drop it silently; say so
+                detail = "no assistant token is inside the template's {% generation %} markers"
+                report.dropped.setdefault("untrained", []).append((number, detail))
             else:
                 report.kept.append(Example(number, messages, list(ids), list(mask)))
     report.dropped = {reason: sorted(report.dropped[reason]) for reason in REASONS if reason in report.dropped}

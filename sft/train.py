@@ -124,19 +124,23 @@ def check_datasets(config: ResolvedConfig, tokenizer):
     return train, train.kept, [], None
 
 
-def training_arguments(config: ResolvedConfig, paths: RunPaths, has_eval: bool):
-    """TRL's SFTConfig from the resolved settings, with the device-dependent defaults decided here."""
+def apply_device_defaults(config: ResolvedConfig) -> None:
+    """Settings that depend on the machine, decided once and recorded with the rest."""
     import torch
+
+    cuda = torch.cuda.is_available()
+    config.training.setdefault("bf16", cuda and torch.cuda.is_bf16_supported())
+    config.training.setdefault("gradient_checkpointing", cuda)  # on a CPU it only costs time
+    config.training.setdefault("use_cpu", not cuda)
+
+
+def training_arguments(config: ResolvedConfig, paths: RunPaths, has_eval: bool):
+    """TRL's SFTConfig from the resolved settings."""
     from trl import SFTConfig
 
     training = dict(config.training)
-    cuda = torch.cuda.is_available()
-    training.setdefault("bf16", cuda and torch.cuda.is_bf16_supported())
-    training.setdefault("gradient_checkpointing", cuda)  # on a CPU it only costs time
-    training.setdefault("use_cpu", not cuda)
     if not has_eval:
         training["eval_strategy"] = "no"
-    config.training.update({k: training[k] for k in ("bf16", "gradient_checkpointing", "use_cpu")})
     # The data check has tokenized the rows and built the response-only masks with the chat
     # template's {% generation %} markers, so TRL takes them as they are.
     return SFTConfig(output_dir=str(paths.checkpoints), assistant_only_loss=False, **training)
@@ -159,6 +163,7 @@ def run(config: ResolvedConfig) -> Path:
     from sft.trainer import LoradockSFTTrainer
 
     args = config.args
+    apply_device_defaults(config)
     paths, checkpoint = prepare_output(config)
     base_path = resolve_base_model(args.base_model)
     tokenizer = load_tokenizer(base_path, args.chat_template)
@@ -204,7 +209,9 @@ def publish(trainer, config: ResolvedConfig, paths: RunPaths, metrics: dict) -> 
         shutil.rmtree(staging)
     peft_config = trainer.model.peft_config["default"]
     peft_config.base_model_name_or_path = config.args.base_model  # the name, never this machine's path
-    trainer.model.save_pretrained(staging, safe_serialization=True)
+    # save_embedding_layers=False: LoRA here never trains embeddings, and "auto" would look the base
+    # model's name up on the Hub to find out.
+    trainer.model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
     trainer.processing_class.save_pretrained(staging)
     (staging / RUN_CONFIG).write_text(run_config_yaml(config))
     (staging / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")

@@ -99,3 +99,10 @@ def test_overrides_parse_both_spellings():
         "lora.r": "16", "training.warmup_steps": "3", "training.packing": "true"}
     with pytest.raises(LoradockError, match="unrecognized argument '--bogus'"):
         parse_overrides(["--bogus", "1"])
+
+
+@pytest.mark.parametrize("value,expected", [("all-linear", "all-linear"), ("q_proj,v_proj", ["q_proj", "v_proj"]),
+                                            (["q_proj"], ["q_proj"])])
+def test_target_modules_keep_their_shape(value, expected):
+    config = resolve({"data": "d", "output": "o"}, {"target_modules": value})
+    assert config.lora["target_modules"] == expected

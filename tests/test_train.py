@@ -138,7 +138,7 @@ def test_nan_loss_stops_the_run_without_an_adapter(cli, tmp_path):
     assert "lower the learning rate" in result.err and not output.exists()
 
 
-def test_a_batch_with_every_label_masked_stops_the_run(cli, tmp_path):
+def test_rows_the_template_does_not_train_are_reported_and_refused(cli, tmp_path):
     # A template that trains only on answers containing LEARN: most rows have no trained token.
     template = tmp_path / "picky.jinja"
     template.write_text(
@@ -150,9 +150,34 @@ def test_a_batch_with_every_label_masked_stops_the_run(cli, tmp_path):
     rows = [{"prompt": f"p{i}", "response": "LEARN this" if i == 0 else "skip"} for i in range(40)]
     output = tmp_path / "out"
     result = cli("train", "--data", write_jsonl(tmp_path / "d.jsonl", rows), "--output", output,
-                 "--chat-template", template, "--batch-size", "1", "--max-steps", "10")
+                 "--chat-template", template, "--max-steps", "10")
     assert result.code == 2, result.text
-    assert "has every label masked" in result.err and not output.exists()
+    assert "39 of 40 rows" in result.err and "no trained token" in result.err and "rows 2, 3, 4, 5, 6, ..." in result.err
+    assert nothing_written(output)
+
+
+def test_a_batch_with_every_label_masked_stops_the_run(base_model_dir, tokenizer, tmp_path):
+    """The guard inside the loss: a batch with no trained token raises instead of TRL's silent zero loss."""
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    from sft.data_check import Example, to_dataset
+    from sft.trainer import LoradockSFTTrainer, TrainingAborted
+
+    rows = [Example(1, [], [5, 6, 7, 8], [0, 0, 1, 1])]
+    trainer = LoradockSFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(base_model_dir), processing_class=tokenizer,
+        args=SFTConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", max_steps=1),
+        train_dataset=to_dataset(rows), peft_config=LoraConfig(r=8, target_modules="all-linear"))
+    trainer.model.train()
+    batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long),
+             "labels": torch.full((1, 4), -100)}
+    with pytest.raises(TrainingAborted, match="has every label masked"):
+        trainer.compute_loss(trainer.model, batch)
+    batch["labels"] = torch.tensor([[-100, -100, 7, 8]])
+    assert torch.isfinite(trainer.compute_loss(trainer.model, batch))
 
 
 # --- resume ----------------------------------------------------------------------------------------
