@@ -85,7 +85,11 @@ def run_train(args) -> int:
                   if k not in ("config", "command", "func", "takes_overrides", "overrides")}
     cli_values.update(parse_overrides(args.overrides))
     config = resolve(load_yaml(args.config) if args.config else {}, cli_values)
-    return main(config)
+    try:
+        return main(config)
+    except KeyboardInterrupt:
+        raise LoradockError("training interrupted; its complete checkpoints are kept",
+                            "run the same command with --resume to continue") from None
 
 
 def add_eval(subparsers) -> None:

@@ -154,6 +154,16 @@ def base_revision(base_path: str, model) -> str | None:
     return getattr(model.config, "_commit_hash", None)
 
 
+def held_out_loss_before(trainer, paths: RunPaths) -> float:
+    """The held-out loss of the untrained adapter, kept in the work folder so a resumed run reports it too."""
+    saved = paths.work / "eval_loss_before.json"
+    if saved.exists():
+        return json.loads(saved.read_text())["eval_loss"]
+    loss = trainer.evaluate()["eval_loss"]
+    saved.write_text(json.dumps({"eval_loss": loss}))
+    return loss
+
+
 def run(config: ResolvedConfig) -> Path:
     """Train one adapter; returns the published folder."""
     import torch
@@ -183,7 +193,7 @@ def run(config: ResolvedConfig) -> Path:
         processing_class=tokenizer, peft_config=LoraConfig(**config.lora),
     )
     started = time.perf_counter()
-    eval_before = trainer.evaluate()["eval_loss"] if eval_rows and checkpoint is None else None
+    eval_before = held_out_loss_before(trainer, paths) if eval_rows else None
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     eval_after = trainer.evaluate()["eval_loss"] if eval_rows else None
 
@@ -229,7 +239,7 @@ def publish(trainer, config: ResolvedConfig, paths: RunPaths, metrics: dict) -> 
 
 def run_config_yaml(config: ResolvedConfig) -> str:
     """The resolved configuration, loadable again with --config. Upstream fields that are not
-    listed keep the defaults of the library versions recorded at the end."""
+    listed keep the defaults of the library versions named in its header."""
     import peft
     import transformers
     import trl

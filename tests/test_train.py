@@ -214,6 +214,7 @@ def test_resume_continues_from_the_last_complete_checkpoint(tmp_path, base_model
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["resumed_from_step"] >= 20 and metrics["steps"] == 80
+    assert metrics["eval_loss"] < metrics["eval_loss_before"]  # measured by the killed run, kept for this one
     steps_logged = [log["step"] for log in metrics["log_history"] if "loss" in log]
     assert steps_logged == sorted(steps_logged) and steps_logged[-1] == 80
     assert not (tmp_path / ".adapter.loradock-run").exists()
