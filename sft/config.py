@@ -16,6 +16,7 @@ Every problem is collected and reported at once, naming the flag to change.
 
 import dataclasses
 import difflib
+import enum
 import math
 import types
 import typing
@@ -222,7 +223,7 @@ def _coerce_fields(cls, values: dict, problems: list[str], prefix: str) -> dict:
 def _type_hints(cls) -> dict:
     try:
         return typing.get_type_hints(cls)
-    except Exception:  # upstream annotations that do not resolve: fall back to the raw ones
+    except (NameError, TypeError):  # upstream annotations that do not resolve: fall back to the raw ones
         return {f.name: f.type for f in dataclasses.fields(cls)}
 
 
@@ -280,6 +281,6 @@ def coerce(tp, value):
         if not isinstance(parsed, dict):
             raise ValueError(value)
         return parsed
-    if isinstance(tp, type) and issubclass(tp, __import__("enum").Enum):
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return tp(value).value if not isinstance(value, tp) else value.value
     return yaml.safe_load(value) if isinstance(value, str) else value

@@ -123,8 +123,12 @@ def render(report: dict, n_examples: int = 3, width: int = 28) -> str:
         label = side if side == "base" else "adapter"
         lines.append(f"  {label:<10}" + "".join(f"{report['metrics'][side][name]:>14.3f}" for name in names))
     columns = ["prompt", "reference", *sides]
-    clip = lambda text: (text[: width - 1] + "…") if len(text) > width else text  # noqa: E731
     lines += ["", "  " + " | ".join(f"{c:<{width}}" for c in columns)]
     for example in report["examples"][:n_examples]:
-        lines.append("  " + " | ".join(f"{clip(example[c].replace(chr(10), ' ')):<{width}}" for c in columns))
+        lines.append("  " + " | ".join(f"{_clip(example[c], width):<{width}}" for c in columns))
     return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    text = text.replace("\n", " ")
+    return text[: width - 1] + "…" if len(text) > width else text

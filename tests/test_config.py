@@ -23,7 +23,6 @@ def opening_command(path: Path) -> list[str]:
 def parse_train_command(argv: list[str]):
     """Resolve a `loradock train ...` command line exactly as the CLI does, without training."""
     from loradock.cli import make_parser
-    from sft.cli import run_train  # noqa: F401  (the function the parser dispatches to)
 
     args, extra = make_parser().parse_known_args(["train", *argv])
     values = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "takes_overrides")}
