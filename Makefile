@@ -30,7 +30,7 @@ test: setup
 demo: setup
 	$(VENV)/bin/loradock base build
 	$(VENV)/bin/loradock data check sft/assets/tasks/reverse/train.jsonl
-	$(VENV)/bin/loradock train --config sft/configs/reverse.yaml --overwrite
+	$(VENV)/bin/loradock train --config sft/configs/reverse.yaml --output $(LORADOCK_HOME)/adapters/reverse --overwrite
 	$(VENV)/bin/loradock eval --adapter $(LORADOCK_HOME)/adapters/reverse --data sft/assets/tasks/reverse/heldout.jsonl
 
 demo-clean:
