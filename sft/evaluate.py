@@ -13,17 +13,17 @@ from sft.data import RowProblem, prompt_and_reference, read_rows, to_messages
 METRICS = ("exact_match", "rouge_l")
 
 
-def load_heldout(path: str, columns: dict | None = None, limit: int | None = None) -> list[tuple[list[dict], str]]:
-    """(conversation to answer, reference answer) for each good row; bad rows are skipped."""
-    items = []
+def load_heldout(path: str, columns: dict | None = None, limit: int | None = None) -> tuple[list, int]:
+    """(conversation to answer, reference answer) for each good row, and how many bad rows were skipped."""
+    items, skipped = [], 0
     for row in read_rows(path):
         try:
             items.append(prompt_and_reference(to_messages(row.data, columns)))
         except RowProblem:
-            continue
+            skipped += 1
     if not items:
         raise LoradockError(f"{path} has no usable (prompt, response) rows", f"run `loradock data check {path}`")
-    return items[:limit] if limit else items
+    return (items[:limit] if limit else items), skipped
 
 
 def parse_metrics(spec: str) -> list[str]:
@@ -89,7 +89,7 @@ def evaluate(base_model: str, data: str, adapter: str | None = None, metrics: li
         raise LoradockError(f"--adapter {adapter} was trained on {adapter_base_model(adapter)!r}, "
                             f"not on --base-model {base_model!r}",
                             f"pass --base-model {adapter_base_model(adapter)}")
-    items = load_heldout(data, limit=limit)
+    items, skipped = load_heldout(data, limit=limit)
     conversations, references = [c for c, _ in items], [r for _, r in items]
     base_path = resolve_base_model(base_model)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
@@ -104,7 +104,7 @@ def evaluate(base_model: str, data: str, adapter: str | None = None, metrics: li
         adapter_tokenizer = AutoTokenizer.from_pretrained(adapter)  # with the chat template it was trained with
         sides["adapter"] = generate(model, adapter_tokenizer, conversations, max_new_tokens, batch_size)
     return {
-        "base_model": base_model, "adapter": adapter, "data": data, "rows": len(items),
+        "base_model": base_model, "adapter": adapter, "data": data, "rows": len(items), "rows_skipped": skipped,
         "max_new_tokens": max_new_tokens,
         "metrics": {side: score(predictions, references, metrics) for side, predictions in sides.items()},
         "examples": [
@@ -117,7 +117,8 @@ def evaluate(base_model: str, data: str, adapter: str | None = None, metrics: li
 def render(report: dict, n_examples: int = 3, width: int = 28) -> str:
     sides = list(report["metrics"])
     names = list(report["metrics"][sides[0]])
-    lines = [f"eval: {report['data']} ({report['rows']} rows, greedy, max {report['max_new_tokens']} new tokens)",
+    skipped = f", {report['rows_skipped']} bad rows skipped" if report["rows_skipped"] else ""
+    lines = [f"eval: {report['data']} ({report['rows']} rows{skipped}, greedy, max {report['max_new_tokens']} new tokens)",
              f"  {'model':<10}" + "".join(f"{name:>14}" for name in names)]
     for side in sides:
         label = side if side == "base" else "adapter"

@@ -102,7 +102,7 @@ def load_tokenizer(base_path: str, chat_template_file: str | None):
 
 
 def check_datasets(config: ResolvedConfig, tokenizer):
-    """The data checks that gate training; returns (train report, eval examples, eval summary)."""
+    """The data checks that gate training; returns (train report, train rows, eval rows, eval summary)."""
     args, max_length = config.args, config.training.get("max_length") or 1024
     columns = parse_columns(args.columns)
     train = check_for_training(args.data, tokenizer, tokenizer.chat_template, max_length, columns,

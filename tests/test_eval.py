@@ -41,6 +41,15 @@ def test_a_bundled_task_is_learnt_for_real(cli, tmp_path, monkeypatch):
     report = json.loads(report_path.read_text())
     base, tuned = report["metrics"]["base"]["exact_match"], report["metrics"]["adapter"]["exact_match"]
     print(f"reverse held-out exact match: base {base:.2f}, adapter {tuned:.2f}")
-    assert report["rows"] == 100
+    assert report["rows"] == 100 and report["rows_skipped"] == 0
     assert base <= 0.1 and tuned >= 0.6, (base, tuned)
     assert "exact_match" in result.out and "adapter" in result.out  # the printed table
+
+
+def test_bad_heldout_rows_are_skipped_and_counted(tmp_path):
+    from sft.evaluate import load_heldout
+    from tests.conftest import write_jsonl
+
+    path = write_jsonl(tmp_path / "h.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "x"}, "not json"])
+    items, skipped = load_heldout(str(path))
+    assert skipped == 2 and items == [([{"role": "user", "content": "a"}], "b")]
