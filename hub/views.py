@@ -1,0 +1,68 @@
+"""The JSON shapes of the Hub API, built from storage records (see huggingface_hub's ModelInfo,
+RepoFile, RepoFolder, GitRefs and GitCommitInfo for what the client parses)."""
+
+import hashlib
+import posixpath
+
+from hub.objects import lfs_pointer
+from hub.storage import Commit, FileEntry, Repo
+
+
+def sibling(entry: FileEntry, blobs: bool) -> dict:
+    out = {"rfilename": entry.path}
+    if blobs:
+        out.update(size=entry.size, blobId=entry.git_oid)
+        if entry.lfs:
+            out["lfs"] = {"size": entry.size, "sha256": entry.sha256, "pointerSize": len(lfs_pointer(entry.sha256, entry.size))}
+    return out
+
+
+def model_info(repo: Repo, commit: Commit, entries: list[FileEntry] | None, card: dict, tags: list[str],
+               blobs: bool = False) -> dict:
+    out = {
+        "_id": repo.repo_id, "id": repo.repo_id, "modelId": repo.repo_id, "author": repo.namespace,
+        "sha": commit.oid, "lastModified": commit.created_at, "createdAt": repo.created_at,
+        "private": repo.private, "gated": False, "disabled": False, "downloads": 0, "likes": 0,
+        "tags": tags, "library_name": card.get("library_name"), "cardData": card or None,
+    }
+    if entries is not None:
+        out["siblings"] = [sibling(e, blobs) for e in entries]
+    return out
+
+
+def tree_file(entry: FileEntry) -> dict:
+    out = {"type": "file", "oid": entry.git_oid, "size": entry.size, "path": entry.path}
+    if entry.lfs:
+        out["lfs"] = {"oid": entry.sha256, "size": entry.size, "pointerSize": len(lfs_pointer(entry.sha256, entry.size))}
+    return out
+
+
+def tree_listing(entries: list[FileEntry], folder: str, recursive: bool) -> list[dict]:
+    """Files and folders under `folder` ("" for the root): direct children, or all descendants."""
+    prefix = folder.rstrip("/") + "/" if folder else ""
+    inside = [e for e in entries if e.path.startswith(prefix)]
+    folders: dict[str, list[str]] = {}
+    files = []
+    for entry in inside:
+        rest = entry.path[len(prefix):]
+        parts = rest.split("/")
+        for depth in range(1, len(parts) if recursive else min(2, len(parts))):
+            folders.setdefault(prefix + "/".join(parts[:depth]), []).append(entry.git_oid)
+        if recursive or len(parts) == 1:
+            files.append(tree_file(entry))
+    dirs = [{"type": "directory", "oid": hashlib.sha1("".join(sorted(oids)).encode()).hexdigest(), "size": 0,
+             "path": path} for path, oids in folders.items()]
+    return sorted(dirs + files, key=lambda item: (posixpath.dirname(item["path"]), item["type"] == "file", item["path"]))
+
+
+def refs(repo_refs: dict) -> dict:
+    return {
+        "branches": [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": oid} for n, oid in repo_refs["branch"]],
+        "tags": [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": oid} for n, oid in repo_refs["tag"]],
+        "converts": [],
+    }
+
+
+def commit_info(commit: Commit) -> dict:
+    return {"id": commit.oid, "authors": [{"user": commit.author}], "date": commit.created_at,
+            "title": commit.title, "message": commit.message}
