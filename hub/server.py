@@ -17,7 +17,7 @@ from urllib.parse import quote, unquote
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hub import errors, views
@@ -34,6 +34,12 @@ ERROR_CODES = {  # error -> (status, X-Error-Code)
 LFS_THRESHOLD = 1 << 20  # files from 1 MiB, and binary files, go through Git LFS
 UPLOAD_URL_TTL = 3600
 PAGE = 1000
+
+
+class BlobResponse(FileResponse):
+    """FileResponse reads 64 KiB at a time, each read a hop to a worker thread; blobs are large."""
+
+    chunk_size = 4 << 20
 
 
 def error_response(status: int, message: str, code: str | None = None, extra: dict | None = None) -> JSONResponse:
@@ -277,7 +283,7 @@ def create_app(registry: Registry, max_body: int = 64 << 20) -> FastAPI:
         headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{etag}"', "X-Linked-Size": str(entry.size)}
         if entry.lfs:
             headers["X-Linked-Etag"] = f'"{entry.sha256}"'
-        return FileResponse(registry.blob_path(entry.sha256), headers=headers, media_type="application/octet-stream")
+        return BlobResponse(registry.blob_path(entry.sha256), headers=headers, media_type="application/octet-stream")
 
     app.router.redirect_slashes = False
     return keep_encoded_slashes(app)

@@ -18,6 +18,7 @@ import secrets
 import shutil
 import sqlite3
 import tempfile
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -131,6 +132,7 @@ class Registry:
         self.tmp.mkdir()
         self.db_path = self.root / "registry.sqlite"
         self._cards: dict[str, dict] = {}  # README sha256 -> front matter
+        self._local = threading.local()  # one SQLite connection per thread
         with self._db() as db:
             db.executescript(SCHEMA)
             db.execute("INSERT OR IGNORE INTO settings VALUES ('upload_secret', ?)", (secrets.token_hex(32),))
@@ -138,10 +140,13 @@ class Registry:
 
     @contextlib.contextmanager
     def _db(self, write: bool = False):
-        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        """This thread's connection; with `write`, inside one `BEGIN IMMEDIATE` transaction."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
         try:
             if write:
                 db.execute("BEGIN IMMEDIATE")
@@ -149,11 +154,9 @@ class Registry:
             if write:
                 db.execute("COMMIT")
         except BaseException:
-            if write and db.in_transaction:
+            if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        finally:
-            db.close()
 
     # --- tokens -------------------------------------------------------------------------------
 

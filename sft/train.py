@@ -225,7 +225,7 @@ def publish(trainer, config: ResolvedConfig, paths: RunPaths, metrics: dict) -> 
     trainer.processing_class.save_pretrained(staging)
     (staging / RUN_CONFIG).write_text(run_config_yaml(config))
     (staging / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    write_model_card(staging, config, metrics)
+    write_model_card(staging)
     missing = [name for name in ADAPTER_FILES if not (staging / name).exists()]
     if missing:
         raise LoradockError(f"the adapter folder is missing {', '.join(missing)} after saving", "report this as a bug")

@@ -25,10 +25,10 @@ def loradock_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def isolated_hf_home(tmp_path, monkeypatch, loradock_home):
-    """No test reads or writes the user's Hugging Face cache or token, or reaches the network."""
+    """No test reads or writes the user's Hugging Face cache or token. (HF_HUB_OFFLINE stays unset:
+    huggingface_hub would refuse the local registry too; nothing here needs huggingface.co.)"""
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("LORADOCK_HOME", str(loradock_home))
@@ -60,7 +60,7 @@ class CliResult:
 
 
 @pytest.fixture
-def cli(capsys, base_model_dir):
+def run_cli(capsys):
     """Run `loradock ARGS...` in-process through the real entry point; returns code and output."""
     from loradock.cli import main
 
@@ -75,6 +75,12 @@ def cli(capsys, base_model_dir):
     return run
 
 
+@pytest.fixture
+def cli(run_cli, base_model_dir):
+    """`run_cli` for commands that need the default base model (built once per session)."""
+    return run_cli
+
+
 def run_loradock(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
     """`loradock ARGS...` as a separate process (for tests that kill it)."""
     return subprocess.run([sys.executable, "-m", "loradock.cli", *map(str, args)], cwd=REPO, env=env,
@@ -86,3 +92,105 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
     path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
     return path
+
+
+# --- the embedded registry ------------------------------------------------------------------------
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RegistryProcess:
+    """`loradock hub serve` in its own process, on 127.0.0.1 and a free port."""
+
+    def __init__(self, root: Path, log: Path):
+        self.root, self.log, self.port, self.process = root, log, free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "RegistryProcess":
+        import time
+        import urllib.error
+        import urllib.request
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "loradock.cli", "hub", "serve", "--root", str(self.root), "--port", str(self.port),
+             "--max-file-size", str(50 * 2**20)],
+            cwd=REPO, stdout=self.log.open("a"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/api/whoami-v2", timeout=1)
+            except urllib.error.HTTPError:
+                return self  # 401 without a token: it is up
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"the registry did not start; see {self.log}")
+
+    def stop(self, kill: bool = False) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.kill() if kill else self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def token(self, user: str = "alice", read_only: bool = False) -> str:
+        args = [sys.executable, "-m", "loradock.cli", "hub", "token", "create", "--root", str(self.root), "--user", user]
+        out = subprocess.run(args + (["--read-only"] if read_only else []), cwd=REPO, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    """One registry for the session, with a write token, a read-only token and its log file."""
+    tmp = tmp_path_factory.mktemp("registry")
+    server = RegistryProcess(tmp / "root", tmp / "server.log")
+    server.root.mkdir()
+    server.start()
+    server.write_token, server.read_token = server.token("alice"), server.token("reader", read_only=True)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def hub_env(monkeypatch, registry, tmp_path):
+    """HF_ENDPOINT at the session registry and the write token in HF_TOKEN, as a user would set them."""
+    monkeypatch.setenv("HF_ENDPOINT", registry.url)
+    monkeypatch.setenv("HF_TOKEN", registry.write_token)
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setenv("LORADOCK_CONFIG_DIR", str(tmp_path / "config"))
+    return registry
+
+
+def adapter_folder(path: Path, weights: bytes = b"\0weights" * 1000, base: str = "loradock/tiny-chat") -> Path:
+    """A minimal PEFT adapter folder (enough for the registry; not loadable as a model)."""
+    import json
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": base, "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
+    (path / "adapter_model.safetensors").write_bytes(weights)
+    (path / "chat_template.jinja").write_text("{{ messages }}")
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """`network` tests need huggingface.co: they run only with LORADOCK_NETWORK=1; `gpu` tests need CUDA."""
+    import importlib.util
+
+    skip_network = pytest.mark.skip(reason="needs huggingface.co; set LORADOCK_NETWORK=1 to run")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    has_gpu = False
+    if any("gpu" in item.keywords for item in items) and importlib.util.find_spec("torch"):
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    for item in items:
+        if "network" in item.keywords and os.environ.get("LORADOCK_NETWORK") != "1":
+            item.add_marker(skip_network)
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)

@@ -1,0 +1,156 @@
+"""The hub/ commands: `loradock push`, `pull`, `list` and `loradock hub serve|token|login|logout`."""
+
+import argparse
+import getpass
+import sys
+from pathlib import Path
+
+from loradock.errors import LoradockError
+from loradock.home import home
+
+ENDPOINT_HELP = "registry URL (default: $HF_ENDPOINT, else the embedded registry http://127.0.0.1:8090)"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("push", help="publish an adapter (or a base model) to a Hub registry in one commit")
+    p.add_argument("folder", metavar="ADAPTER_DIR", help="the --output folder of `loradock train` (or a model with --model)")
+    p.add_argument("repo_id", metavar="REPO_ID", help="namespace/name")
+    p.add_argument("--tag", help="tag the new commit (e.g. v1); tags never move")
+    p.add_argument("--private", action="store_true", help="create the repo private (visible with a token only)")
+    p.add_argument("--message", help="commit message")
+    p.add_argument("--model", action="store_true", help="the folder is a base model (config.json + safetensors)")
+    p.add_argument("--max-file-size", type=int, default=5 * 2**30, help="refuse files larger than this many bytes")
+    add_remote(p)
+    p.set_defaults(func=run_push)
+
+    p = subparsers.add_parser("pull", help="download a pinned adapter snapshot and verify every file")
+    p.add_argument("spec", metavar="REPO_ID[@REVISION]", help="revision: branch, tag or full 40-character sha (default main)")
+    p.add_argument("--to", help="folder to put it in (default: $LORADOCK_HOME/pulled/REPO_ID/SHA)")
+    add_remote(p)
+    p.set_defaults(func=run_pull)
+
+    p = subparsers.add_parser("list", help="adapters in the registry, with base model, rank, tags, sha and metric")
+    p.add_argument("--base-model", help="only adapters of this base model")
+    p.add_argument("--search", help="only repo ids containing this text")
+    add_remote(p)
+    p.set_defaults(func=run_list)
+
+    hub = subparsers.add_parser("hub", help="the embedded registry and your credentials")
+    sub = hub.add_subparsers(dest="hub_command", metavar="SUBCOMMAND", required=True)
+    serve = sub.add_parser("serve", help="run the embedded Hub-compatible registry")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8090)
+    serve.add_argument("--root", help="where repos live (default: $LORADOCK_HOME/registry)")
+    serve.add_argument("--max-file-size", type=int, default=5 * 2**30, help="largest file it accepts, in bytes")
+    serve.set_defaults(func=run_serve)
+
+    token = sub.add_parser("token", help="registry tokens")
+    token_sub = token.add_subparsers(dest="token_command", metavar="SUBCOMMAND", required=True)
+    create = token_sub.add_parser("create", help="create a token (printed once) in the registry at --root")
+    create.add_argument("--user", default="loradock", help="the name it acts as (default namespace of its repos)")
+    create.add_argument("--name", default="cli", help="a label for the token")
+    create.add_argument("--read-only", action="store_true", help="may read private repos but not write")
+    create.add_argument("--root", help="the registry's folder (default: $LORADOCK_HOME/registry)")
+    create.set_defaults(func=run_token_create)
+
+    login = sub.add_parser("login", help="store a token for an endpoint (checked against it first)")
+    login.add_argument("--token", help="the token (asked for when missing; HF_TOKEN works too)")
+    login.add_argument("--endpoint", help=ENDPOINT_HELP)
+    login.set_defaults(func=run_login)
+    logout = sub.add_parser("logout", help="forget the stored token of an endpoint")
+    logout.add_argument("--endpoint", help=ENDPOINT_HELP)
+    logout.set_defaults(func=run_logout)
+
+
+def add_remote(p) -> None:
+    p.add_argument("--endpoint", help=ENDPOINT_HELP)
+    p.add_argument("--token", help="token for the registry (default: HF_TOKEN, else `loradock hub login`'s)")
+
+
+def registry_root(root: str | None) -> Path:
+    return Path(root) if root else home() / "registry"
+
+
+def run_push(args) -> int:
+    from hub.client import push
+
+    result = push(args.folder, args.repo_id, tag=args.tag, private=args.private, message=args.message,
+                  endpoint=args.endpoint, token=args.token, model=args.model, max_file_size=args.max_file_size)
+    print(f"pushed {args.folder} to {result.url}" + (f" (tag {result.tag})" if result.tag else ""))
+    print(f"commit {result.commit}")
+    return 0
+
+
+def run_pull(args) -> int:
+    from hub.client import pull
+
+    result = pull(args.spec, to=args.to, endpoint=args.endpoint, token=args.token)
+    print(f"{result.repo_id}@{result.revision} is commit {result.commit}")
+    print(f"verified and in {result.path}")
+    return 0
+
+
+def run_list(args) -> int:
+    from hub.client import list_adapters
+
+    rows = list_adapters(args.base_model, args.search, args.endpoint, args.token)
+    if not rows:
+        print("no adapters" + (f" for base model {args.base_model}" if args.base_model else ""))
+        return 0
+    header = ("adapter", "base model", "rank", "tags", "commit", "headline metric")
+    table = [(r["repo_id"] + (" (private)" if r["private"] else ""), str(r["base_model"]), str(r["rank"]),
+              ",".join(r["tags"]) or "-", r["sha"][:12], r["metric"] or "-") for r in rows]
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
+    for row in [header, *table]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def run_serve(args) -> int:
+    import uvicorn
+
+    from hub.server import create_app
+    from hub.storage import Registry
+
+    root = registry_root(args.root)
+    registry = Registry(root, max_file_size=args.max_file_size)
+    print(f"loradock registry at http://{args.host}:{args.port} (data in {root}); "
+          f"clients: HF_ENDPOINT=http://{args.host}:{args.port}", flush=True)
+    uvicorn.run(create_app(registry), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def run_token_create(args) -> int:
+    from hub.errors import HubError
+    from hub.storage import Registry
+
+    try:
+        token = Registry(registry_root(args.root)).create_token(args.name, args.user, "read" if args.read_only else "write")
+    except HubError as e:
+        raise LoradockError(e.message, "see `loradock hub token create --help`") from None
+    print(token)
+    print(f"(a {'read-only' if args.read_only else 'write'} token for {args.user}; it is shown only now)", file=sys.stderr)
+    return 0
+
+
+def run_login(args) -> int:
+    import os
+
+    from hub.client import endpoint_url, hub_api, hub_errors, save_token
+
+    endpoint = endpoint_url(args.endpoint)
+    token = args.token or os.environ.get("HF_TOKEN") or getpass.getpass(f"token for {endpoint}: ")
+    with hub_errors(endpoint, "(login)"):
+        user = hub_api(endpoint, token).whoami()["name"]
+    save_token(endpoint, token)
+    print(f"logged in to {endpoint} as {user}")
+    return 0
+
+
+def run_logout(args) -> int:
+    from hub.client import endpoint_url, save_token
+
+    endpoint = endpoint_url(args.endpoint)
+    save_token(endpoint, None)
+    print(f"logged out of {endpoint}")
+    return 0

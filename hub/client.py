@@ -1,0 +1,312 @@
+"""push / pull / list through the unmodified `huggingface_hub` client, for any Hub endpoint: the
+embedded registry (default), huggingface.co, or a company Hub.
+
+Endpoint: `--endpoint`, else `HF_ENDPOINT`, else the embedded registry on 127.0.0.1:8090.
+Token: `--token`, else `HF_TOKEN`, else the one `loradock hub login` stored for that endpoint,
+else (for huggingface.co) huggingface_hub's own login.
+"""
+
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+import json
+import os
+import re
+import shutil
+import tempfile
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+from loradock.errors import LoradockError
+from loradock.home import home
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:8090"
+HF_HOSTS = ("huggingface.co", "hf.co")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+DEFAULT_MAX_FILE_SIZE = 5 * 2**30
+PULL_MARKER = ".loradock-pull.json"
+
+
+def endpoint_url(explicit: str | None = None) -> str:
+    return (explicit or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def credentials_path() -> Path:
+    return Path(os.environ.get("LORADOCK_CONFIG_DIR") or Path.home() / ".config" / "loradock") / "credentials.json"
+
+
+def stored_tokens() -> dict:
+    try:
+        return json.loads(credentials_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_token(endpoint: str, token: str | None) -> None:
+    """Store (or with None, forget) the token for an endpoint, readable by the user only."""
+    tokens = stored_tokens()
+    if token is None:
+        tokens.pop(endpoint, None)
+    else:
+        tokens[endpoint] = token
+    path = credentials_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(tokens, f)
+    os.replace(path.with_suffix(".tmp"), path)
+
+
+def token_for(endpoint: str, explicit: str | None = None) -> str | None:
+    token = explicit or os.environ.get("HF_TOKEN") or stored_tokens().get(endpoint)
+    if token is None and any(host in endpoint for host in HF_HOSTS):
+        from huggingface_hub import get_token
+
+        token = get_token()
+    return token
+
+
+def hub_api(endpoint: str, token: str | None):
+    """An HfApi for the endpoint. Off huggingface.co there is no Xet service, so uploads must take
+    the Git LFS path; huggingface_hub reads that switch once, at import, hence the constant too."""
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    if not any(host in endpoint for host in HF_HOSTS):
+        os.environ["HF_HUB_DISABLE_XET"] = "1"
+        huggingface_hub.constants.HF_HUB_DISABLE_XET = True
+    return HfApi(endpoint=endpoint, token=token or False, library_name="loradock")
+
+
+@contextlib.contextmanager
+def hub_errors(endpoint: str, repo_id: str, revision: str | None = None):
+    """huggingface_hub's exceptions as one clear message with the fix."""
+    import httpx2
+    from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    try:
+        yield
+    except OfflineModeIsEnabled:
+        raise LoradockError(f"HF_HUB_OFFLINE is set, so huggingface_hub will not contact {endpoint}",
+                            "unset HF_HUB_OFFLINE (the embedded registry is local, not the internet)") from None
+    except RevisionNotFoundError:
+        raise LoradockError(f"{repo_id} has no revision {revision!r} at {endpoint}",
+                            f"use a branch, a tag or a full 40-character commit sha of {repo_id} "
+                            "(`loradock list` shows them)") from None
+    except RepositoryNotFoundError:
+        raise LoradockError(f"repo {repo_id} not found at {endpoint} (or it is private and no token was sent)",
+                            "check the id with `loradock list`, or log in with `loradock hub login`") from None
+    except EntryNotFoundError as e:
+        raise LoradockError(f"{repo_id}@{revision}: {e}", "check the file name") from None
+    except HFValidationError as e:
+        raise LoradockError(f"invalid repo id {repo_id!r}: {e}", "use namespace/name, e.g. alice/reverse") from None
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        detail = e.server_message or str(e).splitlines()[0]
+        fixes = {401: "log in with `loradock hub login` or set HF_TOKEN (a token of this registry)",
+                 403: "use a write token (`loradock hub token create` on the registry)",
+                 412: "someone pushed in between: push again (it will build on the new head)"}
+        raise LoradockError(f"the registry at {endpoint} refused: {detail}", fixes.get(status, "see the message above")) from None
+    except (httpx2.ConnectError, httpx2.ConnectTimeout, ConnectionError):
+        raise LoradockError(f"cannot reach the registry at {endpoint}",
+                            "start it with `loradock hub serve`, or pass --endpoint / set HF_ENDPOINT") from None
+
+
+# --- push -------------------------------------------------------------------------------------
+
+def check_repo_id(repo_id: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise LoradockError(f"invalid repo id {repo_id!r}: {e}", "use namespace/name, e.g. alice/reverse") from None
+    if repo_id.count("/") != 1:
+        raise LoradockError(f"invalid repo id {repo_id!r}: it needs a namespace", "use namespace/name, e.g. alice/reverse")
+
+
+def folder_files(folder: Path, max_file_size: int) -> list[tuple[str, Path]]:
+    """(path in repo, file) for every file to upload; refuses what must not be published."""
+    files = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if any(part.startswith(".") for part in Path(rel).parts):
+            continue  # .cache/, .git/, editor files: never part of an adapter
+        if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+            raise LoradockError(f"{rel} in {folder} links outside the folder ({path.resolve()})",
+                                "copy the file into the folder instead of linking to it")
+        if not path.is_file():
+            continue
+        if path.suffix in PICKLE_SUFFIXES:
+            raise LoradockError(f"{rel} is a pickle-based weights file: loading it can run arbitrary code",
+                                "save the weights as safetensors (`save_pretrained(..., safe_serialization=True)`)")
+        if path.stat().st_size > max_file_size:
+            raise LoradockError(f"{rel} is {path.stat().st_size} bytes, over the {max_file_size} byte limit",
+                                "raise --max-file-size, or leave the file out")
+        files.append((rel, path))
+    return files
+
+
+def check_adapter_folder(folder: Path, max_file_size: int) -> list[tuple[str, Path]]:
+    if not folder.is_dir():
+        raise LoradockError(f"{folder} is not a folder", "pass the --output folder of `loradock train`")
+    config_path = folder / "adapter_config.json"
+    if not config_path.exists():
+        raise LoradockError(f"{folder} is not a PEFT adapter folder: there is no adapter_config.json",
+                            "pass the --output folder of `loradock train` (or push a base model with --model)")
+    files = folder_files(folder, max_file_size)
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise LoradockError(f"{config_path} is not valid JSON: {e}", "re-save the adapter with PEFT") from None
+    if not config.get("base_model_name_or_path"):
+        raise LoradockError(f"{config_path} does not record its base model (base_model_name_or_path)",
+                            "set base_model_name_or_path to the base model's Hub id")
+    if not (folder / "adapter_model.safetensors").exists():
+        raise LoradockError(f"{folder} has no adapter_model.safetensors",
+                            "save the adapter with safetensors (loradock train always does)")
+    return files
+
+
+def check_model_folder(folder: Path, max_file_size: int) -> list[tuple[str, Path]]:
+    if not (folder / "config.json").exists():
+        raise LoradockError(f"{folder} is not a model folder: there is no config.json", "pass a save_pretrained folder")
+    files = folder_files(folder, max_file_size)
+    if not any(rel.endswith(".safetensors") for rel, _ in files):
+        raise LoradockError(f"{folder} has no .safetensors weights", "save the model with safe_serialization=True")
+    return files
+
+
+@dataclass
+class PushResult:
+    repo_id: str
+    commit: str
+    tag: str | None
+    url: str
+
+
+def push(folder: str, repo_id: str, tag: str | None = None, private: bool = False, message: str | None = None,
+         endpoint: str | None = None, token: str | None = None, model: bool = False,
+         max_file_size: int = DEFAULT_MAX_FILE_SIZE) -> PushResult:
+    """Validate the folder, then upload it (with a freshly rendered model card) in one commit."""
+    from huggingface_hub import CommitOperationAdd
+
+    from sft.model_card import CARD, render_card
+
+    folder_path, endpoint = Path(folder), endpoint_url(endpoint)
+    check_repo_id(repo_id)
+    files = (check_model_folder if model else check_adapter_folder)(folder_path, max_file_size)
+    api = hub_api(endpoint, token_for(endpoint, token))
+    operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files
+                  if model or rel != CARD]
+    if not model:
+        card = render_card(folder_path, repo_name=repo_id)
+        operations.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card.encode()))
+    with hub_errors(endpoint, repo_id):
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        if tag and tag in {t.name for t in api.list_repo_refs(repo_id).tags}:
+            raise LoradockError(f"{repo_id} already has a tag {tag!r}", "choose a new tag (tags never move)")
+        head = api.model_info(repo_id).sha
+        kind = "model" if model else "adapter"
+        info = api.create_commit(repo_id, operations, commit_message=message or f"Push {kind} {folder_path.name}",
+                                 parent_commit=head)
+        if tag:
+            api.create_tag(repo_id, tag=tag, revision=info.oid)
+    return PushResult(repo_id, info.oid, tag, str(url))
+
+
+# --- pull -------------------------------------------------------------------------------------
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """`org/name@revision` as (repo id, revision); the revision defaults to main."""
+    repo_id, _, revision = spec.partition("@")
+    revision = revision or "main"
+    check_repo_id(repo_id)
+    if re.fullmatch(r"[0-9a-fA-F]{7,39}|[0-9a-fA-F]{41,}", revision):
+        raise LoradockError(f"{revision!r} looks like a short or malformed commit sha",
+                            "pin a commit with its full 40-character sha (or use a branch or tag)")
+    if not re.fullmatch(r"[\w.\-/]{1,200}", revision):
+        raise LoradockError(f"{revision!r} is not a valid revision", "use a branch, a tag or a 40-character commit sha")
+    return repo_id, revision
+
+
+@dataclass
+class PullResult:
+    repo_id: str
+    revision: str
+    commit: str
+    path: Path
+
+
+def pull(spec: str, to: str | None = None, endpoint: str | None = None, token: str | None = None) -> PullResult:
+    """Download a pinned snapshot, checking every file against the registry's hashes as it arrives
+    (sha256 for LFS files, git blob sha1 for the rest), then move it into place in one rename."""
+    from hub.transfer import download_file
+
+    repo_id, revision = parse_spec(spec)
+    endpoint = endpoint_url(endpoint)
+    token = token_for(endpoint, token)
+    api = hub_api(endpoint, token)
+    with hub_errors(endpoint, repo_id, revision):
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)  # sizes and hashes of every file
+    sha, files = info.sha, info.siblings
+    dest = Path(to) if to else home() / "pulled" / repo_id / sha
+    if _pulled_sha(dest) == sha:
+        return PullResult(repo_id, revision, sha, dest)
+    if dest.exists() and any(dest.iterdir()):
+        raise LoradockError(f"{dest} already exists and holds something else", "pass --to an empty or new folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.pulling-"))
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = pool.map(lambda f: (f, *download_file(endpoint, token, repo_id, sha, f, staging / f.rfilename)), files)
+            for f, actual, expected in results:
+                if actual != expected:
+                    raise LoradockError(f"{f.rfilename} is corrupt: its hash is {actual}, the registry records {expected}; "
+                                        "nothing was kept", "pull again; if it persists, the registry's copy is damaged")
+        (staging / PULL_MARKER).write_text(json.dumps({"repo_id": repo_id, "revision": revision, "commit": sha}))
+        if dest.exists():
+            dest.rmdir()
+        os.replace(staging, dest)
+    except urllib.error.HTTPError as e:
+        raise LoradockError(f"downloading {repo_id}@{revision} failed: the registry answered {e.code} "
+                            f"{e.headers.get('X-Error-Message') or e.reason}; nothing was kept", "pull again") from None
+    except OSError as e:
+        raise LoradockError(f"downloading {repo_id}@{revision} failed: {e}; nothing was kept", "pull again") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return PullResult(repo_id, revision, sha, dest)
+
+
+def _pulled_sha(dest: Path) -> str | None:
+    try:
+        return json.loads((dest / PULL_MARKER).read_text())["commit"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# --- list -------------------------------------------------------------------------------------
+
+def list_adapters(base_model: str | None = None, search: str | None = None, endpoint: str | None = None,
+                  token: str | None = None) -> list[dict]:
+    endpoint = endpoint_url(endpoint)
+    api = hub_api(endpoint, token_for(endpoint, token))
+    rows = []
+    with hub_errors(endpoint, search or "(all repos)"):
+        models = api.list_models(search=search, filter=[f"base_model:{base_model}"] if base_model else None,
+                                 cardData=True)
+        for m in models:
+            card = m.card_data.to_dict() if m.card_data else {}
+            if card.get("library_name") != "peft":
+                continue
+            ours = card.get("loradock") or {}
+            metric = next((r for entry in card.get("model-index") or [] for r in entry["results"][0]["metrics"]), None)
+            revision_tags = [t.name for t in api.list_repo_refs(m.id).tags]
+            rows.append({
+                "repo_id": m.id, "base_model": card.get("base_model"), "rank": (ours.get("lora") or {}).get("r"),
+                "tags": revision_tags, "sha": m.sha,
+                "metric": f"{metric['name']} {metric['value']}" if metric else None, "private": m.private,
+            })
+    return rows
