@@ -205,7 +205,11 @@ def push(folder: str, repo_id: str, tag: str | None = None, private: bool = Fals
         card = render_card(folder_path, repo_name=repo_id)
         operations.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card.encode()))
     with hub_errors(endpoint, repo_id):
-        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        # Only a missing repo is created: create_repo(exist_ok=True) answers a read-only token's 403
+        # with a URL it parses against the import-time HF_ENDPOINT, which --endpoint does not change.
+        url = f"{endpoint}/{repo_id}"
+        if not api.repo_exists(repo_id):
+            url = str(api.create_repo(repo_id, private=private))
         if tag and tag in {t.name for t in api.list_repo_refs(repo_id).tags}:
             raise LoradockError(f"{repo_id} already has a tag {tag!r}", "choose a new tag (tags never move)")
         head = api.model_info(repo_id).sha
@@ -214,7 +218,7 @@ def push(folder: str, repo_id: str, tag: str | None = None, private: bool = Fals
                                  parent_commit=head)
         if tag:
             api.create_tag(repo_id, tag=tag, revision=info.oid)
-    return PushResult(repo_id, info.oid, tag, str(url))
+    return PushResult(repo_id, info.oid, tag, url)
 
 
 # --- pull -------------------------------------------------------------------------------------
