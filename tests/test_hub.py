@@ -195,3 +195,19 @@ def test_list_adapters_on_huggingface_co(run_cli):
     result = run_cli("list", "--endpoint", "https://huggingface.co", "--base-model", "Qwen/Qwen2.5-0.5B-Instruct",
                      "--search", "lora")
     assert result.code == 0 and "Qwen/Qwen2.5-0.5B-Instruct" in result.out
+
+
+def test_vllms_own_hub_lora_resolver_works_against_the_registry(run_cli, hub_env, tmp_path):
+    """vLLM's built-in HfHubResolver, unchanged, in a process that sees HF_ENDPOINT from the start (as vLLM does)."""
+    assert run_cli("push", adapter_folder(tmp_path / "a"), "alice/resolvable").code == 0
+    script = (
+        "import asyncio\n"
+        "from vllm.plugins.lora_resolvers.hf_hub_resolver import HfHubResolver\n"
+        "request = asyncio.run(HfHubResolver(['alice/resolvable']).resolve_lora('loradock/tiny-chat', 'alice/resolvable'))\n"
+        "print(request.lora_name, request.lora_path)\n"
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    name, path = result.stdout.split()[-2:]
+    assert name == "alice/resolvable" and json.loads(open(os.path.join(path, "adapter_config.json")).read())["r"] == 8
