@@ -17,6 +17,7 @@ from urllib.parse import quote, unquote
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -82,8 +83,10 @@ def create_app(registry: Registry, max_body: int = 64 << 20) -> FastAPI:
 
     @app.middleware("http")
     async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and int(length) > max_body and not request.url.path.startswith("/lfs/upload/"):
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit():
+            return error_response(400, f"invalid Content-Length {length!r}")
+        if int(length) > max_body and not request.url.path.startswith("/lfs/upload/"):
             return error_response(413, f"request body of {length} bytes is over the {max_body} byte limit")
         return await call_next(request)
 
@@ -101,8 +104,10 @@ def create_app(registry: Registry, max_body: int = 64 << 20) -> FastAPI:
         return registry.get_repo(who, f"{namespace}/{name}")
 
     def paginate(items: list, request: Request) -> JSONResponse:
-        start = int(request.query_params.get("cursor", "0") or 0)
-        limit = min(int(request.query_params.get("limit", PAGE) or PAGE), PAGE)
+        start, limit = request.query_params.get("cursor", "0"), request.query_params.get("limit", str(PAGE))
+        if not (start.isdigit() and limit.isdigit()):
+            raise errors.BadRequest(f"cursor and limit must be whole numbers, got {start!r} and {limit!r}")
+        start, limit = int(start), min(max(int(limit), 1), PAGE)
         response = JSONResponse(items[start:start + limit])
         if start + limit < len(items):
             params = dict(request.query_params) | {"cursor": str(start + limit)}
@@ -249,7 +254,7 @@ def create_app(registry: Registry, max_body: int = 64 << 20) -> FastAPI:
         try:
             async for chunk in request.stream():
                 upload.write(chunk)
-            upload.finish()
+            await run_in_threadpool(upload.finish)  # fsync: off the event loop
         except BaseException:
             upload.abort()
             raise
@@ -259,7 +264,7 @@ def create_app(registry: Registry, max_body: int = 64 << 20) -> FastAPI:
     async def lfs_verify(namespace: str, name: str, oid: str, request: Request, who: Caller | None = Depends(caller)):
         repo_of(namespace, name, registry.require_write(who))
         body = await json_body(request)
-        if not registry.has_blob(oid, int(body.get("size", -1))):
+        if not isinstance(body.get("size"), int) or not registry.has_blob(oid, body["size"]):
             raise errors.BadRequest(f"LFS object {oid} of {body.get('size')} bytes was not uploaded")
         return {}
 

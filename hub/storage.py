@@ -368,7 +368,8 @@ class Registry:
             tree = {row["path"]: _entry(row) for row in rows}
             for op in operations:
                 if isinstance(op, DeletePath):
-                    gone = [p for p in tree if p == op.path or p.startswith(op.path.rstrip("/") + "/")]
+                    prefix = op.path.rstrip("/") + "/"
+                    gone = [p for p in tree if p.startswith(prefix)] if op.folder else [op.path] if op.path in tree else []
                     if not gone:
                         raise EntryNotFound(f"A file with this name doesn't exist: {op.path}")
                     for p in gone:

@@ -211,3 +211,15 @@ def test_vllms_own_hub_lora_resolver_works_against_the_registry(run_cli, hub_env
     assert result.returncode == 0, result.stderr[-2000:]
     name, path = result.stdout.split()[-2:]
     assert name == "alice/resolvable" and json.loads(open(os.path.join(path, "adapter_config.json")).read())["r"] == 8
+
+
+def test_deleting_a_file_and_a_folder(hub_env):
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    api = api_for(hub_env, hub_env.write_token)
+    api.create_repo("alice/deletes")
+    files = ["keep.txt", "gone.txt", "dir/a.txt", "dir/b.txt", "dir2/c.txt"]
+    api.create_commit("alice/deletes", [CommitOperationAdd(f, f.encode()) for f in files], commit_message="add")
+    api.create_commit("alice/deletes", [CommitOperationDelete("gone.txt"), CommitOperationDelete("dir/", is_folder=True)],
+                      commit_message="delete")
+    assert sorted(api.list_repo_files("alice/deletes")) == [".gitattributes", "dir2/c.txt", "keep.txt"]

@@ -132,6 +132,8 @@ def test_server_answers_bad_requests_with_4xx_in_the_hub_shape(run_cli, hub_env,
         ("POST", "/api/models/alice/target/commit/main",
          {"content": b'{"key": "header", "value": {"summary": "x", "parentCommit": "' + b"0" * 40 + b'"}}\n', "headers": auth}, 412),
         ("DELETE", "/api/models/alice/target/tag/never-made", {"headers": auth}, 404),
+        ("GET", "/api/models?cursor=abc", {}, 400),
+        ("POST", "/lfs/verify/alice/target/" + "ab" * 32, {"json": {"size": "big"}, "headers": auth}, 400),
     ]
     head_before = httpx2.get(f"{url}/api/models/alice/target").json()["sha"]
     for method, path, kwargs, status in cases:
