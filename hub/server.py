@@ -233,11 +233,11 @@ def create_app(registry: Registry, max_body: int = 64 << 20) -> FastAPI:
         expires = int(time.time()) + UPLOAD_URL_TTL
         objects = []
         for obj in body.objects:
-            registry.blob_path(obj.oid)  # validates the oid
-            if obj.size > registry.max_file_size:
+            registry.blobs.path(obj.oid)  # validates the oid
+            if obj.size > registry.blobs.max_file_size:
                 objects.append({"oid": obj.oid, "size": obj.size, "error": {
-                    "code": 422, "message": f"{obj.size} bytes is over the file size limit of {registry.max_file_size}"}})
-            elif registry.has_blob(obj.oid, obj.size):
+                    "code": 422, "message": f"{obj.size} bytes is over the file size limit of {registry.blobs.max_file_size}"}})
+            elif registry.blobs.has(obj.oid, obj.size):
                 objects.append({"oid": obj.oid, "size": obj.size})
             else:
                 sig = registry.upload_signature(obj.oid, obj.size, expires)
@@ -250,7 +250,7 @@ def create_app(registry: Registry, max_body: int = 64 << 20) -> FastAPI:
     async def lfs_upload(oid: str, request: Request, size: int, expires: int, sig: str):
         if expires < time.time() or sig != registry.upload_signature(oid, size, expires):
             raise errors.Forbidden("this upload URL is invalid or has expired; ask the LFS batch API for a new one")
-        upload = registry.begin_upload(oid, size)
+        upload = registry.blobs.begin_upload(oid, size)
         try:
             async for chunk in request.stream():
                 upload.write(chunk)
@@ -264,7 +264,7 @@ def create_app(registry: Registry, max_body: int = 64 << 20) -> FastAPI:
     async def lfs_verify(namespace: str, name: str, oid: str, request: Request, who: Caller | None = Depends(caller)):
         repo_of(namespace, name, registry.require_write(who))
         body = await json_body(request)
-        if not isinstance(body.get("size"), int) or not registry.has_blob(oid, body["size"]):
+        if not isinstance(body.get("size"), int) or not registry.blobs.has(oid, body["size"]):
             raise errors.BadRequest(f"LFS object {oid} of {body.get('size')} bytes was not uploaded")
         return {}
 
@@ -288,7 +288,7 @@ def create_app(registry: Registry, max_body: int = 64 << 20) -> FastAPI:
         headers = {"X-Repo-Commit": commit.oid, "ETag": f'"{etag}"', "X-Linked-Size": str(entry.size)}
         if entry.lfs:
             headers["X-Linked-Etag"] = f'"{entry.sha256}"'
-        return BlobResponse(registry.blob_path(entry.sha256), headers=headers, media_type="application/octet-stream")
+        return BlobResponse(registry.blobs.path(entry.sha256), headers=headers, media_type="application/octet-stream")
 
     app.router.redirect_slashes = False
     return keep_encoded_slashes(app)

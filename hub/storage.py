@@ -1,5 +1,5 @@
-"""The registry's storage: repos, commits, trees, refs and tokens in SQLite; file contents in a
-content-addressed blob folder (`blobs/ab/abcdef...`, named by sha256).
+"""The registry's storage: repos, commits, trees, refs and tokens in SQLite; file contents in the
+content-addressed blob store of `hub.blobs`.
 
 No web imports: the server calls these methods and maps the errors of `hub.errors` to HTTP.
 
@@ -12,21 +12,19 @@ its previous commit; blobs nobody references are invisible, and `tmp/` is emptie
 import contextlib
 import hashlib
 import hmac
-import os
 import re
 import secrets
-import shutil
 import sqlite3
-import tempfile
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from hub.errors import (BadRequest, Conflict, EntryNotFound, Forbidden, PreconditionFailed, RepoNotFound,
-                        RevisionNotFound, TooLarge, Unauthorized)
+                        RevisionNotFound, Unauthorized)
+from hub.blobs import BlobStore
 from hub.cards import front_matter
-from hub.objects import SHA1_HEX, SHA256_HEX, commit_oid, git_blob_sha1, lfs_pointer
+from hub.objects import SHA1_HEX, commit_oid, git_blob_sha1, lfs_pointer
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (
@@ -125,11 +123,7 @@ def check_repo_name(namespace: str, name: str) -> None:
 class Registry:
     def __init__(self, root: Path, max_file_size: int = 5 * 2**30):
         self.root = Path(root)
-        self.max_file_size = max_file_size
-        self.blobs, self.tmp = self.root / "blobs", self.root / "tmp"
-        self.blobs.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)  # half-written uploads of a killed server
-        self.tmp.mkdir()
+        self.blobs = BlobStore(self.root, max_file_size)
         self.db_path = self.root / "registry.sqlite"
         self._cards: dict[str, dict] = {}  # README sha256 -> front matter
         self._local = threading.local()  # one SQLite connection per thread
@@ -199,8 +193,7 @@ class Registry:
                                  (namespace, name, int(private), now()))
             except sqlite3.IntegrityError:
                 raise Conflict(f"repo {namespace}/{name} already exists") from None
-            repo_id, sha = cur.lastrowid, hashlib.sha256(GITATTRIBUTES).hexdigest()
-            self._write_blob_bytes(GITATTRIBUTES, sha)
+            repo_id, sha = cur.lastrowid, self.blobs.put(GITATTRIBUTES)
             entry = FileEntry(".gitattributes", len(GITATTRIBUTES), sha, git_blob_sha1(GITATTRIBUTES), False)
             self._insert_commit(db, repo_id, None, [entry], caller.user, "initial commit", "")
             db.execute("INSERT INTO refs VALUES (?, 'branch', 'main', (SELECT oid FROM commits WHERE repo_id = ?))",
@@ -295,41 +288,10 @@ class Registry:
             return {}
         if entry.sha256 not in self._cards:
             try:
-                self._cards[entry.sha256] = front_matter(self.blob_path(entry.sha256).read_text(encoding="utf-8"))
+                self._cards[entry.sha256] = front_matter(self.blobs.path(entry.sha256).read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, ValueError):
                 self._cards[entry.sha256] = {}
         return self._cards[entry.sha256]
-
-    # --- blobs --------------------------------------------------------------------------------
-
-    def blob_path(self, sha256: str) -> Path:
-        if not SHA256_HEX.match(sha256):
-            raise BadRequest(f"invalid sha256 {sha256!r}")
-        return self.blobs / sha256[:2] / sha256
-
-    def has_blob(self, sha256: str, size: int) -> bool:
-        path = self.blob_path(sha256)
-        return path.exists() and path.stat().st_size == size
-
-    def begin_upload(self, sha256: str, size: int) -> "Upload":
-        """An LFS object being received; it lands in the blob folder only if its sha256 and size match."""
-        if size > self.max_file_size:
-            raise TooLarge(f"{size} bytes is over this registry's file size limit of {self.max_file_size}")
-        return Upload(self.blob_path(sha256), self.tmp, sha256, size)
-
-    def store_upload(self, chunks, sha256: str, size: int) -> None:
-        upload = self.begin_upload(sha256, size)
-        try:
-            for chunk in chunks:
-                upload.write(chunk)
-            upload.finish()
-        except BaseException:
-            upload.abort()
-            raise
-
-    def _write_blob_bytes(self, data: bytes, sha256: str) -> None:
-        if not self.has_blob(sha256, len(data)):
-            self.store_upload([data], sha256, len(data))
 
     def upload_signature(self, sha256: str, size: int, expires: int) -> str:
         """The credential an LFS upload URL carries (the client sends no token with the PUT)."""
@@ -383,12 +345,8 @@ class Registry:
     def _entry_for(self, op: AddFile) -> FileEntry:
         check_path(op.path)
         if op.data is not None:
-            if len(op.data) > self.max_file_size:
-                raise TooLarge(f"{op.path} is over this registry's file size limit of {self.max_file_size} bytes")
-            sha = hashlib.sha256(op.data).hexdigest()
-            self._write_blob_bytes(op.data, sha)
-            return FileEntry(op.path, len(op.data), sha, git_blob_sha1(op.data), False)
-        if op.sha256 is None or op.size is None or not self.has_blob(op.sha256, op.size):
+            return FileEntry(op.path, len(op.data), self.blobs.put(op.data), git_blob_sha1(op.data), False)
+        if op.sha256 is None or op.size is None or not self.blobs.has(op.sha256, op.size):
             raise BadRequest(f"the LFS object for {op.path} (sha256 {op.sha256}) was not uploaded")
         return FileEntry(op.path, op.size, op.sha256, git_blob_sha1(lfs_pointer(op.sha256, op.size)), True)
 
@@ -400,37 +358,6 @@ class Registry:
         db.executemany("INSERT INTO tree_entries VALUES (?, ?, ?, ?, ?, ?)",
                        [(oid, e.path, e.sha256, e.size, e.git_oid, int(e.lfs)) for e in entries])
         return oid
-
-
-class Upload:
-    """Bytes streamed into `tmp/`, hashed on the way, renamed into the blob folder when complete."""
-
-    def __init__(self, target: Path, tmp: Path, sha256: str, size: int):
-        self.target, self.sha256, self.size = target, sha256, size
-        self.digest, self.written = hashlib.sha256(), 0
-        self.file = tempfile.NamedTemporaryFile(dir=tmp, delete=False)
-
-    def write(self, chunk: bytes) -> None:
-        self.written += len(chunk)
-        if self.written > self.size:
-            raise BadRequest(f"upload of {self.sha256} is longer than the {self.size} bytes announced")
-        self.digest.update(chunk)
-        self.file.write(chunk)
-
-    def finish(self) -> None:
-        if self.written != self.size or self.digest.hexdigest() != self.sha256:
-            raise BadRequest(f"upload of {self.sha256} does not match: got {self.written} bytes with sha256 "
-                             f"{self.digest.hexdigest()}")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        self.target.parent.mkdir(exist_ok=True)
-        os.replace(self.file.name, self.target)
-
-    def abort(self) -> None:
-        self.file.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.file.name)
 
 
 def _hash(token: str) -> str:
