@@ -223,3 +223,18 @@ def test_deleting_a_file_and_a_folder(hub_env):
     api.create_commit("alice/deletes", [CommitOperationDelete("gone.txt"), CommitOperationDelete("dir/", is_folder=True)],
                       commit_message="delete")
     assert sorted(api.list_repo_files("alice/deletes")) == [".gitattributes", "dir2/c.txt", "keep.txt"]
+
+
+def test_the_base_model_can_be_pushed_and_pulled_back(cli, hub_env, base_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pushed = cli("push", "--model", base_model_dir, "loradock/tiny-chat")
+    assert pushed.code == 0, pushed.text
+    sha = pushed.out.split("commit ")[1].split()[0]
+    pulled = cli("pull", f"loradock/tiny-chat@{sha}", "--to", tmp_path / "base")
+    assert pulled.code == 0, pulled.text
+    assert (tmp_path / "base" / "model.safetensors").read_bytes() == (base_model_dir / "model.safetensors").read_bytes()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert AutoTokenizer.from_pretrained(tmp_path / "base").eos_token == "<|end|>"
+    refused = cli("push", "--model", tmp_path / "base" / "..", "loradock/nope")
+    assert refused.code == 2 and "is not a model folder: there is no config.json" in refused.err
