@@ -110,8 +110,8 @@ def create_app(registry: Registry, max_body: int = 64 << 20) -> FastAPI:
         start, limit = int(start), min(max(int(limit), 1), PAGE)
         response = JSONResponse(items[start:start + limit])
         if start + limit < len(items):
-            params = dict(request.query_params) | {"cursor": str(start + limit)}
-            query = "&".join(f"{quote(k)}={quote(str(v))}" for k, v in params.items())
+            params = [(k, v) for k, v in request.query_params.multi_items() if k != "cursor"] + [("cursor", str(start + limit))]
+            query = "&".join(f"{quote(k)}={quote(v)}" for k, v in params)
             response.headers["Link"] = f'<{base(request)}{request.url.path}?{query}>; rel="next"'
         return response
 

@@ -238,3 +238,19 @@ def test_the_base_model_can_be_pushed_and_pulled_back(cli, hub_env, base_model_d
     assert AutoTokenizer.from_pretrained(tmp_path / "base").eos_token == "<|end|>"
     refused = cli("push", "--model", tmp_path / "base" / "..", "loradock/nope")
     assert refused.code == 2 and "is not a model folder: there is no config.json" in refused.err
+
+
+def test_pagination_links_are_absolute_and_keep_every_filter(run_cli, hub_env, tmp_path):
+    import httpx2
+
+    for name in ("alice/page-a", "alice/page-b"):
+        assert run_cli("push", adapter_folder(tmp_path / name.split("/")[1]), name).code == 0
+    url = f"{hub_env.url}/api/models?search=page-&filter=peft&filter=base_model:loradock/tiny-chat&limit=1"
+    seen = []
+    while url:
+        response = httpx2.get(url)
+        seen += [m["id"] for m in response.json()]
+        link = response.headers.get("Link")
+        url = link.split(">")[0].lstrip("<") if link else None
+        assert url is None or (url.startswith(hub_env.url) and url.count("filter=") == 2)
+    assert sorted(seen) == ["alice/page-a", "alice/page-b"]
