@@ -32,6 +32,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("list", help="adapters in the registry, with base model, rank, tags, sha and metric")
     p.add_argument("--base-model", help="only adapters of this base model")
     p.add_argument("--search", help="only repo ids containing this text")
+    p.add_argument("--limit", type=int, default=50, help="at most this many, newest first (default 50)")
     add_remote(p)
     p.set_defaults(func=run_list)
 
@@ -93,7 +94,7 @@ def run_pull(args) -> int:
 def run_list(args) -> int:
     from hub.client import list_adapters
 
-    rows = list_adapters(args.base_model, args.search, args.endpoint, args.token)
+    rows = list_adapters(args.base_model, args.search, args.endpoint, args.token, args.limit)
     if not rows:
         print("no adapters" + (f" for base model {args.base_model}" if args.base_model else ""))
         return 0

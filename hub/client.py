@@ -294,13 +294,14 @@ def _pulled_sha(dest: Path) -> str | None:
 # --- list -------------------------------------------------------------------------------------
 
 def list_adapters(base_model: str | None = None, search: str | None = None, endpoint: str | None = None,
-                  token: str | None = None) -> list[dict]:
+                  token: str | None = None, limit: int = 50) -> list[dict]:
+    """Newest first, at most `limit` (each adapter costs one more request, for its tags)."""
     endpoint = endpoint_url(endpoint)
     api = hub_api(endpoint, token_for(endpoint, token))
     rows = []
     with hub_errors(endpoint, search or "(all repos)"):
         models = api.list_models(search=search, filter=[f"base_model:{base_model}"] if base_model else None,
-                                 cardData=True)
+                                 cardData=True, sort="last_modified", limit=limit)
         for m in models:
             card = m.card_data.to_dict() if m.card_data else {}
             if card.get("library_name") != "peft":
