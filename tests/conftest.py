@@ -194,3 +194,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_network)
         if "gpu" in item.keywords and not has_gpu:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def trained_adapters(tmp_path_factory, base_model_dir) -> dict[str, Path]:
+    """Two task adapters really trained on the tiny base (short runs): {"reverse": folder, "sort": folder}."""
+    from loradock.cli import main
+
+    out = tmp_path_factory.mktemp("adapters")
+    folders = {}
+    for task in ("reverse", "sort"):
+        folders[task] = out / task
+        code = main(["train", "--data", str(ASSETS / "tasks" / task / "train.jsonl"),
+                     "--eval-data", str(ASSETS / "tasks" / task / "heldout.jsonl"), "--output", str(folders[task]),
+                     "--lora-r", "16", "--lora-alpha", "32", "--lora-dropout", "0", "--lr", "2e-3", "--max-steps", "250",
+                     "--batch-size", "32", "--max-length", "64", "--training.logging_steps", "50",
+                     "--training.eval_steps", "250", "--training.save_strategy", "no", "--training.disable_tqdm", "true"])
+        assert code == 0
+    return folders

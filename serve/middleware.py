@@ -1,0 +1,171 @@
+"""ASGI middleware that `loradock serve` adds to vLLM's OpenAI server (vLLM's `--middleware`).
+It runs before vLLM's own middleware, on every request:
+
+- with an API key, every route but /health needs it (vLLM guards only /v1, /v2, /inference and
+  /cohere, leaving /invocations, /adapters, /tokenize and others open);
+- an adapter is checked (`serve.compat`) before it goes live: on POST /v1/load_lora_adapter, and
+  before the first request for a registry adapter (which vLLM's resolver then loads), so a
+  refusal is a 400 naming the problem rather than a 500 from vLLM's worker;
+- a request to an adapter whose chat template differs from the base model's is rendered with the
+  adapter's template (the one it was trained with); clients cannot send templates of their own;
+- GET /v1/models gains a `loradock` field per adapter: repo, revision, commit sha, rank, metric.
+"""
+
+import hmac
+import json
+
+from serve import runtime
+from serve.compat import AdapterRefused, check_adapter
+
+OPEN_ROUTES = {"/health"}
+GENERATION = {"/v1/chat/completions", "/v1/completions"}
+
+
+def error_body(status: int, message: str, param: str | None = None) -> bytes:
+    kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError"}.get(status, "Error")
+    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
+
+
+async def respond(send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def read_body(receive) -> bytes:
+    chunks, more = [], True
+    while more:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        more = message.get("more_body", False)
+    return b"".join(chunks)
+
+
+def replay(body: bytes, receive):
+    """A `receive` that hands the (rewritten) body over once, then the real connection's events:
+    vLLM listens on it for the client going away, and must not hear it early."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replayed
+
+
+class LoradockMiddleware:
+    def __init__(self, app):
+        self.app = app
+        self._base_template: str | None = None
+        self._base_template_read = False
+
+    async def __call__(self, scope, receive, send):
+        cfg = runtime.config()
+        if scope["type"] != "http" or cfg is None:
+            return await self.app(scope, receive, send)
+        path, method = scope["path"], scope["method"]
+        if cfg.api_key and path not in OPEN_ROUTES and not self.authorized(scope, cfg.api_key):
+            return await respond(send, 401, error_body(401, "missing or wrong API key: send Authorization: Bearer <key>"))
+        if method == "POST" and path in GENERATION | {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"}:
+            return await self.with_body(scope, receive, send, path)
+        if method == "GET" and path == "/v1/models":
+            return await self.app(scope, receive, self.annotate_models(send))
+        return await self.app(scope, receive, send)
+
+    @staticmethod
+    def authorized(scope, key: str) -> bool:
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        return hmac.compare_digest(header.encode(), f"Bearer {key}".encode())
+
+    async def with_body(self, scope, receive, send, path: str):
+        raw = await read_body(receive)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None  # vLLM answers malformed JSON itself
+        if isinstance(body, dict):
+            try:
+                if path in GENERATION:
+                    body = await self.prepare_generation(body, path)
+                elif path == "/v1/load_lora_adapter" and body.get("lora_path"):
+                    check_adapter(body["lora_path"], runtime.config().base)
+            except AdapterRefused as e:
+                return await respond(send, 400, error_body(400, str(e), "model"))
+            raw = json.dumps(body).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+        scope = dict(scope, headers=headers + [(b"content-length", str(len(raw)).encode())])
+        return await self.app(scope, replay(raw, receive), self.track_adapters(send, path, body))
+
+    async def prepare_generation(self, body: dict, path: str) -> dict:
+        if "chat_template" in body or "chat_template" in (body.get("chat_template_kwargs") or {}):
+            raise AdapterRefused("chat_template cannot be set by the client: each model is served with the "
+                                 "template it was trained with")
+        name = body.get("model")
+        if not isinstance(name, str) or name == runtime.config().base.name:
+            return body
+        adapter = runtime.known(name)
+        if adapter is None:
+            try:
+                adapter = await runtime.fetch(name)  # before vLLM's resolver, so the check and template apply
+            except runtime.NotInRegistry:
+                return body  # vLLM answers 404 for the model
+        if path == "/v1/chat/completions" and adapter.chat_template and adapter.chat_template != self.base_template():
+            body = {**body, "chat_template": adapter.chat_template}
+        return body
+
+    def base_template(self) -> str | None:
+        if not self._base_template_read:
+            from transformers import AutoTokenizer
+
+            self._base_template = AutoTokenizer.from_pretrained(runtime.config().base.path).chat_template
+            self._base_template_read = True
+        return self._base_template
+
+    @staticmethod
+    def track_adapters(send, path: str, body):
+        """Learn which adapter names a successful load or unload added or removed."""
+        if path not in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter") or not isinstance(body, dict):
+            return send
+        status = {}
+
+        async def wrapped(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body") and status.get("code") == 200:
+                if path == "/v1/load_lora_adapter":
+                    runtime.remember(body["lora_name"], body["lora_path"])
+                else:
+                    runtime.forget(body.get("lora_name", ""))
+            await send(message)
+
+        return wrapped
+
+    @staticmethod
+    def annotate_models(send):
+        """Buffer vLLM's /v1/models answer and add our metadata to each adapter card."""
+        start = {}
+        chunks = []
+
+        async def wrapped(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            if start["status"] == 200:
+                listing = json.loads(body)
+                for card in listing.get("data", []):
+                    if card.get("parent"):
+                        adapter = runtime.known(card["id"]) or runtime.remember(card["id"], card["root"])
+                        card["loradock"] = adapter.info
+                body = json.dumps(listing).encode()
+            headers = [(k, v) for k, v in start.get("headers", []) if k != b"content-length"]
+            await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+        return wrapped

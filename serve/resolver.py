@@ -1,0 +1,37 @@
+"""vLLM LoRA resolver plugin: a request for `org/adapter[@revision]` that vLLM has not loaded is
+resolved through the loradock registry (pulled, pinned to a commit, checked), then served.
+
+Registered through the `vllm.general_plugins` entry point (see pyproject.toml); vLLM calls
+`register()` in each of its processes, so it only registers, cheaply, and only when `loradock
+serve` started this vLLM (LORADOCK_SERVE in the environment). vLLM consults resolvers only with
+VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, which `loradock serve` sets.
+"""
+
+import os
+
+from serve import runtime
+
+
+def make_resolver():
+    from vllm.lora.request import LoRARequest
+    from vllm.lora.resolver import LoRAResolver
+
+    class RegistryResolver(LoRAResolver):
+        async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
+            try:
+                adapter = await runtime.fetch(lora_name)
+            except runtime.NotInRegistry:
+                return None  # vLLM answers 404 with param "model"
+            # AdapterRefused is a ValueError: vLLM answers 400 with its message.
+            # vLLM replaces the id with its own counter; it only has to be positive here.
+            return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(adapter.path))
+
+    return RegistryResolver()
+
+
+def register() -> None:
+    if not os.environ.get(runtime.CONFIG_ENV):
+        return
+    from vllm.lora.resolver import LoRAResolverRegistry
+
+    LoRAResolverRegistry.register_resolver("loradock registry", make_resolver())

@@ -1,0 +1,281 @@
+"""`loradock serve`: vLLM's OpenAI server with the tiny base, two trained adapters from the registry,
+and every kind of adapter it must refuse. Clients: the official `openai` package and plain HTTP."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx2
+import pytest
+from openai import OpenAI
+
+from tests.conftest import ASSETS, REPO, free_port
+
+BASE = "loradock/tiny-chat"
+PROMPTS = {task: [json.loads(line)["prompt"] for line in (ASSETS / "tasks" / task / "heldout.jsonl").read_text().splitlines()[:10]]
+           for task in ("reverse", "sort")}
+
+
+class ServeProcess:
+    def __init__(self, args: list[str], log: Path, env: dict):
+        self.port, self.log, self.env = free_port(), log, env
+        self.args = ["serve", "--port", str(self.port), *args]
+        self.process = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 600) -> "ServeProcess":
+        self.process = subprocess.Popen([sys.executable, "-m", "loradock.cli", *self.args], cwd=REPO, env=self.env,
+                                        stdout=self.log.open("a"), stderr=subprocess.STDOUT)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.process.poll() is None, self.log.read_text()[-3000:]
+            if "serving " in self.log.read_text():
+                return self
+            time.sleep(0.5)
+        raise RuntimeError(f"loradock serve did not start: {self.log}")
+
+    def stop(self) -> int:
+        self.process.terminate()
+        return self.process.wait(timeout=60)
+
+
+def variant(source: Path, target: Path, config: dict | None = None, weights=None) -> Path:
+    """A copy of a trained adapter with its config or weights changed."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    if config is not None:
+        current = json.loads((target / "adapter_config.json").read_text())
+        (target / "adapter_config.json").write_text(json.dumps({**current, **config}))
+    if weights is not None:
+        save_file(weights(load_file(target / "adapter_model.safetensors")), target / "adapter_model.safetensors")
+    return target
+
+
+def bad_adapters(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
+    """{repo name: (folder, words the refusal must contain)}"""
+    import torch
+
+    pickled = variant(good, tmp / "pickle")
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    missing = variant(good, tmp / "missing")
+    (missing / "adapter_model.safetensors").unlink()
+    return {
+        "other-base": (variant(good, tmp / "other", {"base_model_name_or_path": "someone/other-model"}),
+                       "trained on base model 'someone/other-model'"),
+        "rank-32": (variant(good, tmp / "r32", {"r": 32}), "rank 32 is above --max-lora-rank 16 (restart with --max-lora-rank 32)"),
+        "modules-to-save": (variant(good, tmp / "mts", {"modules_to_save": ["lm_head"]}), "modules_to_save"),
+        "pickle": (pickled, "adapter_model.bin would be unpickled"),
+        "missing-weights": (missing, "no adapter_model.safetensors"),
+        "unknown-module": (variant(good, tmp / "unknown", weights=lambda w: {
+            k.replace("q_proj", "qq_proj"): v for k, v in w.items()}), "which the base model does not have"),
+        "embedding": (variant(good, tmp / "embed", weights=lambda w: {
+            **w, "base_model.model.model.embed_tokens.lora_A.weight": torch.zeros(16, 2048),
+            "base_model.model.model.embed_tokens.lora_B.weight": torch.zeros(128, 16)}), "embedding/lm_head LoRA"),
+        "wrong-size": (variant(good, tmp / "size", weights=lambda w: {
+            k: torch.zeros(v.shape[0], 256) if "lora_A" in k else v for k, v in w.items()}), "a model of another size"),
+    }
+
+
+@pytest.fixture(scope="module")
+def served(registry, trained_adapters, tmp_path_factory):
+    """The registry with both adapters (tag v1) and the bad ones, and a server with reverse@v1 at start-up."""
+    from huggingface_hub import HfApi
+
+    from hub.client import push
+
+    tmp = tmp_path_factory.mktemp("serve")
+    commits = {task: push(str(folder), f"alice/{task}", tag="v1", endpoint=registry.url, token=registry.write_token).commit
+               for task, folder in trained_adapters.items()}
+    api = HfApi(endpoint=registry.url, token=registry.write_token)
+    bad = bad_adapters(trained_adapters["reverse"], tmp)
+    for name, (folder, _) in bad.items():  # as a careless third party would: no loradock push checks
+        api.create_repo(f"bad/{name}", exist_ok=True)
+        api.upload_folder(folder_path=folder, repo_id=f"bad/{name}")
+    env = {**os.environ, "HF_HUB_DISABLE_XET": "1"}
+    server = ServeProcess(["--adapter", "alice/reverse@v1", "--registry", registry.url, "--token", registry.write_token,
+                           "--max-lora-rank", "16", "--max-model-len", "256"], tmp / "serve.log", env).start()
+    server.commits, server.bad, server.env, server.registry = commits, bad, env, registry
+    yield server
+    server.stop()
+
+
+def chat(url: str, model: str, content: str, **extra) -> dict:
+    response = httpx2.post(f"{url}/v1/chat/completions", timeout=120, json={
+        "model": model, "messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 24,
+        "return_token_ids": True, **extra})
+    return {"status": response.status_code, **response.json()}
+
+
+def test_base_and_adapters_answer_and_the_adapters_differ_on_their_task(served):
+    client = OpenAI(base_url=f"{served.url}/v1", api_key="unused")
+    for task in ("reverse", "sort"):
+        base = [client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": p}], temperature=0,
+                                               max_tokens=24).choices[0].message.content for p in PROMPTS[task]]
+        tuned = [client.chat.completions.create(model=f"alice/{task}", messages=[{"role": "user", "content": p}],
+                                                temperature=0, max_tokens=24).choices[0].message.content
+                 for p in PROMPTS[task]]
+        assert sum(bool(answer.strip()) for answer in tuned) == len(tuned), tuned  # the adapters always answer
+        assert sum(b != t for b, t in zip(base, tuned)) >= 8, (task, base, tuned)
+
+
+def test_vllm_greedy_tokens_equal_transformers_peft_greedy_tokens(served, trained_adapters, base_model_dir, tokenizer):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    for task, folder in trained_adapters.items():
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_dir, dtype=torch.float32), folder).eval()
+        name = "alice/reverse@v1" if task == "reverse" else f"alice/{task}@{served.commits[task]}"
+        for prompt in PROMPTS[task]:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)
+            with torch.no_grad():
+                out = model.generate(**ids, max_new_tokens=24, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+            expected = out[:out.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in out else out
+            answer = chat(served.url, name, prompt)
+            assert answer["status"] == 200 and answer["prompt_token_ids"] == ids["input_ids"][0].tolist()
+            assert answer["choices"][0]["token_ids"] == expected, (task, prompt)
+
+
+def test_hot_load_by_name_tag_and_sha_with_the_sha_in_v1_models(served):
+    sha = served.commits["sort"]
+    for name in ("alice/sort", "alice/sort@v1", f"alice/sort@{sha}"):
+        assert chat(served.url, name, PROMPTS["sort"][0])["status"] == 200
+    cards = {m["id"]: m for m in httpx2.get(f"{served.url}/v1/models").json()["data"]}
+    for name, revision in (("alice/sort", "main"), ("alice/sort@v1", "v1"), (f"alice/sort@{sha}", sha)):
+        assert cards[name]["parent"] == BASE
+        assert cards[name]["loradock"]["commit"] == sha and cards[name]["loradock"]["revision"] == revision
+        assert cards[name]["loradock"]["rank"] == 16 and cards[name]["loradock"]["metric"]["name"] == "eval loss"
+    assert cards["alice/reverse@v1"]["loradock"]["commit"] == served.commits["reverse"]
+
+
+def test_refused_adapters_get_400s_while_other_traffic_carries_on(served):
+    failures, good_done, stop = [], [], threading.Event()
+
+    def steady(model: str, prompt: str):
+        while not stop.is_set():
+            answer = chat(served.url, model, prompt)
+            (good_done if answer["status"] == 200 else failures).append(answer)
+
+    workers = [threading.Thread(target=steady, args=(m, PROMPTS["reverse"][0])) for m in (BASE, "alice/reverse@v1")]
+    for w in workers:
+        w.start()
+    refused = 0
+    try:
+        for _ in range(3):
+            for name, (folder, words) in served.bad.items():
+                answer = chat(served.url, f"bad/{name}", "Reverse the words: a b")
+                assert answer["status"] == 400 and words in answer["error"]["message"], (name, answer)
+                loaded = httpx2.post(f"{served.url}/v1/load_lora_adapter", json={"lora_name": f"local-{name}",
+                                                                                  "lora_path": str(folder)})
+                assert loaded.status_code == 400 and words in loaded.json()["error"]["message"], (name, loaded.text)
+                refused += 2
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    assert refused >= 20 and not failures and len(good_done) >= 4
+    assert httpx2.get(f"{served.url}/health").status_code == 200
+
+
+def test_an_adapter_is_served_with_its_own_chat_template(served, trained_adapters, tmp_path):
+    templated = variant(trained_adapters["reverse"], tmp_path / "templated")
+    template = (templated / "chat_template.jinja").read_text()
+    (templated / "chat_template.jinja").write_text("{{- '<|system|>Reverse carefully.<|end|>' -}}" + template)
+    loaded = httpx2.post(f"{served.url}/v1/load_lora_adapter", json={"lora_name": "templated", "lora_path": str(templated)})
+    assert loaded.status_code == 200, loaded.text
+    plain = chat(served.url, "alice/reverse@v1", PROMPTS["reverse"][0])
+    own = chat(served.url, "templated", PROMPTS["reverse"][0])
+    assert own["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]
+    preamble = served_tokens("<|system|>Reverse carefully.<|end|>")
+    assert own["prompt_token_ids"][:len(preamble)] == preamble and plain["prompt_token_ids"][:len(preamble)] != preamble
+    sneaky = chat(served.url, BASE, "hi", chat_template="{{ 'pwned' }}")
+    assert sneaky["status"] == 400 and "chat_template cannot be set by the client" in sneaky["error"]["message"]
+
+
+def served_tokens(text: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    from sft.base_model import resolve_base_model
+
+    return AutoTokenizer.from_pretrained(resolve_base_model(BASE)).encode(text, add_special_tokens=False)
+
+
+def test_openai_api_surface(served):
+    client = OpenAI(base_url=f"{served.url}/v1", api_key="unused")
+    completion = client.completions.create(model="alice/reverse@v1", prompt="<|user|>Reverse the words: a b<|end|><|assistant|>",
+                                           max_tokens=8, temperature=0)
+    assert completion.choices[0].text and completion.usage.completion_tokens > 0
+    stream = client.chat.completions.create(model="alice/reverse@v1", messages=[{"role": "user", "content": PROMPTS["reverse"][1]}],
+                                            max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+    assert chunks[-1].usage.completion_tokens > 0 and chunks[-1].usage.prompt_tokens > 0
+    text_stream = list(client.completions.create(model=BASE, prompt="<|user|>Hello!<|end|><|assistant|>", max_tokens=8,
+                                                 stream=True, temperature=0))
+    assert "".join(c.choices[0].text for c in text_stream).strip()
+    unknown = chat(served.url, "nobody/nothing", "hi")
+    assert unknown["status"] == 404 and unknown["error"]["param"] == "model"
+    assert chat(served.url, BASE, "hi", temperature=-1)["status"] == 400
+    assert chat(served.url, BASE, "hi", max_tokens=-5)["status"] == 400
+    too_long = chat(served.url, BASE, "cat " * 400)
+    assert too_long["status"] == 400 and "maximum context length" in too_long["error"]["message"]
+    assert httpx2.get(f"{served.url}/health").status_code == 200
+
+
+def test_unload_while_requests_are_in_flight(served):
+    results = []
+
+    def ask():
+        results.append(chat(served.url, "alice/sort@v1", PROMPTS["sort"][1], max_tokens=64)["status"])
+
+    assert chat(served.url, "alice/sort@v1", "warm up")["status"] == 200
+    threads = [threading.Thread(target=ask) for _ in range(6)]
+    for t in threads:
+        t.start()
+    unloaded = httpx2.post(f"{served.url}/v1/unload_lora_adapter", json={"lora_name": "alice/sort@v1"})
+    for t in threads:
+        t.join()
+    assert unloaded.status_code == 200 and set(results) <= {200}
+    assert "alice/sort@v1" not in [m["id"] for m in httpx2.get(f"{served.url}/v1/models").json()["data"]]
+    assert chat(served.url, "alice/sort@v1", PROMPTS["sort"][1])["status"] == 200  # resolved again from the registry
+
+
+def test_restart_brings_back_the_command_line_adapters_and_the_api_key_closes_every_route(served, tmp_path):
+    assert served.stop() == 0  # SIGTERM: a clean stop
+    key = "s3cret-key"
+    again = ServeProcess(["--adapter", "alice/reverse@v1", "--registry", served.registry.url, "--token",
+                          served.registry.write_token, "--max-lora-rank", "16", "--max-model-len", "256",
+                          "--api-key", key], tmp_path / "serve.log", served.env).start()
+    try:
+        auth = {"Authorization": f"Bearer {key}"}
+        models = httpx2.get(f"{again.url}/v1/models", headers=auth).json()["data"]
+        assert [m["id"] for m in models] == [BASE, "alice/reverse@v1"]
+        assert httpx2.get(f"{again.url}/health").status_code == 200
+        for method, path in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/invocations"),
+                             ("POST", "/adapters"), ("POST", "/tokenize"), ("GET", "/metrics"), ("GET", "/version"),
+                             ("GET", "/openapi.json"), ("POST", "/v1/load_lora_adapter")]:
+            response = httpx2.request(method, again.url + path, json={})
+            assert response.status_code == 401, (path, response.status_code)
+            assert response.json()["error"]["type"] == "AuthenticationError"
+        assert chat_with(again.url, auth)["choices"][0]["message"]["content"].strip()
+        vllm_log = Path(os.environ["LORADOCK_HOME"]) / "logs" / f"serve-{again.port}.log"
+        for log_text in ((tmp_path / "serve.log").read_text(), vllm_log.read_text()):
+            assert key not in log_text and served.registry.write_token not in log_text
+    finally:
+        assert again.stop() == 0
+    served.start()  # leave the module's server running for any test after this one
+
+
+def chat_with(url: str, headers: dict) -> dict:
+    return httpx2.post(f"{url}/v1/chat/completions", headers=headers, timeout=120, json={
+        "model": "alice/reverse@v1", "messages": [{"role": "user", "content": PROMPTS["reverse"][0]}], "max_tokens": 16}).json()
