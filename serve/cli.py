@@ -21,7 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--token", help="registry token (default: HF_TOKEN, else `loradock hub login`'s)")
     p.add_argument("--api-key", help="require this key on every route but /health (also: LORADOCK_API_KEY)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
-    p.add_argument("--kv-cache-gib", type=int, default=1, help="KV cache size on a CPU, in whole GiB (default 1)")
+    p.add_argument("--kv-cache-gib", type=int, help="KV cache size on a CPU, in whole GiB (default: 1/8 of the "
+                                                     "machine's memory, between 1 and 8)")
     p.add_argument("--dtype", help="default: float32 on a CPU, auto on a GPU")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"],
                    help="vLLM's log level (the log goes to $LORADOCK_HOME/logs/serve-PORT.log)")
@@ -44,4 +45,12 @@ def run_serve(args) -> int:
         base_model=args.base_model, adapters=args.adapter, host=args.host, port=args.port, max_loras=args.max_loras,
         max_lora_rank=args.max_lora_rank, registry=registry, token=token_for(registry, args.token),
         api_key=args.api_key or os.environ.get("LORADOCK_API_KEY"), max_model_len=args.max_model_len,
-        kv_cache_gib=args.kv_cache_gib, dtype=args.dtype, log_level=args.log_level))
+        kv_cache_gib=args.kv_cache_gib or default_kv_cache_gib(), dtype=args.dtype, log_level=args.log_level))
+
+
+def default_kv_cache_gib() -> int:
+    """An eighth of the memory, 1 to 8 GiB: room for many sequences without starving the rest."""
+    import os
+
+    total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return int(min(8, max(1, total_gib // 8)))

@@ -4,7 +4,9 @@ import pytest
 
 from loradock.cli import main
 
-COMMANDS = [[], ["train"], ["eval"], ["data"], ["data", "check"], ["base"], ["base", "build"]]
+COMMANDS = [[], ["train"], ["eval"], ["data"], ["data", "check"], ["base"], ["base", "build"], ["push"], ["pull"],
+            ["list"], ["hub"], ["hub", "serve"], ["hub", "token"], ["hub", "token", "create"], ["hub", "login"],
+            ["hub", "logout"], ["serve"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "loradock")
