@@ -8,9 +8,15 @@ It runs before vLLM's own middleware, on every request:
   refusal is a 400 naming the problem rather than a 500 from vLLM's worker;
 - a request to an adapter whose chat template differs from the base model's is rendered with the
   adapter's template (the one it was trained with); clients cannot send templates of their own;
+- an unload waits for the requests already using that adapter and holds new ones back until it is
+  done (vLLM checks a request's model name, then looks the adapter up again later: an unload in
+  between would turn an accepted request into a 404);
 - GET /v1/models gains a `loradock` field per adapter: repo, revision, commit sha, rank, metric.
 """
 
+import asyncio
+import collections
+import contextlib
 import hmac
 import json
 
@@ -56,9 +62,45 @@ def replay(body: bytes, receive):
     return replayed
 
 
+class InFlight:
+    """Requests per adapter name, and the names being unloaded: a request waits while its adapter
+    is being unloaded; an unload waits until no request uses the adapter."""
+
+    def __init__(self):
+        self._count = collections.Counter()
+        self._unloading: set[str] = set()
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def using(self, name: str):
+        async with self._changed:
+            await self._changed.wait_for(lambda: name not in self._unloading)
+            self._count[name] += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._count[name] -= 1
+                self._changed.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def unloading(self, name: str):
+        async with self._changed:
+            await self._changed.wait_for(lambda: name not in self._unloading)
+            self._unloading.add(name)
+            await self._changed.wait_for(lambda: self._count[name] == 0)
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self._unloading.discard(name)
+                self._changed.notify_all()
+
+
 class LoradockMiddleware:
     def __init__(self, app):
         self.app = app
+        self.in_flight = InFlight()
         self._base_template: str | None = None
         self._base_template_read = False
 
@@ -97,7 +139,14 @@ class LoradockMiddleware:
             raw = json.dumps(body).encode()
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         scope = dict(scope, headers=headers + [(b"content-length", str(len(raw)).encode())])
-        return await self.app(scope, replay(raw, receive), self.track_adapters(send, path, body))
+        async with self.guard(path, body):
+            return await self.app(scope, replay(raw, receive), self.track_adapters(send, path, body))
+
+    def guard(self, path: str, body) -> contextlib.AbstractAsyncContextManager:
+        name = body.get("lora_name" if path == "/v1/unload_lora_adapter" else "model") if isinstance(body, dict) else None
+        if not isinstance(name, str) or name == runtime.config().base.name or path == "/v1/load_lora_adapter":
+            return contextlib.nullcontext()
+        return self.in_flight.unloading(name) if path == "/v1/unload_lora_adapter" else self.in_flight.using(name)
 
     async def prepare_generation(self, body: dict, path: str) -> dict:
         if "chat_template" in body or "chat_template" in (body.get("chat_template_kwargs") or {}):

@@ -1,6 +1,7 @@
 """`loradock serve`: vLLM's OpenAI server with the tiny base, two trained adapters from the registry,
 and every kind of adapter it must refuse. Clients: the official `openai` package and plain HTTP."""
 
+import asyncio
 import json
 import os
 import shutil
@@ -236,12 +237,13 @@ def test_unload_while_requests_are_in_flight(served):
     results = []
 
     def ask():
-        results.append(chat(served.url, "alice/sort@v1", PROMPTS["sort"][1], max_tokens=64)["status"])
+        results.append(chat(served.url, "alice/sort@v1", PROMPTS["sort"][1], max_tokens=64, ignore_eos=True)["status"])
 
     assert chat(served.url, "alice/sort@v1", "warm up")["status"] == 200
     threads = [threading.Thread(target=ask) for _ in range(6)]
     for t in threads:
         t.start()
+    time.sleep(0.2)  # some requests generating, some maybe still arriving: none may fail
     unloaded = httpx2.post(f"{served.url}/v1/unload_lora_adapter", json={"lora_name": "alice/sort@v1"})
     for t in threads:
         t.join()
@@ -279,3 +281,34 @@ def test_restart_brings_back_the_command_line_adapters_and_the_api_key_closes_ev
 def chat_with(url: str, headers: dict) -> dict:
     return httpx2.post(f"{url}/v1/chat/completions", headers=headers, timeout=120, json={
         "model": "alice/reverse@v1", "messages": [{"role": "user", "content": PROMPTS["reverse"][0]}], "max_tokens": 16}).json()
+
+
+def test_an_unload_waits_for_the_requests_using_the_adapter_and_holds_new_ones():
+    from serve.middleware import InFlight
+
+    async def scenario():
+        gate, events = InFlight(), []
+
+        async def request(name: str, tag: str, seconds: float):
+            async with gate.using(name):
+                events.append(f"{tag} start")
+                await asyncio.sleep(seconds)
+                events.append(f"{tag} end")
+
+        async def unload(name: str):
+            async with gate.unloading(name):
+                events.append(f"unload {name}")
+                await asyncio.sleep(0.05)
+
+        first = asyncio.create_task(request("a", "first", 0.1))
+        other = asyncio.create_task(request("b", "other", 0.02))
+        await asyncio.sleep(0.01)
+        unloading = asyncio.create_task(unload("a"))
+        await asyncio.sleep(0.01)
+        late = asyncio.create_task(request("a", "late", 0))
+        await asyncio.gather(first, other, unloading, late)
+        return events
+
+    events = asyncio.run(scenario())
+    assert events.index("first end") < events.index("unload a") < events.index("late start")
+    assert events.index("other end") < events.index("first end")  # another adapter is not held back
