@@ -7,6 +7,7 @@ happen inside the commands so `--help` is instant.
 import argparse
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 from loradock.errors import LoradockError
@@ -96,25 +97,41 @@ def add_eval(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="score the base model and an adapter on held-out prompts",
         description="Greedy generation for each held-out prompt with the base model and the adapter "
-                    "(transformers + PEFT), scored against the references.",
+                    "(transformers + PEFT), scored against the references. With --endpoint, each "
+                    "--model answers through an OpenAI-compatible server instead (`loradock serve`, vLLM).",
     )
     p.add_argument("--base-model", default=None, help=f"base model (default: the adapter's, else {DEFAULT_BASE_MODEL})")
     p.add_argument("--adapter", help="adapter folder written by `loradock train`")
+    p.add_argument("--endpoint", help="evaluate through this OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", action="append", help="with --endpoint: a served model (base or adapter name, "
+                                                     "e.g. alice/reverse@v1); repeat to compare several")
+    p.add_argument("--api-key", default=os.environ.get("LORADOCK_API_KEY"),
+                   help="with --endpoint: the server's API key (default: $LORADOCK_API_KEY)")
     p.add_argument("--data", required=True, help="held-out (prompt, response) data")
     p.add_argument("--metrics", default="exact_match,rouge_l", help="comma-separated: exact_match, rouge_l")
     p.add_argument("--output", help="also write the full report (every prediction) as JSON here")
     p.add_argument("--limit", type=int, help="only the first N rows")
     p.add_argument("--max-new-tokens", type=int, help="default: the longest reference plus 16")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together (with --endpoint: requests in flight)")
     p.set_defaults(func=run_eval)
 
 
 def run_eval(args) -> int:
-    from sft.evaluate import adapter_base_model, evaluate, parse_metrics, render
+    from sft.evaluate import adapter_base_model, evaluate, evaluate_endpoint, parse_metrics, render
 
     metrics = parse_metrics(args.metrics)
-    base_model = args.base_model or (adapter_base_model(args.adapter) if args.adapter else DEFAULT_BASE_MODEL)
-    report = evaluate(base_model, args.data, args.adapter, metrics, args.max_new_tokens, args.limit, args.batch_size)
+    if args.endpoint:
+        if args.adapter or args.base_model or not args.model:
+            raise LoradockError("--endpoint evaluates served models: it takes --model NAME, not --adapter or --base-model",
+                                "pass --endpoint URL --model NAME [--model NAME ...]")
+        report = evaluate_endpoint(args.endpoint, args.model, args.data, metrics, args.max_new_tokens, args.limit,
+                                   args.api_key, args.batch_size)
+    elif args.model:
+        raise LoradockError("--model names a served model and needs --endpoint",
+                            "add --endpoint URL, or evaluate a folder with --adapter DIR")
+    else:
+        base_model = args.base_model or (adapter_base_model(args.adapter) if args.adapter else DEFAULT_BASE_MODEL)
+        report = evaluate(base_model, args.data, args.adapter, metrics, args.max_new_tokens, args.limit, args.batch_size)
     print(render(report))
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2) + "\n")

@@ -1,10 +1,14 @@
 """loradock eval --base-model M [--adapter DIR] --data HELDOUT.jsonl [--metrics exact_match,rouge_l]
+loradock eval --endpoint URL --model NAME [--model NAME ...] --data HELDOUT.jsonl
 
 Greedy generation for every held-out prompt with the base model and, when given, with the
-adapter on top of it (transformers + PEFT), scored against the reference answers.
+adapter on top of it (transformers + PEFT), scored against the reference answers. With
+--endpoint, the same through an OpenAI-compatible server (`loradock serve`, or vLLM on a GPU):
+each --model (the base or an adapter name) answers every prompt as a chat completion.
 """
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from loradock.errors import LoradockError
@@ -114,15 +118,69 @@ def evaluate(base_model: str, data: str, adapter: str | None = None, metrics: li
     }
 
 
+def evaluate_endpoint(endpoint: str, models: list[str], data: str, metrics: list[str] = METRICS,
+                      max_new_tokens: int | None = None, limit: int | None = None, api_key: str | None = None,
+                      concurrency: int = 16) -> dict:
+    """Score each served model on the same prompts, through the OpenAI API (temperature 0); the
+    server applies each model's chat template. Requests go `concurrency` at a time."""
+    import openai
+
+    items, skipped = load_heldout(data, limit=limit)
+    conversations, references = [c for c, _ in items], [r for _, r in items]
+    if max_new_tokens is None:  # a token is at least one character: room for the longest reference, and more
+        max_new_tokens = min(512, max(len(r) for r in references) + 16)
+    client = openai.OpenAI(base_url=endpoint.rstrip("/"), api_key=api_key or "unused", max_retries=0, timeout=600)
+
+    def answer(model: str, conversation: list[dict]) -> str:
+        reply = client.chat.completions.create(model=model, messages=conversation, temperature=0, max_tokens=max_new_tokens)
+        return (reply.choices[0].message.content or "").strip()
+
+    sides = {}
+    with ThreadPoolExecutor(concurrency) as pool:
+        for model in models:
+            try:
+                answer(model, conversations[0])  # one request first: a model that is refused fails fast
+                sides[model] = list(pool.map(lambda c: answer(model, c), conversations))
+            except openai.APIConnectionError as e:
+                raise LoradockError(f"cannot reach --endpoint {endpoint} ({e.__cause__ or e})",
+                                    "start the server (`loradock serve`) or pass the right --endpoint") from None
+            except openai.APIStatusError as e:
+                raise LoradockError(f"--model {model}: the server answered {e.status_code}: {_server_message(e)}",
+                                    _status_fix(e.status_code, endpoint)) from None
+    return {
+        "endpoint": endpoint, "models": models, "data": data, "rows": len(items), "rows_skipped": skipped,
+        "max_new_tokens": max_new_tokens,
+        "metrics": {model: score(predictions, references, metrics) for model, predictions in sides.items()},
+        "examples": [
+            {"prompt": c[-1]["content"], "reference": r, **{model: sides[model][i] for model in sides}}
+            for i, (c, r) in enumerate(items)
+        ],
+    }
+
+
+def _server_message(error) -> str:
+    body = error.body if isinstance(error.body, dict) else {}
+    return str((body.get("error") or body).get("message") or body.get("message") or error.message)
+
+
+def _status_fix(status: int, endpoint: str) -> str:
+    if status == 401:
+        return "pass the server's key with --api-key (or set LORADOCK_API_KEY)"
+    if status == 404:
+        return f"pass a model that {endpoint}/models lists, or an adapter name in the server's registry"
+    return "fix the model named in the message (see the server's log for more)"
+
+
 def render(report: dict, n_examples: int = 3, width: int = 28) -> str:
     sides = list(report["metrics"])
     names = list(report["metrics"][sides[0]])
     skipped = f", {report['rows_skipped']} bad rows skipped" if report["rows_skipped"] else ""
-    lines = [f"eval: {report['data']} ({report['rows']} rows{skipped}, greedy, max {report['max_new_tokens']} new tokens)",
-             f"  {'model':<10}" + "".join(f"{name:>14}" for name in names)]
+    via = f" via {report['endpoint']}" if report.get("endpoint") else ""
+    lines = [f"eval: {report['data']}{via} ({report['rows']} rows{skipped}, greedy, max {report['max_new_tokens']} new tokens)"]
+    label_width = max(10, *(len(side) + 2 for side in sides))
+    lines.append(f"  {'model':<{label_width}}" + "".join(f"{name:>14}" for name in names))
     for side in sides:
-        label = side if side == "base" else "adapter"
-        lines.append(f"  {label:<10}" + "".join(f"{report['metrics'][side][name]:>14.3f}" for name in names))
+        lines.append(f"  {side:<{label_width}}" + "".join(f"{report['metrics'][side][name]:>14.3f}" for name in names))
     columns = ["prompt", "reference", *sides]
     lines += ["", "  " + " | ".join(f"{c:<{width}}" for c in columns)]
     for example in report["examples"][:n_examples]:
