@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loradock-installed
 export LORADOCK_HOME ?= $(CURDIR)/.loradock
 
-.PHONY: setup test demo demo-clean clean
+.PHONY: setup browser test demo demo-clean clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,14 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import transformers.models.llama.modeling_llama, trl, peft, vllm; print('stack ok: torch', __import__('torch').__version__, '| vllm', vllm.__version__)"
 	touch $(STAMP)
 
-test: setup
+# The UI's browser test drives Debian's headless Chromium through its driver: installed here when missing.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
+	fi
+
+test: setup browser
 	$(PY) -m pytest
 
 # Until the full demo lands (issue 7): the training quick start on the built-in tiny base model.

@@ -308,10 +308,10 @@ def list_adapters(base_model: str | None = None, search: str | None = None, endp
                 continue
             ours = card.get("loradock") or {}
             metric = next((r for entry in card.get("model-index") or [] for r in entry["results"][0]["metrics"]), None)
-            revision_tags = [t.name for t in api.list_repo_refs(m.id).tags]
+            tags = api.list_repo_refs(m.id).tags
             rows.append({
                 "repo_id": m.id, "base_model": card.get("base_model"), "rank": (ours.get("lora") or {}).get("r"),
-                "tags": revision_tags, "sha": m.sha,
+                "tags": [t.name for t in tags], "tag_commits": {t.name: t.target_commit for t in tags}, "sha": m.sha,
                 "metric": f"{metric['name']} {metric['value']}" if metric else None, "private": m.private,
             })
     return rows

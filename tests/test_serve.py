@@ -4,9 +4,6 @@ and every kind of adapter it must refuse. Clients: the official `openai` package
 import asyncio
 import json
 import os
-import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -15,50 +12,11 @@ import httpx2
 import pytest
 from openai import OpenAI
 
-from tests.conftest import ASSETS, REPO, free_port
+from tests.conftest import ASSETS, ServeProcess, variant
 
 BASE = "loradock/tiny-chat"
 PROMPTS = {task: [json.loads(line)["prompt"] for line in (ASSETS / "tasks" / task / "heldout.jsonl").read_text().splitlines()[:10]]
            for task in ("reverse", "sort")}
-
-
-class ServeProcess:
-    def __init__(self, args: list[str], log: Path, env: dict):
-        self.port, self.log, self.env = free_port(), log, env
-        self.args = ["serve", "--port", str(self.port), *args]
-        self.process = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 600) -> "ServeProcess":
-        self.process = subprocess.Popen([sys.executable, "-m", "loradock.cli", *self.args], cwd=REPO, env=self.env,
-                                        stdout=self.log.open("a"), stderr=subprocess.STDOUT)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            if "serving " in self.log.read_text():
-                return self
-            time.sleep(0.5)
-        raise RuntimeError(f"loradock serve did not start: {self.log}")
-
-    def stop(self) -> int:
-        self.process.terminate()
-        return self.process.wait(timeout=60)
-
-
-def variant(source: Path, target: Path, config: dict | None = None, weights=None) -> Path:
-    """A copy of a trained adapter with its config or weights changed."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(source, target)
-    if config is not None:
-        current = json.loads((target / "adapter_config.json").read_text())
-        (target / "adapter_config.json").write_text(json.dumps({**current, **config}))
-    if weights is not None:
-        save_file(weights(load_file(target / "adapter_model.safetensors")), target / "adapter_model.safetensors")
-    return target
 
 
 def bad_adapters(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:

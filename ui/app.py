@@ -1,0 +1,302 @@
+"""loradock ui [--endpoint http://127.0.0.1:8000/v1] [--registry URL] [--port 8501]
+
+The comparison screen (a Streamlit script; `loradock ui` runs it and hands its settings over in
+the environment). The same conversation goes to the base model and to one to three adapters
+through the OpenAI-compatible endpoint; each model keeps its own history and the answers stream
+side by side, with their timings. Blind A/B mode hides which answer is whose and stores votes in
+SQLite (ui/votes.py); the registry supplies hot-loadable adapters and their cards (ui/registry.py).
+
+Everything a browser session has (its conversation, its id for votes) lives in st.session_state.
+"""
+
+import os
+import queue
+import random
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx2
+import streamlit as st
+
+from loradock.errors import LoradockError
+from ui import ENDPOINT_ENV, REGISTRY_ENV, VOTES_ENV, view, votes
+from ui.client import Answer, Endpoint, EndpointDown, Sampling
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
+MAX_ADAPTERS = 3
+
+
+@dataclass
+class Choice:
+    """What the sidebar picked: where to ask, whom, and how."""
+    endpoint: Endpoint
+    base: str | None = None
+    adapters: list[str] = field(default_factory=list)
+    sampling: Sampling = field(default_factory=Sampling)
+    system: str = ""
+    blind: bool = False
+    sources: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # model -> (repo id, commit)
+
+
+def registry_url() -> str:
+    from hub.client import endpoint_url
+
+    return endpoint_url(os.environ.get(REGISTRY_ENV))
+
+
+def votes_path() -> Path:
+    return Path(os.environ.get(VOTES_ENV) or votes.default_path())
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def registry_adapters(base: str, registry: str) -> tuple[list[tuple[str, str]], str | None]:
+    """([(name, commit)], the problem when the registry cannot be read): a failure is cached too, for 30 s."""
+    from hub.client import token_for
+    from ui.registry import hot_loadable
+
+    try:
+        return [(a.name, a.commit) for a in hot_loadable(base, registry, token_for(registry))], None
+    except LoradockError as e:
+        return [], f"registry: {e.problem} ({e.fix})"
+
+
+@st.cache_data(show_spinner=False)  # pinned to a commit: it never changes
+def adapter_card(repo_id: str, commit: str, registry: str):
+    from hub.client import token_for
+    from ui.registry import adapter_card as read_card
+
+    return read_card(repo_id, commit, registry, token_for(registry))
+
+
+def sidebar(state) -> Choice:
+    bar = st.sidebar
+    bar.title("loradock compare")
+    url = bar.text_input("Endpoint (OpenAI-compatible)", value=os.environ.get(ENDPOINT_ENV, DEFAULT_ENDPOINT))
+    choice = Choice(Endpoint(url, api_key=os.environ.get("LORADOCK_API_KEY")))
+    try:
+        state.cards = choice.endpoint.models()
+        bar.success(f"endpoint up: {len(state.cards)} model(s)")
+    except EndpointDown as e:  # keep the last models seen, so the selection survives; retried on every rerun
+        bar.error("endpoint down")
+        st.error(view.escape_markdown(f"The endpoint is not answering: {e}. Start it with `loradock serve` or fix "
+                                      "the Endpoint field; your next message tries again."))
+    cards = state.get("cards", [])
+    bases = [c.id for c in cards if not c.parent]
+    choice.base = bar.selectbox("Base model", bases, help="the model every adapter is compared with")
+    for c in cards:
+        if c.parent:
+            choice.sources[c.id] = (c.loradock.get("repo_id"), c.commit)
+    served = set(choice.sources)
+    if choice.base:
+        options, problem = registry_adapters(choice.base, registry_url())
+        for name, commit in options:
+            choice.sources.setdefault(name, (name.partition("@")[0], commit))
+        if problem:
+            bar.warning(view.escape_markdown(problem))
+
+    def label(name: str) -> str:
+        commit = choice.sources[name][1]
+        where = "served" if name in served else "registry, loads on first use"
+        return f"{name} · {commit[:7] if commit else 'no sha'} ({where})"
+
+    default = [name for name in served][:1]
+    choice.adapters = bar.multiselect(f"Adapters (1 to {MAX_ADAPTERS})", list(choice.sources), default=default,
+                                      format_func=label, max_selections=MAX_ADAPTERS)
+    choice.blind = bar.toggle("Blind A/B", help="the base and the first adapter, as A and B in random order; "
+                                                "vote on each turn (the Votes tab has the results)")
+    bar.subheader("Sampling (every column)")
+    choice.sampling = Sampling(
+        temperature=bar.slider("Temperature", 0.0, 2.0, 0.0, 0.05), top_p=bar.slider("Top p", 0.05, 1.0, 1.0, 0.05),
+        max_tokens=int(bar.number_input("Max tokens", 1, 4096, 128)), seed=int(bar.number_input("Seed", 0, 2**31 - 1, 0)))
+    choice.system = bar.text_area("System prompt", "", help="sent first to every model")
+    return choice
+
+
+def new_turn(state, choice: Choice, user: str) -> dict:
+    blind = choice.blind and bool(choice.adapters)  # A/B needs an adapter against the base
+    models = [choice.base, *choice.adapters[:1 if blind else MAX_ADAPTERS]]
+    if blind:
+        random.shuffle(models)
+    return {"id": uuid.uuid4().hex, "user": user, "system": choice.system, "base": choice.base, "order": models,
+            "blind": blind, "answers": {}, "vote": None,
+            "histories": {m: history(state.turns, m, choice.system, user) for m in models}}
+
+
+def history(turns: list[dict], model: str, system: str, user: str) -> list[dict]:
+    """This model's own conversation: the turns it answered (a failed answer drops its turn), then `user`."""
+    messages = [{"role": "system", "content": system}] if system else []
+    for turn in turns:
+        answer = turn["answers"].get(model)
+        if answer and not answer.error:
+            messages += [{"role": "user", "content": turn["user"]}, {"role": "assistant", "content": answer.text}]
+    return messages + [{"role": "user", "content": user}]
+
+
+def stream_answers(endpoint: Endpoint, sampling: Sampling, turn: dict, slots: dict) -> dict[str, Answer]:
+    """Ask every model at once; the script thread draws what the worker threads receive.
+
+    st.write_stream would render markdown and drain one stream at a time, so the columns would
+    neither be plain text nor stream in parallel: the columns are st.empty slots redrawn here.
+    """
+    events = queue.SimpleQueue()  # (model, text chunk | finished Answer)
+
+    def work(model: str) -> None:
+        try:
+            stream = endpoint.stream_chat(model, turn["histories"][model], sampling)
+            while True:
+                events.put((model, next(stream)))
+        except StopIteration as done:
+            events.put((model, done.value))
+        except Exception as e:  # noqa: BLE001 - a bug must not leave the column waiting forever
+            events.put((model, Answer(model, error=f"{type(e).__name__}: {e}")))
+
+    answers, texts = {}, dict.fromkeys(slots, "")
+    with ThreadPoolExecutor(max_workers=len(slots)) as pool:
+        for model in slots:
+            pool.submit(work, model)
+        while len(answers) < len(slots):
+            try:
+                batch = [events.get(timeout=0.5)]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+            except queue.Empty:
+                continue
+            for model, item in batch:
+                if isinstance(item, Answer):
+                    answers[model] = item
+                else:
+                    texts[model] += item
+            for model in {m for m, item in batch if isinstance(item, str)} - answers.keys():
+                slots[model].text(texts[model] + " ▌")
+    return answers
+
+
+def labels(turn: dict, sources: dict) -> dict[str, str]:
+    def named(model: str) -> str:
+        commit = (turn.get("commits") or {}).get(model) or (sources.get(model) or (None, None))[1]
+        return f"{model} · {commit[:7]}" if commit else model
+
+    if not turn["blind"]:
+        return {m: named(m) for m in turn["order"]}
+    return {m: f"{side}: {named(m)}" if turn["vote"] else side for side, m in zip("AB", turn["order"])}
+
+
+def show_turn(turn: dict, choice: Choice, state) -> None:
+    """One user message and every model's answer; a turn without answers yet is asked now."""
+    with st.chat_message("user"):
+        st.text(turn["user"])
+    with st.chat_message("assistant"):
+        names = labels(turn, choice.sources)
+        slots = {}
+        for column, model in zip(st.columns(len(turn["order"])), turn["order"]):
+            column.text(names[model])
+            slots[model] = column.empty()
+        if not turn["answers"]:
+            turn["answers"] = stream_answers(choice.endpoint, choice.sampling, turn, slots)
+            turn["commits"] = served_commits(choice.endpoint, turn["order"])
+            state.turns.append(turn)
+        for model, slot in slots.items():
+            view.answer(slot, turn["answers"][model])
+        if turn["blind"]:
+            vote_row(turn, state)
+        prompt_panel(turn, choice.endpoint, names)
+
+
+def served_commits(endpoint: Endpoint, models: list[str]) -> dict[str, str | None]:
+    """The commit each adapter was served from (a hot-loaded one is listed once it has answered)."""
+    try:
+        cards = {c.id: c for c in endpoint.models()}
+    except EndpointDown:
+        return {}
+    return {m: cards[m].commit for m in models if m in cards and cards[m].parent}
+
+
+def vote_row(turn: dict, state) -> None:
+    answers = [turn["answers"][m] for m in turn["order"]]
+    if any(a.error for a in answers):
+        st.caption("no vote on this turn: an answer failed")
+        return
+    if turn["vote"]:
+        st.caption(f"your vote: {view.VOTE_LABELS[turn['vote']]}")
+        return
+    for column, (vote, text) in zip(st.columns(len(view.VOTE_LABELS)), view.VOTE_LABELS.items()):
+        if column.button(text, key=f"vote-{turn['id']}-{vote}"):
+            adapter = next(m for m in turn["order"] if m != turn["base"])
+            votes.record(votes_path(), votes.Vote(
+                session_id=state.session_id, turn_id=turn["id"], system=turn["system"], prompt=turn["user"],
+                answer_a=answers[0].text, answer_b=answers[1].text, choice=vote, base_model=turn["base"],
+                adapter=adapter, adapter_revision=(turn.get("commits") or {}).get(adapter) or adapter,
+                adapter_side="AB"[turn["order"].index(adapter)]))
+            turn["vote"] = vote
+            st.rerun()
+
+
+def prompt_panel(turn: dict, endpoint: Endpoint, names: dict) -> None:
+    """The exact prompt each model read, from the token ids the server reported (hidden until the vote)."""
+    if (turn["blind"] and not turn["vote"]) or not st.toggle("Show prompt", key=f"prompt-{turn['id']}"):
+        return
+    rendered = turn.setdefault("prompts", {})
+    for model in turn["order"]:
+        ids = turn["answers"][model].prompt_token_ids
+        if model not in rendered and ids:
+            try:
+                rendered[model] = endpoint.rendered_prompt(model, ids)
+            except httpx2.HTTPError as e:
+                st.warning(view.escape_markdown(f"cannot render the prompt of {model}: {e}"))
+    view.prompts({m: rendered[m] for m in turn["order"] if m in rendered}, turn["base"], names)
+
+
+def cards_tab(choice: Choice) -> None:
+    if not choice.adapters:
+        st.caption("pick an adapter in the sidebar to see what the registry knows about it")
+    for name in choice.adapters:
+        st.subheader(view.escape_markdown(name))
+        repo_id, commit = choice.sources.get(name, (None, None))
+        if not (repo_id and commit):
+            st.caption("served from a local folder: the registry has no card for it")
+            continue
+        try:
+            view.card(adapter_card(repo_id, commit, registry_url()))
+        except LoradockError as e:
+            st.warning(view.escape_markdown(f"{e.problem} ({e.fix})"))
+
+
+def votes_tab(state) -> None:
+    path = votes_path()
+    st.caption(f"win rate of each adapter revision against its base model, over every session's votes "
+               f"({len(votes.session_votes(path, state.session_id))} from this session)")
+    view.win_rates(votes.win_rates(path))
+    if st.button("Export", help="write the votes as a preference dataset and the preferred answers as an SFT dataset"):
+        preferences, sft, rows = votes.export(path, path.parent / "exports")
+        st.success(view.escape_markdown(f"{rows} rows: {preferences} (prompt, chosen, rejected) and {sft} "
+                                        "(prompt, response; check it with `loradock data check`)"))
+        for target in (preferences, sft):
+            st.download_button(target.name, target.read_bytes(), file_name=target.name, mime="application/jsonl")
+
+
+def main() -> None:
+    st.set_page_config(page_title="loradock compare", layout="wide")
+    state = st.session_state
+    state.setdefault("session_id", uuid.uuid4().hex)
+    state.setdefault("turns", [])
+    choice = sidebar(state)
+    chat, cards, ballots = st.tabs(["Chat", "Adapter cards", "Votes"])
+    prompt = st.chat_input("Message every model")
+    with chat:
+        if choice.blind and len(choice.adapters) > 1:
+            st.caption(f"Blind A/B compares the base with the first adapter only: {choice.adapters[0]}")
+        for turn in list(state.turns):
+            show_turn(turn, choice, state)
+        if prompt and not choice.base:
+            st.error("No model to ask: the endpoint lists none yet. Check the Endpoint field, then send again.")
+        elif prompt:
+            show_turn(new_turn(state, choice, prompt), choice, state)
+    with cards:
+        cards_tab(choice)
+    with ballots:
+        votes_tab(state)
+
+
+main()

@@ -1,0 +1,106 @@
+"""The ui/ command: `loradock ui`, the Streamlit comparison screen (ui/app.py) in headless mode."""
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "ui", help="a chat screen that compares the base model's answers with its adapters' side by side",
+        description="Start the Streamlit comparison screen (headless; open the printed URL). Each message goes to "
+                    "the base model and one to three adapters through the OpenAI-compatible endpoint; answers "
+                    "stream side by side. Blind A/B votes are kept in SQLite and export as training data.",
+    )
+    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT,
+                   help=f"the OpenAI-compatible endpoint, e.g. `loradock serve`'s (default {DEFAULT_ENDPOINT}); "
+                        "an API key is read from LORADOCK_API_KEY")
+    p.add_argument("--registry", help="registry URL for hot-loadable adapters and their cards "
+                                      "(default: $HF_ENDPOINT, else http://127.0.0.1:8090)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8501, help="port to listen on (default 8501)")
+    p.add_argument("--votes", help="the votes database (default $LORADOCK_HOME/ui/votes.sqlite)")
+    p.set_defaults(func=run_ui)
+
+
+def check_args(args) -> list[str]:
+    """Every problem with the flags, as (problem, fix)."""
+    import socket
+
+    problems = []
+    if not args.endpoint.startswith(("http://", "https://")):
+        problems.append((f"--endpoint {args.endpoint!r} is not an http(s) URL", f"pass e.g. --endpoint {DEFAULT_ENDPOINT}"))
+    if args.registry and not args.registry.startswith(("http://", "https://")):
+        problems.append((f"--registry {args.registry!r} is not an http(s) URL", "pass e.g. --registry http://127.0.0.1:8090"))
+    if not 0 < args.port < 65536:
+        problems.append((f"--port {args.port} is not a TCP port", "pass --port from 1 to 65535"))
+        return problems
+    with socket.socket() as s:
+        try:
+            s.bind((args.host, args.port))
+        except OSError as e:
+            problems.append((f"cannot listen on {args.host}:{args.port} ({e.strerror})",
+                             "pass --port with a free port, or stop what is using it"))
+    return problems
+
+
+def run_ui(args) -> int:
+    import os
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from hub.client import endpoint_url
+    from loradock.errors import LoradockError
+    from ui import ENDPOINT_ENV, REGISTRY_ENV, VOTES_ENV
+
+    problems = check_args(args)
+    if problems:
+        raise LoradockError("; ".join(p for p, _ in problems), "; ".join(f for _, f in problems))
+    endpoint = args.endpoint.rstrip("/")
+    endpoint = endpoint if endpoint.endswith("/v1") else endpoint + "/v1"
+    env = {**os.environ, ENDPOINT_ENV: endpoint, REGISTRY_ENV: endpoint_url(args.registry)}
+    if args.votes:
+        env[VOTES_ENV] = str(Path(args.votes).resolve())
+    url = f"http://{args.host}:{args.port}"
+    process = subprocess.Popen(streamlit_command(args.host, args.port), env=env, stdout=subprocess.DEVNULL)
+    stopping = []
+
+    def on_signal(signum, frame):  # the main thread is waiting on Streamlit: only signal it here
+        stopping.append(signum)
+        process.terminate()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    try:
+        while process.poll() is None and not ready(url):
+            time.sleep(0.2)
+        if process.poll() is None:
+            print(f"loradock ui: {url}  (endpoint {endpoint}, registry {env[REGISTRY_ENV]})", flush=True)
+        code = process.wait()
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(timeout=30)
+    if stopping:
+        return 0
+    raise LoradockError(f"Streamlit exited with status {code}", "see its messages above")
+
+
+def streamlit_command(host: str, port: int) -> list[str]:
+    """`streamlit run ui/app.py` with the same Python, headless, without usage statistics or file watching."""
+    import sys
+    from pathlib import Path
+
+    return [sys.executable, "-m", "streamlit", "run", str(Path(__file__).with_name("app.py")), "--server.headless",
+            "true", "--server.address", host, "--server.port", str(port), "--browser.gatherUsageStats", "false",
+            "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal"]
+
+
+def ready(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as response:
+            return response.status == 200
+    except OSError:
+        return False

@@ -1,0 +1,91 @@
+"""What the registry knows, for the comparison screen: the adapters of a base model that the
+endpoint can hot-load (by name, by tag, each with its commit sha), and an adapter's card: base
+model, rank, dataset sha, training configuration, eval metrics and the training loss curve.
+
+Raises `loradock.errors.LoradockError` (registry down, repo gone) like the rest of hub/.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CARD_FILES = ("adapter_config.json", "metrics.json", "run_config.yaml")
+
+
+@dataclass
+class RegistryAdapter:
+    name: str  # what the endpoint is sent as `model`: repo_id or repo_id@tag
+    commit: str
+
+
+def hot_loadable(base_model: str, endpoint: str, token: str | None) -> list[RegistryAdapter]:
+    """Every adapter of `base_model` in the registry: its main branch and each of its tags."""
+    import httpx2
+
+    from hub.client import list_adapters
+    from loradock.errors import LoradockError
+
+    try:  # huggingface_hub retries a refused connection for ~20 s: the screen must not hang that long
+        httpx2.get(f"{endpoint}/api/models", params={"limit": 1}, timeout=3)
+    except httpx2.TransportError:
+        raise LoradockError(f"cannot reach the registry at {endpoint}",
+                            "start it with `loradock hub serve`, or pass `loradock ui --registry URL`") from None
+    options = []
+    for row in list_adapters(base_model=base_model, endpoint=endpoint, token=token):
+        options.append(RegistryAdapter(row["repo_id"], row["sha"]))
+        options += [RegistryAdapter(f"{row['repo_id']}@{tag}", sha) for tag, sha in row["tag_commits"].items()]
+    return options
+
+
+@dataclass
+class AdapterCard:
+    repo_id: str
+    commit: str
+    front: dict  # the model card's front matter, rebuilt from the files (sft.model_card.front_matter)
+    metrics: dict
+    run_config_yaml: str
+    loss_curve: list[dict] = field(default_factory=list)  # {"step", "loss", "series": "train"|"eval"}
+
+    @property
+    def summary(self) -> dict:
+        ours = self.front.get("loradock") or {}
+        lora = ours.get("lora") or {}
+        return {"repo": self.repo_id, "commit": self.commit, "base model": self.front.get("base_model"),
+                "base model revision": ours.get("base_model_revision"), "rank": lora.get("r"),
+                "alpha": lora.get("alpha"), "target modules": ", ".join(lora.get("target_modules") or []),
+                "dataset sha256": ours.get("dataset_sha256"), "eval loss before": self.metrics.get("eval_loss_before"),
+                "eval loss": self.metrics.get("eval_loss"), "steps": self.metrics.get("steps")}
+
+
+def adapter_card(repo_id: str, commit: str, endpoint: str, token: str | None) -> AdapterCard:
+    """The card of `repo_id` at `commit`, read from the registry (the files land in the Hub cache)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from hub.client import hub_errors
+    from sft.model_card import front_matter
+
+    folder = None
+    with hub_errors(endpoint, repo_id, commit):
+        for name in CARD_FILES:
+            try:
+                folder = Path(hf_hub_download(repo_id, name, revision=commit, endpoint=endpoint,
+                                              token=token or False)).parent
+            except EntryNotFoundError:
+                continue  # an adapter pushed without loradock may lack metrics.json or run_config.yaml
+    if folder is None:
+        return AdapterCard(repo_id, commit, {}, {}, "")
+    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
+    run_config = folder / "run_config.yaml"
+    return AdapterCard(repo_id, commit, front_matter(folder, repo_id), metrics,
+                       run_config.read_text(encoding="utf-8") if run_config.exists() else "", loss_curve(metrics))
+
+
+def loss_curve(metrics: dict) -> list[dict]:
+    """The train and eval losses of Trainer's log_history, one point per logged step."""
+    points = []
+    for entry in metrics.get("log_history") or []:
+        for key, series in (("loss", "train"), ("eval_loss", "eval")):
+            if isinstance(entry.get(key), (int, float)) and "step" in entry:
+                points.append({"step": entry["step"], "loss": entry[key], "series": series})
+    return points
