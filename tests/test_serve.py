@@ -12,7 +12,7 @@ import httpx2
 import pytest
 from openai import OpenAI
 
-from tests.conftest import ASSETS, ServeProcess, variant
+from tests.conftest import ASSETS, ServeProcess, run_loradock, variant
 
 BASE = "loradock/tiny-chat"
 PROMPTS = {task: [json.loads(line)["prompt"] for line in (ASSETS / "tasks" / task / "heldout.jsonl").read_text().splitlines()[:10]]
@@ -189,6 +189,22 @@ def test_openai_api_surface(served):
     too_long = chat(served.url, BASE, "cat " * 400)
     assert too_long["status"] == 400 and "maximum context length" in too_long["error"]["message"]
     assert httpx2.get(f"{served.url}/health").status_code == 200
+
+
+def test_eval_through_the_endpoint_scores_each_served_model(served, tmp_path):
+    heldout, report_path = ASSETS / "tasks" / "reverse" / "heldout.jsonl", tmp_path / "report.json"
+    result = run_loradock("eval", "--endpoint", f"{served.url}/v1", "--model", BASE, "--model", "alice/reverse@v1",
+                          "--data", heldout, "--limit", "24", "--output", report_path, env=served.env, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(report_path.read_text())
+    assert report["rows"] == 24 and list(report["metrics"]) == [BASE, "alice/reverse@v1"]
+    assert report["metrics"]["alice/reverse@v1"]["rouge_l"] > report["metrics"][BASE]["rouge_l"] + 0.2
+    assert all(example[BASE] != example["alice/reverse@v1"] for example in report["examples"][:5])
+    assert f"via {served.url}/v1" in result.stdout and "alice/reverse@v1" in result.stdout
+    missing = run_loradock("eval", "--endpoint", f"{served.url}/v1", "--model", "nobody/nothing", "--data", heldout,
+                           env=served.env, timeout=120)
+    assert missing.returncode == 2 and "--model nobody/nothing: the server answered 404" in missing.stderr
+    assert f"pass a model that {served.url}/v1/models lists" in missing.stderr
 
 
 def test_unload_while_requests_are_in_flight(served):
