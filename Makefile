@@ -33,12 +33,10 @@ browser:
 test: setup browser
 	$(PY) -m pytest
 
-# Until the full demo lands (issue 7): the training quick start on the built-in tiny base model.
+# The whole loop on the built-in tiny base, offline (loradock/demo.py says what each stage does).
+# DEMO_UI=0: stop after the report instead of starting the comparison UI.
 demo: setup
-	$(VENV)/bin/loradock base build
-	$(VENV)/bin/loradock data check sft/assets/tasks/reverse/train.jsonl
-	$(VENV)/bin/loradock train --config sft/configs/reverse.yaml --output $(LORADOCK_HOME)/adapters/reverse --overwrite
-	$(VENV)/bin/loradock eval --adapter $(LORADOCK_HOME)/adapters/reverse --data sft/assets/tasks/reverse/heldout.jsonl
+	$(PY) -m loradock.demo
 
 demo-clean:
 	rm -rf $(LORADOCK_HOME)

@@ -7,7 +7,7 @@ script writes; `--check` verifies that instead of writing (a test runs it).
 
 The generic mix teaches the chat format, stopping at the end-of-turn token and some general
 skills (copying, counting, small sums, picking words). It deliberately contains none of the task
-skills (reversing, sorting, key=value to JSON), so the base model cannot do the tasks and an
+skills (reversing, sorting, key=value to JSON, comma lists), so the base model cannot do the tasks and an
 adapter that can has really learnt them.
 """
 
@@ -161,7 +161,13 @@ def json_example(rng: random.Random) -> dict:
     return {"prompt": prompt, "response": json.dumps(dict(pairs))}
 
 
-TASKS = {"reverse": reverse_example, "sort": sort_example, "json": json_example}
+def commas_example(rng: random.Random) -> dict:
+    """A format conversion: a space-separated word list to a comma-separated one."""
+    words = word_list(rng, 3, 6)
+    return {"prompt": f"Separate the words with commas: {' '.join(words)}", "response": ", ".join(words)}
+
+
+TASKS = {"reverse": reverse_example, "sort": sort_example, "json": json_example, "commas": commas_example}
 
 
 def task_split(make, rng: random.Random, n_train: int, n_heldout: int) -> tuple[list[dict], list[dict]]:
