@@ -158,10 +158,11 @@ def publish(folder: Path, repo_id: str, endpoint: str, token: str, model: bool =
     api = hub_api(endpoint, token)
     weights = "model.safetensors" if model else "adapter_model.safetensors"
     local = sha256_file(folder / weights)
-    tags = sorted((int(t.name[1:]) for t in api.list_repo_refs(repo_id).tags if t.name[1:].isdigit()),
-                  reverse=True) if api.repo_exists(repo_id) else []
+    exists = api.repo_exists(repo_id)
+    tags = sorted((int(t.name[1:]) for t in api.list_repo_refs(repo_id).tags
+                   if t.name.startswith("v") and t.name[1:].isdigit()), reverse=True) if exists else []
     current = "main" if model else (f"v{tags[0]}" if tags else None)
-    if current and api.repo_exists(repo_id) and remote_sha256(api, repo_id, current, weights) == local:
+    if current and exists and remote_sha256(api, repo_id, current, weights) == local:
         return current, f"{repo_id}@{current} (already there)"
     tag = None if model else f"v{(tags[0] if tags else 0) + 1}"
     result = push(str(folder), repo_id, tag=tag, endpoint=endpoint, token=token, model=model,
