@@ -101,7 +101,7 @@ def sidebar(state) -> Choice:
         where = "served" if name in served else "registry, loads on first use"
         return f"{name} · {commit[:7] if commit else 'no sha'} ({where})"
 
-    default = [name for name in served][:1]
+    default = [c.id for c in cards if c.parent][:1]  # the server's first adapter (a set's order varies by run)
     choice.adapters = bar.multiselect(f"Adapters (1 to {MAX_ADAPTERS})", list(choice.sources), default=default,
                                       format_func=label, max_selections=MAX_ADAPTERS)
     choice.blind = bar.toggle("Blind A/B", help="the base and the first adapter, as A and B in random order; "
