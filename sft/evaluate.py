@@ -107,9 +107,15 @@ def evaluate(base_model: str, data: str, adapter: str | None = None, metrics: li
         model = PeftModel.from_pretrained(model, adapter).eval()
         adapter_tokenizer = AutoTokenizer.from_pretrained(adapter)  # with the chat template it was trained with
         sides["adapter"] = generate(model, adapter_tokenizer, conversations, max_new_tokens, batch_size)
+    return build_report({"base_model": base_model, "adapter": adapter}, data, items, skipped, max_new_tokens, sides, metrics)
+
+
+def build_report(source: dict, data: str, items: list, skipped: int, max_new_tokens: int, sides: dict[str, list[str]],
+           metrics: list[str]) -> dict:
+    """The eval report: what answered (`source`), the metrics of each side, every example side by side."""
+    references = [r for _, r in items]
     return {
-        "base_model": base_model, "adapter": adapter, "data": data, "rows": len(items), "rows_skipped": skipped,
-        "max_new_tokens": max_new_tokens,
+        **source, "data": data, "rows": len(items), "rows_skipped": skipped, "max_new_tokens": max_new_tokens,
         "metrics": {side: score(predictions, references, metrics) for side, predictions in sides.items()},
         "examples": [
             {"prompt": c[-1]["content"], "reference": r, **{side: sides[side][i] for side in sides}}
@@ -139,23 +145,15 @@ def evaluate_endpoint(endpoint: str, models: list[str], data: str, metrics: list
     with ThreadPoolExecutor(concurrency) as pool:
         for model in models:
             try:
-                answer(model, conversations[0])  # one request first: a model that is refused fails fast
-                sides[model] = list(pool.map(lambda c: answer(model, c), conversations))
+                first = answer(model, conversations[0])  # alone: a model that is refused fails fast
+                sides[model] = [first, *pool.map(lambda c: answer(model, c), conversations[1:])]
             except openai.APIConnectionError as e:
                 raise LoradockError(f"cannot reach --endpoint {endpoint} ({e.__cause__ or e})",
                                     "start the server (`loradock serve`) or pass the right --endpoint") from None
             except openai.APIStatusError as e:
                 raise LoradockError(f"--model {model}: the server answered {e.status_code}: {_server_message(e)}",
                                     _status_fix(e.status_code, endpoint)) from None
-    return {
-        "endpoint": endpoint, "models": models, "data": data, "rows": len(items), "rows_skipped": skipped,
-        "max_new_tokens": max_new_tokens,
-        "metrics": {model: score(predictions, references, metrics) for model, predictions in sides.items()},
-        "examples": [
-            {"prompt": c[-1]["content"], "reference": r, **{model: sides[model][i] for model in sides}}
-            for i, (c, r) in enumerate(items)
-        ],
-    }
+    return build_report({"endpoint": endpoint, "models": models}, data, items, skipped, max_new_tokens, sides, metrics)
 
 
 def _server_message(error) -> str:
