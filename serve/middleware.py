@@ -3,7 +3,7 @@ It runs before vLLM's own middleware, on every request:
 
 - with an API key, every route but /health needs it (vLLM guards only /v1, /v2, /inference and
   /cohere, leaving /invocations, /adapters, /tokenize and others open);
-- an adapter is checked (`serve.compat`) before it goes live: on POST /v1/load_lora_adapter, and
+- an adapter is checked (`hub.adapter.check_folder`) before it goes live: on POST /v1/load_lora_adapter, and
   before the first request for a registry adapter (which vLLM's resolver then loads), so a
   refusal is a 400 naming the problem rather than a 500 from vLLM's worker;
 - a request to an adapter whose chat template differs from the base model's is rendered with the
@@ -20,16 +20,26 @@ import contextlib
 import hmac
 import json
 
+from hub.adapter import check_folder
+from loradock.errors import AdapterRefused, InvalidRequest, LoradockError, NotFound, RegistryRefused, Unreachable
 from serve import runtime
-from serve.compat import AdapterRefused, check_adapter
 
 OPEN_ROUTES = {"/health"}
 GENERATION = {"/v1/chat/completions", "/v1/completions"}
 
+# loradock's errors as HTTP statuses, the one place they are decided (by type, most specific first).
+STATUS = ((AdapterRefused, 400), (InvalidRequest, 400), (NotFound, 404), (Unreachable, 503), (RegistryRefused, 502), (LoradockError, 502))
+KINDS = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 502: "BadGatewayError",
+         503: "ServiceUnavailableError"}
+
+
+def status_of(error: LoradockError) -> int:
+    return next(status for kind, status in STATUS if isinstance(error, kind))
+
 
 def error_body(status: int, message: str, param: str | None = None) -> bytes:
-    kind = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError"}.get(status, "Error")
-    return json.dumps({"error": {"message": message, "type": kind, "param": param, "code": status}}).encode()
+    return json.dumps({"error": {"message": message, "type": KINDS.get(status, "Error"), "param": param,
+                                 "code": status}}).encode()
 
 
 async def respond(send, status: int, body: bytes, content_type: bytes = b"application/json") -> None:
@@ -133,9 +143,9 @@ class LoradockMiddleware:
                 if path in GENERATION:
                     body = await self.prepare_generation(body, path)
                 elif path == "/v1/load_lora_adapter" and body.get("lora_path"):
-                    check_adapter(body["lora_path"], runtime.config().base)
-            except AdapterRefused as e:
-                return await respond(send, 400, error_body(400, str(e), "model"))
+                    check_folder(body["lora_path"], runtime.served_base())
+            except LoradockError as e:
+                return await respond(send, status_of(e), error_body(status_of(e), e.problem, "model"))
             raw = json.dumps(body).encode()
         headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
         scope = dict(scope, headers=headers + [(b"content-length", str(len(raw)).encode())])
@@ -144,22 +154,22 @@ class LoradockMiddleware:
 
     def guard(self, path: str, body) -> contextlib.AbstractAsyncContextManager:
         name = body.get("lora_name" if path == "/v1/unload_lora_adapter" else "model") if isinstance(body, dict) else None
-        if not isinstance(name, str) or name == runtime.config().base.name or path == "/v1/load_lora_adapter":
+        if not isinstance(name, str) or name == runtime.config().base_model or path == "/v1/load_lora_adapter":
             return contextlib.nullcontext()
         return self.in_flight.unloading(name) if path == "/v1/unload_lora_adapter" else self.in_flight.using(name)
 
     async def prepare_generation(self, body: dict, path: str) -> dict:
         if "chat_template" in body or "chat_template" in (body.get("chat_template_kwargs") or {}):
-            raise AdapterRefused("chat_template cannot be set by the client: each model is served with the "
+            raise InvalidRequest("chat_template cannot be set by the client: each model is served with the "
                                  "template it was trained with")
         name = body.get("model")
-        if not isinstance(name, str) or name == runtime.config().base.name:
+        if not isinstance(name, str) or name == runtime.config().base_model:
             return body
         adapter = runtime.known(name)
         if adapter is None:
             try:
                 adapter = await runtime.fetch(name)  # before vLLM's resolver, so the check and template apply
-            except runtime.NotInRegistry:
+            except NotFound:
                 return body  # vLLM answers 404 for the model
         if path == "/v1/chat/completions" and adapter.chat_template and adapter.chat_template != self.base_template():
             body = {**body, "chat_template": adapter.chat_template}
@@ -169,7 +179,7 @@ class LoradockMiddleware:
         if not self._base_template_read:
             from transformers import AutoTokenizer
 
-            self._base_template = AutoTokenizer.from_pretrained(runtime.config().base.path).chat_template
+            self._base_template = AutoTokenizer.from_pretrained(runtime.config().base_path).chat_template
             self._base_template_read = True
         return self._base_template
 

@@ -3,13 +3,15 @@ resolved through the loradock registry (pulled, pinned to a commit, checked), th
 
 Registered through the `vllm.general_plugins` entry point (see pyproject.toml); vLLM calls
 `register()` in each of its processes, so it only registers, cheaply, and only when `loradock
-serve` started this vLLM (LORADOCK_SERVE in the environment). vLLM consults resolvers only with
+serve` started this vLLM (its settings in the environment). vLLM consults resolvers only with
 VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, which `loradock serve` sets.
 """
 
 import os
 
+from loradock.errors import LoradockError, NotFound
 from serve import runtime
+from serve.config import ENVIRONMENT
 
 
 def make_resolver():
@@ -20,9 +22,10 @@ def make_resolver():
         async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:
             try:
                 adapter = await runtime.fetch(lora_name)
-            except runtime.NotInRegistry:
+            except NotFound:
                 return None  # vLLM answers 404 with param "model"
-            # AdapterRefused is a ValueError: vLLM answers 400 with its message.
+            except LoradockError as e:
+                raise ValueError(e.problem) from None  # vLLM answers a ValueError with a 400 carrying its text
             # vLLM replaces the id with its own counter; it only has to be positive here.
             return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(adapter.path))
 
@@ -30,7 +33,7 @@ def make_resolver():
 
 
 def register() -> None:
-    if not os.environ.get(runtime.CONFIG_ENV):
+    if not os.environ.get(ENVIRONMENT):
         return
     from vllm.lora.resolver import LoRAResolverRegistry
 

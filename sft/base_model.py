@@ -15,11 +15,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loradock.errors import LoradockError
-from loradock.home import DEFAULT_BASE_MODEL, default_base_dir
+from loradock.home import BASE_BUILD_INFO, DEFAULT_BASE_MODEL, default_base_dir
 from sft.chat_format import ASSISTANT, CHAT_TEMPLATE, END, SYSTEM, USER
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-BUILD_INFO = "loradock_base.json"  # written last: a folder without it is not a finished build
+BUILD_INFO = BASE_BUILD_INFO
 
 
 @dataclass

@@ -5,11 +5,11 @@ happen inside the commands so `--help` is instant.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 from pathlib import Path
 
+from loradock.config import add_config_flags, given_flags
 from loradock.errors import LoradockError
 from loradock.home import DEFAULT_BASE_MODEL, default_base_dir
 from sft.config import ALIASES, TrainArgs
@@ -44,13 +44,7 @@ def add_train(subparsers) -> None:
                     "trl.SFTConfig.",
         epilog="example: loradock train --config sft/configs/reverse.yaml --max-steps 100",
     )
-    p.add_argument("--config", help="YAML config (see sft/configs/)")
-    for f in dataclasses.fields(TrainArgs):
-        flag, help_text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")
-        if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
-        else:
-            p.add_argument(flag, default=argparse.SUPPRESS, help=help_text)
+    add_config_flags(p, TrainArgs, example="sft/configs/reverse.yaml")
     for alias in ALIASES:
         flag = "--" + alias.replace("_", "-")
         if alias == "packing":
@@ -78,14 +72,22 @@ def parse_overrides(tokens: list[str]) -> dict:
     return values
 
 
-def run_train(args) -> int:
+def train_config(args):
+    """The training configuration from `--config`, the flags, the aliases and `--lora.KEY`-style overrides."""
     from sft.config import load_yaml, resolve
-    from sft.train import main
 
-    cli_values = {k: v for k, v in vars(args).items()
-                  if k not in ("config", "command", "func", "takes_overrides", "overrides")}
+    cli_values = {**given_flags(args, TrainArgs), **{k: v for k, v in vars(args).items() if k in ALIASES}}
     cli_values.update(parse_overrides(args.overrides))
-    config = resolve(load_yaml(args.config) if args.config else {}, cli_values)
+    return resolve(load_yaml(args.config) if getattr(args, "config", None) else {}, cli_values)
+
+
+def run_train(args) -> int:
+    from sft.train import main, run_config_yaml
+
+    config = train_config(args)
+    if getattr(args, "print_config", False):
+        print(run_config_yaml(config), end="")
+        return 0
     try:
         return main(config)
     except KeyboardInterrupt:
@@ -171,6 +173,8 @@ def run_data_check(args) -> int:
 
 
 def add_base(subparsers) -> None:
+    from sft.base_model import BaseModelSpec
+
     p = subparsers.add_parser("base", help="the embedded default base model")
     sub = p.add_subparsers(dest="base_command", metavar="SUBCOMMAND", required=True)
     build = sub.add_parser(
@@ -180,7 +184,8 @@ def add_base(subparsers) -> None:
     )
     build.add_argument("--output", help=f"folder to write (default: {default_base_dir()})")
     build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--pretrain-steps", type=int, help="optimizer steps of pre-training (default 1500)")
+    build.add_argument("--pretrain-steps", type=int,
+                       help=f"optimizer steps of pre-training (default {BaseModelSpec.pretrain_steps})")
     build.add_argument("--force", action="store_true", help="rebuild even if the folder holds a built model")
     build.set_defaults(func=run_base_build)
 

@@ -24,10 +24,7 @@ from sft.chat_format import training_chat_template
 from sft.config import ResolvedConfig
 from sft.data import parse_columns
 from sft.data_check import check_for_training, to_dataset
-from sft.model_card import write_model_card
-
-RUN_CONFIG, METRICS = "run_config.yaml", "metrics.json"
-ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+from hub.adapter import METRICS, REQUIRED_FILES, RUN_CONFIG, write_card
 
 
 @dataclasses.dataclass
@@ -225,8 +222,8 @@ def publish(trainer, config: ResolvedConfig, paths: RunPaths, metrics: dict) -> 
     trainer.processing_class.save_pretrained(staging)
     (staging / RUN_CONFIG).write_text(run_config_yaml(config))
     (staging / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
-    write_model_card(staging)
-    missing = [name for name in ADAPTER_FILES if not (staging / name).exists()]
+    write_card(staging)
+    missing = [name for name in REQUIRED_FILES if not (staging / name).exists()]
     if missing:
         raise LoradockError(f"the adapter folder is missing {', '.join(missing)} after saving", "report this as a bug")
     if paths.output.exists():

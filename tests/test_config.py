@@ -6,9 +6,13 @@ from pathlib import Path
 
 import pytest
 
+import yaml
+
+from hub.adapter import SERVABLE_RANKS
+from loradock.cli import main
 from loradock.errors import LoradockError
 from sft.cli import parse_overrides
-from sft.config import SERVABLE_RANKS, load_yaml, resolve
+from sft.config import load_yaml, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "sft" / "configs").glob("*.yaml"))
@@ -20,26 +24,36 @@ def opening_command(path: Path) -> list[str]:
     return shlex.split(first[2:])[2:]  # the arguments after `loradock train`
 
 
-def parse_train_command(argv: list[str]):
-    """Resolve a `loradock train ...` command line exactly as the CLI does, without training."""
-    from loradock.cli import make_parser
-
-    args, extra = make_parser().parse_known_args(["train", *argv])
-    values = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "takes_overrides")}
-    values.update(parse_overrides(extra))
-    return resolve(load_yaml(args.config) if args.config else {}, values)
+def resolved_train_command(argv: list[str], capsys) -> dict:
+    """The configuration `loradock train ARGV` would train with, from the real entry point
+    (`--print-config` resolves and prints it, and trains nothing)."""
+    assert main(["train", *argv, "--print-config"]) == 0
+    return yaml.safe_load(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_example_config_parses_against_the_code(path, monkeypatch):
+def test_every_example_config_parses_against_the_code(path, monkeypatch, capsys):
     from peft import LoraConfig
     from trl import SFTConfig
 
     monkeypatch.chdir(REPO)
-    config = parse_train_command(opening_command(path))
-    LoraConfig(**config.lora)
-    SFTConfig(output_dir="unused", use_cpu=True, bf16=False, **config.training)
-    assert config.args.output and config.args.data
+    config = resolved_train_command(opening_command(path), capsys)
+    LoraConfig(**config["lora"])
+    SFTConfig(output_dir="unused", use_cpu=True, bf16=False, **config["training"])
+    assert config["output"] and config["data"]
+    assert resolve(config, {}).to_yaml_dict() == {**config, "resume": False, "overwrite": False}
+
+
+def test_the_command_line_resolves_as_the_library_does(capsys, tmp_path):
+    file = tmp_path / "c.yaml"
+    file.write_text("data: a.jsonl\noutput: out\nlora:\n  r: 16\ntraining:\n  learning_rate: 1.0e-3\n")
+    config = resolved_train_command(["--config", str(file), "--lora-r", "32", "--training.warmup_steps", "7",
+                                     "--packing", "--resume"], capsys)
+    assert config["lora"]["r"] == 32 and config["training"]["learning_rate"] == 1e-3
+    assert config["training"]["warmup_steps"] == 7 and config["training"]["packing"] is True
+    assert main(["train", "--config", str(file), "--lora-r", "12", "--max-steps", "many", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "--lora-r 12 is a rank vLLM cannot serve" in err and "--training.max_steps 'many' is not a valid int" in err
 
 
 def test_there_are_example_configs():

@@ -1,6 +1,23 @@
 """The ui/ command: `loradock ui`, the Streamlit comparison screen (ui/app.py) in headless mode."""
 
+from dataclasses import dataclass, field
+
+from loradock.config import add_config_flags
+
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
+
+
+@dataclass
+class UIConfig:
+    """What `loradock ui` runs: the screen's address, the endpoint and registry it reads, its votes."""
+
+    endpoint: str = field(default=DEFAULT_ENDPOINT, metadata={
+        "help": "the OpenAI-compatible endpoint, e.g. `loradock serve`'s; an API key is read from LORADOCK_API_KEY"})
+    registry: str | None = field(default=None, metadata={
+        "help": "registry URL for hot-loadable adapters and their cards (none: $HF_ENDPOINT, else http://127.0.0.1:8090)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8501, metadata={"help": "port to listen on"})
+    votes: str | None = field(default=None, metadata={"help": "the votes database (none: $LORADOCK_HOME/ui/votes.sqlite)"})
 
 
 def register(subparsers) -> None:
@@ -10,18 +27,11 @@ def register(subparsers) -> None:
                     "the base model and one to three adapters through the OpenAI-compatible endpoint; answers "
                     "stream side by side. Blind A/B votes are kept in SQLite and export as training data.",
     )
-    p.add_argument("--endpoint", default=DEFAULT_ENDPOINT,
-                   help=f"the OpenAI-compatible endpoint, e.g. `loradock serve`'s (default {DEFAULT_ENDPOINT}); "
-                        "an API key is read from LORADOCK_API_KEY")
-    p.add_argument("--registry", help="registry URL for hot-loadable adapters and their cards "
-                                      "(default: $HF_ENDPOINT, else http://127.0.0.1:8090)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8501, help="port to listen on (default 8501)")
-    p.add_argument("--votes", help="the votes database (default $LORADOCK_HOME/ui/votes.sqlite)")
+    add_config_flags(p, UIConfig, example="ui.yaml")
     p.set_defaults(func=run_ui)
 
 
-def check_args(args) -> list[str]:
+def check_args(args: UIConfig) -> list[tuple[str, str]]:
     """Every problem with the flags, as (problem, fix)."""
     import socket
 
@@ -50,19 +60,23 @@ def run_ui(args) -> int:
     from pathlib import Path
 
     from hub.client import endpoint_url
+    from loradock.config import from_command_line, print_config
     from loradock.errors import LoradockError
     from ui import ENDPOINT_ENV, REGISTRY_ENV, VOTES_ENV
 
-    problems = check_args(args)
+    config = from_command_line(UIConfig, args, what="the UI configuration").args
+    if getattr(args, "print_config", False):
+        return print_config(config)
+    problems = check_args(config)
     if problems:
         raise LoradockError("; ".join(p for p, _ in problems), "; ".join(f for _, f in problems))
-    endpoint = args.endpoint.rstrip("/")
+    endpoint = config.endpoint.rstrip("/")
     endpoint = endpoint if endpoint.endswith("/v1") else endpoint + "/v1"
-    env = {**os.environ, ENDPOINT_ENV: endpoint, REGISTRY_ENV: endpoint_url(args.registry)}
-    if args.votes:
-        env[VOTES_ENV] = str(Path(args.votes).resolve())
-    url = f"http://{args.host}:{args.port}"
-    process = subprocess.Popen(streamlit_command(args.host, args.port), env=env, stdout=subprocess.DEVNULL)
+    env = {**os.environ, ENDPOINT_ENV: endpoint, REGISTRY_ENV: endpoint_url(config.registry)}
+    if config.votes:
+        env[VOTES_ENV] = str(Path(config.votes).resolve())
+    url = f"http://{config.host}:{config.port}"
+    process = subprocess.Popen(streamlit_command(config.host, config.port), env=env, stdout=subprocess.DEVNULL)
     stopping = []
 
     def on_signal(signum, frame):  # the main thread is waiting on Streamlit: only signal it here

@@ -2,14 +2,16 @@
 endpoint can hot-load (by name, by tag, each with its commit sha), and an adapter's card: base
 model, rank, dataset sha, training configuration, eval metrics and the training loss curve.
 
-Raises `loradock.errors.LoradockError` (registry down, repo gone) like the rest of hub/.
+Raises loradock's typed errors (`Unreachable`, `NotFound`, ...) like the rest of hub/.
 """
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CARD_FILES = ("adapter_config.json", "metrics.json", "run_config.yaml")
+from hub.adapter import CONFIG, METRICS, RUN_CONFIG, CardInfo
+
+CARD_FILES = (CONFIG, METRICS, RUN_CONFIG)
 
 
 @dataclass
@@ -23,12 +25,12 @@ def hot_loadable(base_model: str, endpoint: str, token: str | None) -> list[Regi
     import httpx2
 
     from hub.client import list_adapters
-    from loradock.errors import LoradockError
+    from loradock.errors import Unreachable
 
     try:  # huggingface_hub retries a refused connection for ~20 s: the screen must not hang that long
         httpx2.get(f"{endpoint}/api/models", params={"limit": 1}, timeout=3)
     except httpx2.TransportError:
-        raise LoradockError(f"cannot reach the registry at {endpoint}",
+        raise Unreachable(f"cannot reach the registry at {endpoint}",
                             "start it with `loradock hub serve`, or pass `loradock ui --registry URL`") from None
     options = []
     for row in list_adapters(base_model=base_model, endpoint=endpoint, token=token):
@@ -41,19 +43,20 @@ def hot_loadable(base_model: str, endpoint: str, token: str | None) -> list[Regi
 class AdapterCard:
     repo_id: str
     commit: str
-    front: dict  # the model card's front matter, rebuilt from the files (sft.model_card.front_matter)
+    card: CardInfo | None  # rebuilt from the files, as the registry holds them at `commit`
     metrics: dict
     run_config_yaml: str
     loss_curve: list[dict] = field(default_factory=list)  # {"step", "loss", "series": "train"|"eval"}
 
     @property
     def summary(self) -> dict:
-        ours = self.front.get("loradock") or {}
-        lora = ours.get("lora") or {}
-        return {"repo": self.repo_id, "commit": self.commit, "base model": self.front.get("base_model"),
-                "base model revision": ours.get("base_model_revision"), "rank": lora.get("r"),
-                "alpha": lora.get("alpha"), "target modules": ", ".join(lora.get("target_modules") or []),
-                "dataset sha256": ours.get("dataset_sha256"), "eval loss before": self.metrics.get("eval_loss_before"),
+        card = self.card or CardInfo(None, None, {})
+        targets = card.settings.get("target_modules") or []
+        return {"repo": self.repo_id, "commit": self.commit, "base model": card.base_model,
+                "base model revision": card.base_model_revision, "method": card.method, "rank": card.rank,
+                "alpha": card.settings.get("alpha"),
+                "target modules": targets if isinstance(targets, str) else ", ".join(targets),
+                "dataset sha256": card.dataset_sha256, "eval loss before": self.metrics.get("eval_loss_before"),
                 "eval loss": self.metrics.get("eval_loss"), "steps": self.metrics.get("steps")}
 
 
@@ -63,7 +66,6 @@ def adapter_card(repo_id: str, commit: str, endpoint: str, token: str | None) ->
     from huggingface_hub.errors import EntryNotFoundError
 
     from hub.client import hub_errors
-    from sft.model_card import front_matter
 
     folder = None
     with hub_errors(endpoint, repo_id, commit):
@@ -74,10 +76,10 @@ def adapter_card(repo_id: str, commit: str, endpoint: str, token: str | None) ->
             except EntryNotFoundError:
                 continue  # an adapter pushed without loradock may lack metrics.json or run_config.yaml
     if folder is None:
-        return AdapterCard(repo_id, commit, {}, {}, "")
+        return AdapterCard(repo_id, commit, None, {}, "")
     metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
     run_config = folder / "run_config.yaml"
-    return AdapterCard(repo_id, commit, front_matter(folder, repo_id), metrics,
+    return AdapterCard(repo_id, commit, CardInfo.from_folder(folder), metrics,
                        run_config.read_text(encoding="utf-8") if run_config.exists() else "", loss_curve(metrics))
 
 

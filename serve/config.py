@@ -1,0 +1,106 @@
+"""`loradock serve`'s settings: one dataclass for the flags, `--config serve.yaml` and the `vllm:`
+section, which passes any of vLLM's engine arguments through (checked against vLLM's own
+`EngineArgs` before anything starts):
+
+    # loradock serve --config serve.yaml
+    base_model: loradock/tiny-chat
+    adapter: [alice/reverse@v1]
+    max_loras: 8
+    vllm:
+      max_cpu_loras: 64          # any vllm.engine.arg_utils.EngineArgs field
+      tensor_parallel_size: 2
+
+The same dataclass, serialised once as JSON in one environment variable, is what loradock's
+plugin and middleware read inside vLLM's processes (`ServeConfig.from_environment`).
+"""
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from hub.adapter import SERVABLE_RANKS, nearest_servable_rank
+from loradock.config import Section, check_fields
+from loradock.home import DEFAULT_BASE_MODEL
+
+ENVIRONMENT = "LORADOCK_SERVE"
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# vLLM engine arguments that loradock sets from its own flags (or always): refused in `vllm:`.
+MANAGED = {"model": "--base-model", "served_model_name": "--base-model", "host": "--host", "port": "--port",
+           "max_loras": "--max-loras", "max_lora_rank": "--max-lora-rank", "max_model_len": "--max-model-len",
+           "dtype": "--dtype", "enable_lora": None, "lora_modules": "--adapter"}
+
+
+@dataclass
+class ServeConfig:
+    """What `loradock serve` runs: the base model, its adapters, the server and vLLM's engine."""
+
+    base_model: str = field(default=DEFAULT_BASE_MODEL, metadata={
+        "help": "base model: the built-in tiny one, a local folder or a Hub id (Qwen/Qwen2.5-0.5B-Instruct)"})
+    adapter: list[str] = field(default_factory=list, metadata={
+        "help": "an adapter to pull, pin and register at start-up", "metavar": "REPO_ID[@REVISION]"})
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=8000, metadata={"help": "port to listen on"})
+    max_loras: int = field(default=4, metadata={"help": "adapters active in one batch"})
+    max_lora_rank: int = field(default=16, metadata={"help": "largest adapter rank served: 8, 16, 32, 64, ..."})
+    registry: str | None = field(default=None, metadata={
+        "help": "registry URL (none: $HF_ENDPOINT, else http://127.0.0.1:8090)"})
+    token: str | None = field(default=None, metadata={
+        "help": "registry token (none: $HF_TOKEN, else `loradock hub login`'s)", "secret": True})
+    api_key: str | None = field(default=None, metadata={
+        "help": "require this key on every route but /health (none: $LORADOCK_API_KEY, else no key)", "secret": True})
+    max_model_len: int | None = field(default=None, metadata={"help": "context length (none: the model's)"})
+    kv_cache_gib: int | None = field(default=None, metadata={
+        "help": "KV cache size on a CPU, in whole GiB (none: 1/8 of the machine's memory, between 1 and 8)"})
+    dtype: str | None = field(default=None, metadata={"help": "weights' dtype (none: float32 on a CPU, auto on a GPU)"})
+    log_level: str = field(default="warning", metadata={
+        "help": "vLLM's log level: debug, info, warning or error (the log goes to $LORADOCK_HOME/logs/serve-PORT.log)"})
+    # Not flags: the `vllm:` section, and what `loradock serve` decides at start-up for vLLM's processes.
+    vllm: dict = field(default_factory=dict, metadata={"flag": False})
+    base_path: str | None = field(default=None, metadata={"flag": False})  # what vLLM loads for base_model
+    startup_adapters: dict = field(default_factory=dict, metadata={"flag": False})  # served name -> pulled folder
+
+    def to_environment(self) -> dict[str, str]:
+        """The environment variable vLLM's processes read this from (secrets stay off command lines)."""
+        return {ENVIRONMENT: json.dumps(dataclasses.asdict(self))}
+
+    @classmethod
+    def from_environment(cls) -> "ServeConfig | None":
+        """The settings `loradock serve` handed to this process; None when vLLM runs without loradock."""
+        raw = os.environ.get(ENVIRONMENT)
+        return cls(**json.loads(raw)) if raw else None
+
+
+def check_vllm_section(values: dict, problems: list[str]) -> dict:
+    """The `vllm:` section checked against vLLM's `EngineArgs` (names and types), with loradock's
+    own settings refused there and named by their flag."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    values = {key.replace("-", "_"): value for key, value in values.items()}
+    for key in [k for k in values if k in MANAGED]:
+        flag = MANAGED[key]
+        problems.append(f"vllm.{key} is set by loradock serve" + (f"; use {flag}" if flag else "; remove it"))
+        values.pop(key)
+    return check_fields(EngineArgs, values, problems, lambda key: f"vllm.{key}")
+
+
+VLLM_SECTION = Section("vllm", check_vllm_section)
+
+
+def validate(config: ServeConfig) -> list[str]:
+    problems = []
+    if config.max_lora_rank not in SERVABLE_RANKS:
+        problems.append(f"--max-lora-rank {config.max_lora_rank} is not one vLLM accepts; "
+                        f"use --max-lora-rank {nearest_servable_rank(config.max_lora_rank)}")
+    if not 0 < config.port < 65536:
+        problems.append(f"--port {config.port} is not a TCP port; pass --port from 1 to 65535")
+    if config.max_loras < 1:
+        problems.append(f"--max-loras {config.max_loras} must be at least 1")
+    if config.kv_cache_gib is not None and config.kv_cache_gib < 1:
+        problems.append(f"--kv-cache-gib {config.kv_cache_gib} must be at least 1")
+    if config.log_level not in LOG_LEVELS:
+        problems.append(f"--log-level {config.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    if config.registry and not config.registry.startswith(("http://", "https://")):
+        problems.append(f"--registry {config.registry!r} is not an http(s) URL; pass e.g. --registry http://127.0.0.1:8090")
+    return problems

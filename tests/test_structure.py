@@ -1,0 +1,168 @@
+"""The shape of the code: the package graph (import-linter), function length, and the config
+story every command shares (`--config`, `--print-config`, `--help` defaults from one dataclass)."""
+
+import ast
+import dataclasses
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loradock.cli import main
+from loradock.config import default_of, documented_fields, shown
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("hub", "sft", "serve", "ui", "loradock")
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+
+def lint_imports(cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache"], cwd=cwd, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(cwd), "PATH": "/usr/bin:/bin"})
+
+
+def test_the_package_graph_keeps_its_contracts():
+    result = lint_imports(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout and "5 kept" in result.stdout
+
+
+def test_a_forbidden_import_breaks_the_build(tmp_path):
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__", "assets"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    runtime = tmp_path / "serve" / "runtime.py"
+    runtime.write_text(runtime.read_text() + "\n\ndef sneaky():\n    from sft.config import TrainArgs\n")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "serve imports none of sft, ui BROKEN" in result.stdout
+    assert "serve.runtime -> sft.config" in result.stdout
+
+
+def functions(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.name, node.end_lineno - node.lineno + 1
+
+
+def test_no_function_is_over_80_lines():
+    long = [f"{path.relative_to(REPO)}:{name} ({length} lines)" for package in PACKAGES
+            for path in (REPO / package).rglob("*.py") for name, length in functions(path) if length > 80]
+    assert not long
+
+
+def test_code_cites_no_tracker_numbers():
+    cited = [f"{path.relative_to(REPO)}:{number}" for package in (*PACKAGES, "bench", "tests")
+             for path in (REPO / package).rglob("*.py")
+             for number, line in enumerate(path.read_text().splitlines(), start=1)
+             if re.search(r"\b[Ii]ssue #?\d+", line)]
+    assert not cited
+
+
+# --- one config story -------------------------------------------------------------------------
+
+def command_dataclasses():
+    from hub.cli import RegistryConfig
+    from serve.config import ServeConfig
+    from sft.config import TrainArgs
+    from ui.cli import UIConfig
+
+    return {("train",): TrainArgs, ("serve",): ServeConfig, ("ui",): UIConfig, ("hub", "serve"): RegistryConfig}
+
+
+def help_entries(command, capsys) -> dict[str, str]:
+    """{flag: its help text} from `loradock COMMAND --help`, lines unwrapped."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    entries, current = {}, None
+    for line in capsys.readouterr().out.split("options:", 1)[1].splitlines():
+        if line.lstrip().startswith("--"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current:
+            entries[current] += " " + line.strip()
+    return {flag: " ".join(text.split()) for flag, text in entries.items()}
+
+
+@pytest.mark.parametrize("command", list(command_dataclasses()), ids=" ".join)
+def test_every_help_default_is_the_dataclass_default(command, capsys):
+    cls = command_dataclasses()[command]
+    entries = help_entries(command, capsys)
+    assert "--config" in entries and "--print-config" in entries
+    for f in documented_fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        match = re.search(r"\(default: ([^)]*)\)", entries.get(flag, ""))
+        assert match, f"{flag} has no default in `loradock {' '.join(command)} --help`"
+        assert match.group(1) == shown(default_of(f)), flag
+
+
+@pytest.mark.parametrize("command", list(command_dataclasses()), ids=" ".join)
+def test_print_config_round_trips_through_config(command, capsys, tmp_path):
+    """What --print-config prints loads with --config and resolves to the same settings."""
+    assert main([*command, "--print-config", "--port", "1234"] if command != ("train",) else
+                [*command, "--print-config", "--data", "d.jsonl", "--output", "o", "--lr", "1e-3"]) == 0
+    first = capsys.readouterr().out
+    (tmp_path / "c.yaml").write_text(first)
+    assert main([*command, "--config", str(tmp_path / "c.yaml"), "--print-config"]) == 0
+    again = capsys.readouterr().out
+    strip = lambda text: yaml.safe_load(text)  # noqa: E731 (train's header comments differ in nothing that loads)
+    assert strip(again) == strip(first)
+    assert ("port: 1234" in first) if command != ("train",) else ("learning_rate: 0.001" in first)
+
+
+def test_every_shipped_serve_config_loads(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    configs = sorted((REPO / "serve" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# loradock serve --config "), f"{path.name} must open with the command that runs it"
+        assert main(["serve", "--config", str(path.relative_to(REPO)), "--print-config"]) == 0
+        assert yaml.safe_load(capsys.readouterr().out)["base_model"]
+
+
+def test_the_vllm_section_reaches_vllms_own_parser(tmp_path, monkeypatch):
+    """`vllm:` keys travel as vLLM's own --config file, read by the parser vLLM's server uses."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from serve.config import ServeConfig
+    from serve.launcher import vllm_command, write_vllm_config
+
+    monkeypatch.setenv("LORADOCK_HOME", str(tmp_path))
+    config = ServeConfig(vllm={"max_cpu_loras": 12, "enforce_eager": True}, base_path="some/model", port=8123)
+    command = vllm_command(config, on_gpu=False, vllm_config=write_vllm_config(config))
+    assert command[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(command[3:])
+    assert parsed.max_cpu_loras == 12 and parsed.enforce_eager is True
+    assert parsed.model == "some/model" and parsed.port == 8123 and parsed.enable_lora
+
+
+def test_serve_settings_cross_into_vllms_processes_as_the_same_dataclass(monkeypatch):
+    from serve.config import ServeConfig
+
+    config = ServeConfig(adapter=["a/b@v1"], vllm={"max_cpu_loras": 8}, base_path="p", token="secret-token",
+                         startup_adapters={"a/b@v1": "/x"})
+    for key, value in config.to_environment().items():
+        monkeypatch.setenv(key, value)
+    assert ServeConfig.from_environment() == config
+    assert dataclasses.asdict(ServeConfig.from_environment()) == dataclasses.asdict(config)
+
+
+def test_secrets_are_not_printed(capsys):
+    assert main(["serve", "--print-config", "--token", "hf_secret", "--api-key", "key-secret"]) == 0
+    out = capsys.readouterr().out
+    assert "hf_secret" not in out and "key-secret" not in out and "token" not in out
+
+
+def test_serve_refuses_with_the_build_command_when_the_base_is_not_built(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LORADOCK_HOME", str(tmp_path))
+    assert main(["serve", "--port", "18123"]) == 2
+    err = capsys.readouterr().err
+    assert "is not built" in err and "loradock base build" in err
+    assert not (tmp_path / "models").exists()  # nothing was built
