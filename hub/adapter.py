@@ -69,6 +69,12 @@ class Method:
         return config.get("peft_type", "LORA") == self.peft_type and all(
             bool(config.get(k)) == bool(v) for k, v in self.identity.items())
 
+    def peft_config(self, settings: dict):
+        """The PEFT config object that trains this method, from its checked settings."""
+        import peft
+
+        return getattr(peft, self.config_class)(**settings)
+
     def card_settings(self, config: dict) -> dict:
         return {key: _plain(config.get(source)) for key, source in self.card_fields.items()}
 

@@ -1,27 +1,22 @@
-"""Model card metadata, as the Hub reads it: the YAML front matter of README.md, and the tags a
-repo is listed under (the card's own, its library, and `base_model:...` for filtering)."""
-
-import yaml
+"""Card metadata as the registry serves it (`cardData`, validate-yaml): the front matter of any
+repo's README.md, and the tags a repo is listed under (the card's own, its library, and
+`base_model:...` for filtering). An adapter's own card is `hub.adapter`'s."""
 
 
 def front_matter(text: str) -> dict:
-    """The YAML between the leading `---` lines; {} when there is none.
+    """The YAML metadata block of a card, parsed by huggingface_hub's `RepoCard` as the Hub does;
+    {} when there is none.
 
     Raises:
-        ValueError: the front matter is not valid YAML or not a mapping.
+        ValueError: the block is not valid YAML or not a mapping.
     """
-    if not text.startswith("---"):
-        return {}
-    end = text.find("\n---", 3)
-    if end == -1:
-        raise ValueError("the front matter opened by '---' is never closed")
+    import yaml
+    from huggingface_hub import RepoCard
+
     try:
-        data = yaml.safe_load(text[3:end]) or {}
+        return RepoCard(text).data.to_dict()
     except yaml.YAMLError as e:
         raise ValueError(f"the front matter is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError("the front matter must be a YAML mapping")
-    return data
 
 
 def repo_tags(card: dict) -> list[str]:

@@ -72,18 +72,19 @@ MANAGED = {"output_dir": "--output", "resume_from_checkpoint": "--resume", "assi
            "completion_only_loss": None, "dataset_text_field": None, "chat_template_path": "--chat-template"}
 
 
-def _section(name: str, upstream: str, flag_prefix: str) -> Section:
+def upstream_section(name: str, module: str, class_name: str, defaults: dict) -> Section:
+    """`name:` in YAML and `--name.KEY VALUE` flags: the fields of `module.class_name`, checked."""
     def check(values: dict, problems: list[str]) -> dict:
-        from peft import LoraConfig
-        from trl import SFTConfig
+        import importlib
 
-        cls = {"LoraConfig": LoraConfig, "SFTConfig": SFTConfig}[upstream]
-        return check_fields(cls, values, problems, lambda key: f"{flag_prefix}{key}")
+        cls = getattr(importlib.import_module(module), class_name)
+        return check_fields(cls, values, problems, lambda key: f"--{name}.{key}")
 
-    return Section(name, check, defaults=dict({"lora": LORA_DEFAULTS, "training": TRAINING_DEFAULTS}[name]))
+    return Section(name, check, defaults=dict(defaults))
 
 
-SECTIONS = (_section("lora", METHODS["lora"].config_class, "--lora."), _section("training", "SFTConfig", "--training."))
+SECTIONS = (upstream_section("lora", "peft", METHODS["lora"].config_class, LORA_DEFAULTS),
+            upstream_section("training", "trl", "SFTConfig", TRAINING_DEFAULTS))
 
 
 @dataclass

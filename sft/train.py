@@ -18,13 +18,13 @@ from pathlib import Path
 
 import yaml
 
+from hub.adapter import METHODS, METRICS, REQUIRED_FILES, RUN_CONFIG, write_card
 from loradock.errors import LoradockError
 from sft.base_model import BUILD_INFO, resolve_base_model
 from sft.chat_format import training_chat_template
 from sft.config import ResolvedConfig
 from sft.data import parse_columns
 from sft.data_check import check_for_training, to_dataset
-from hub.adapter import METRICS, REQUIRED_FILES, RUN_CONFIG, write_card
 
 
 @dataclasses.dataclass
@@ -164,7 +164,6 @@ def held_out_loss_before(trainer, paths: RunPaths) -> float:
 def run(config: ResolvedConfig) -> Path:
     """Train one adapter; returns the published folder."""
     import torch
-    from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
     from sft.trainer import LoradockSFTTrainer
@@ -187,7 +186,7 @@ def run(config: ResolvedConfig) -> Path:
     trainer = LoradockSFTTrainer(
         model=model, args=sft_config, train_dataset=to_dataset(train_rows),
         eval_dataset=to_dataset(eval_rows) if eval_rows else None,
-        processing_class=tokenizer, peft_config=LoraConfig(**config.lora),
+        processing_class=tokenizer, peft_config=METHODS["lora"].peft_config(config.lora),
     )
     started = time.perf_counter()
     eval_before = held_out_loss_before(trainer, paths) if eval_rows else None

@@ -1,14 +1,12 @@
 """The training configuration: example configs, precedence, and every problem reported at once."""
 
 import shlex
-import typing
 from pathlib import Path
 
 import pytest
 
 import yaml
 
-from hub.adapter import SERVABLE_RANKS
 from loradock.cli import main
 from loradock.errors import LoradockError
 from sft.cli import parse_overrides
@@ -85,12 +83,6 @@ def test_every_problem_is_reported_at_once_with_the_flag_to_change():
 def test_unservable_rank_suggests_the_nearest(rank, nearest):
     with pytest.raises(LoradockError, match=f"use --lora-r {nearest}$|use --lora-r {nearest}\\n"):
         resolve({"data": "d", "output": "o"}, {"lora_r": str(rank)})
-
-
-def test_servable_ranks_match_vllm():
-    from vllm.config.lora import MaxLoRARanks
-
-    assert SERVABLE_RANKS == typing.get_args(MaxLoRARanks)
 
 
 def test_fields_loradock_manages_are_refused():

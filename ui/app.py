@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx2
 import streamlit as st
 
-from loradock.errors import LoradockError
+from loradock.errors import LoradockError, NotFound, Unreachable
 from ui import ENDPOINT_ENV, REGISTRY_ENV, VOTES_ENV, view, votes
 from ui.client import Answer, Endpoint, EndpointDown, Sampling
 
@@ -58,7 +58,9 @@ def registry_adapters(base: str, registry: str) -> tuple[list[tuple[str, str]], 
 
     try:
         return [(a.name, a.commit) for a in hot_loadable(base, registry, token_for(registry))], None
-    except LoradockError as e:
+    except Unreachable as e:
+        return [], f"registry unreachable: {e.problem} ({e.fix})"
+    except LoradockError as e:  # it answered, and refused (a token, offline mode): say what to change
         return [], f"registry: {e.problem} ({e.fix})"
 
 
@@ -259,6 +261,8 @@ def cards_tab(choice: Choice) -> None:
             continue
         try:
             view.card(adapter_card(repo_id, commit, registry_url()))
+        except NotFound as e:
+            st.warning(view.escape_markdown(f"no card: {repo_id}@{commit[:12]} is not in the registry ({e.problem})"))
         except LoradockError as e:
             st.warning(view.escape_markdown(f"{e.problem} ({e.fix})"))
 
