@@ -70,7 +70,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, example: str) -> None
     for f in documented_fields(cls):
         text = f"{f.metadata['help']} (default: {shown(default_of(f))})".replace("%", "%%")
         kind = kind_of(hints[f.name])
-        if kind is bool:
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, metavar=f.name.upper(), help=text)
+        elif kind is bool:
             parser.add_argument(flag_of(f.name), nargs="?", const="true", metavar="BOOL", default=argparse.SUPPRESS,
                                 help=text)
         elif kind is list:

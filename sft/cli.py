@@ -9,9 +9,10 @@ import json
 import os
 from pathlib import Path
 
-from loradock.config import add_config_flags, given_flags
+from loradock.config import add_config_flags, from_command_line, given_flags, print_config
 from loradock.errors import LoradockError
-from loradock.home import DEFAULT_BASE_MODEL, default_base_dir
+from loradock.home import BASE_BUILD_INFO, DEFAULT_BASE_MODEL, default_base_dir
+from sft.commands import BaseBuildArgs, DataCheckArgs
 from sft.config import ALIASES, TrainArgs
 
 ALIAS_HELP = {
@@ -96,48 +97,37 @@ def run_train(args) -> int:
 
 
 def add_eval(subparsers) -> None:
+    from sft.commands import EvalArgs
+
     p = subparsers.add_parser(
         "eval", help="score the base model and an adapter on held-out prompts",
         description="Greedy generation for each held-out prompt with the base model and the adapter "
                     "(transformers + PEFT), scored against the references. With --endpoint, each "
                     "--model answers through an OpenAI-compatible server instead (`loradock serve`, vLLM).",
     )
-    p.add_argument("--base-model", default=None, help=f"base model (default: the adapter's, else {DEFAULT_BASE_MODEL})")
-    p.add_argument("--adapter", help="adapter folder written by `loradock train`")
-    p.add_argument("--endpoint", help="evaluate through this OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    p.add_argument("--model", action="append", help="with --endpoint: a served model (base or adapter name, "
-                                                     "e.g. alice/reverse@v1); repeat to compare several")
-    p.add_argument("--api-key", default=os.environ.get("LORADOCK_API_KEY"),
-                   help="with --endpoint: the server's API key (default: $LORADOCK_API_KEY)")
-    p.add_argument("--data", required=True, help="held-out (prompt, response) data")
-    p.add_argument("--metrics", default="exact_match,rouge_l", help="comma-separated: exact_match, rouge_l")
-    p.add_argument("--output", help="also write the full report (every prediction) as JSON here")
-    p.add_argument("--limit", type=int, help="only the first N rows")
-    p.add_argument("--max-new-tokens", type=int, help="default: the longest reference plus 16")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together (with --endpoint: requests in flight)")
+    add_config_flags(p, EvalArgs, example="eval.yaml")
     p.set_defaults(func=run_eval)
 
 
 def run_eval(args) -> int:
+    from sft.commands import EvalArgs, check_eval
     from sft.evaluate import adapter_base_model, evaluate, evaluate_endpoint, parse_metrics, render
 
-    metrics = parse_metrics(args.metrics)
-    if args.endpoint:
-        if args.adapter or args.base_model or not args.model:
-            raise LoradockError("--endpoint evaluates served models: it takes --model NAME, not --adapter or --base-model",
-                                "pass --endpoint URL --model NAME [--model NAME ...]")
-        report = evaluate_endpoint(args.endpoint, args.model, args.data, metrics, args.max_new_tokens, args.limit,
-                                   args.api_key, args.batch_size)
-    elif args.model:
-        raise LoradockError("--model names a served model and needs --endpoint",
-                            "add --endpoint URL, or evaluate a folder with --adapter DIR")
+    config = from_command_line(EvalArgs, args, what="the evaluation", validate=lambda r: check_eval(r.args)).args
+    if getattr(args, "print_config", False):
+        return print_config(config)
+    metrics = parse_metrics(config.metrics)
+    if config.endpoint:
+        report = evaluate_endpoint(config.endpoint, config.model, config.data, metrics, config.max_new_tokens,
+                                   config.limit, config.api_key or os.environ.get("LORADOCK_API_KEY"), config.batch_size)
     else:
-        base_model = args.base_model or (adapter_base_model(args.adapter) if args.adapter else DEFAULT_BASE_MODEL)
-        report = evaluate(base_model, args.data, args.adapter, metrics, args.max_new_tokens, args.limit, args.batch_size)
+        base_model = config.base_model or (adapter_base_model(config.adapter) if config.adapter else DEFAULT_BASE_MODEL)
+        report = evaluate(base_model, config.data, config.adapter, metrics, config.max_new_tokens, config.limit,
+                          config.batch_size)
     print(render(report))
-    if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"report written to {args.output}")
+    if config.output:
+        Path(config.output).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"report written to {config.output}")
     return 0
 
 
@@ -149,32 +139,30 @@ def add_data(subparsers) -> None:
         description="Rows read, kept and dropped by reason (with row numbers), token lengths, and one rendered "
                     "example with the trained tokens marked. Exits 2 when training would refuse the data.",
     )
-    check.add_argument("file", help="data file (.jsonl, .json, .csv, .parquet) or saved datasets folder")
-    check.add_argument("--base-model", default=DEFAULT_BASE_MODEL, help="whose tokenizer and chat template to use")
-    check.add_argument("--max-length", type=int, default=1024, help="rows longer than this many tokens are dropped")
-    check.add_argument("--columns", help="rename fields, ours=theirs: prompt=question,response=answer")
-    check.add_argument("--chat-template", help="a .jinja chat template with {%% generation %%} markers")
-    check.add_argument("--max-bad-fraction", type=float, default=0.05, help="the share of bad rows training accepts")
+    add_config_flags(check, DataCheckArgs, example="data-check.yaml")
     check.set_defaults(func=run_data_check)
 
 
 def run_data_check(args) -> int:
     from sft.base_model import resolve_base_model
+    from sft.commands import check_data_check
     from sft.data import parse_columns
     from sft.data_check import check_data, enforce
     from sft.train import load_tokenizer
 
-    tokenizer = load_tokenizer(resolve_base_model(args.base_model), args.chat_template)
-    report = check_data(args.file, tokenizer, tokenizer.chat_template, args.max_length, parse_columns(args.columns))
+    config = from_command_line(DataCheckArgs, args, what="the data check",
+                               validate=lambda r: check_data_check(r.args)).args
+    if getattr(args, "print_config", False):
+        return print_config(config)
+    tokenizer = load_tokenizer(resolve_base_model(config.base_model), config.chat_template)
+    report = check_data(config.file, tokenizer, tokenizer.chat_template, config.max_length, parse_columns(config.columns))
     print(report.render())
-    enforce(report, args.max_bad_fraction, flag=args.file)
+    enforce(report, config.max_bad_fraction, flag=config.file)
     print("ok: training would accept this data")
     return 0
 
 
 def add_base(subparsers) -> None:
-    from sft.base_model import BaseModelSpec
-
     p = subparsers.add_parser("base", help="the embedded default base model")
     sub = p.add_subparsers(dest="base_command", metavar="SUBCOMMAND", required=True)
     build = sub.add_parser(
@@ -182,22 +170,19 @@ def add_base(subparsers) -> None:
         description="Train a SentencePiece tokenizer on the shipped text, initialise a small Llama model and "
                     "pre-train it briefly on the shipped instruction mix. Same seed, same weights.",
     )
-    build.add_argument("--output", help=f"folder to write (default: {default_base_dir()})")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--pretrain-steps", type=int,
-                       help=f"optimizer steps of pre-training (default {BaseModelSpec.pretrain_steps})")
-    build.add_argument("--force", action="store_true", help="rebuild even if the folder holds a built model")
+    add_config_flags(build, BaseBuildArgs, example="base.yaml")
     build.set_defaults(func=run_base_build)
 
 
 def run_base_build(args) -> int:
     from sft.base_model import BaseModelSpec, build
 
-    spec = BaseModelSpec(seed=args.seed)
-    if args.pretrain_steps is not None:
-        spec.pretrain_steps = args.pretrain_steps
-    output = build(Path(args.output) if args.output else default_base_dir(), spec, force=args.force)
-    info = json.loads((output / "loradock_base.json").read_text())
+    config = from_command_line(BaseBuildArgs, args, what="the base model build").args
+    if getattr(args, "print_config", False):
+        return print_config(config)
+    spec = BaseModelSpec(seed=config.seed, pretrain_steps=config.pretrain_steps)
+    output = build(Path(config.output) if config.output else default_base_dir(), spec, force=config.force)
+    info = json.loads((output / BASE_BUILD_INFO).read_text())
     print(f"built {DEFAULT_BASE_MODEL} in {output} (weights sha256 {info['weights_sha256'][:12]}, "
           f"pre-train loss {info.get('pretrain_loss')})")
     return 0

@@ -68,10 +68,12 @@ def test_code_cites_no_tracker_numbers():
 def command_dataclasses():
     from hub.cli import RegistryConfig
     from serve.config import ServeConfig
+    from sft.commands import BaseBuildArgs, DataCheckArgs, EvalArgs
     from sft.config import TrainArgs
     from ui.cli import UIConfig
 
-    return {("train",): TrainArgs, ("serve",): ServeConfig, ("ui",): UIConfig, ("hub", "serve"): RegistryConfig}
+    return {("train",): TrainArgs, ("serve",): ServeConfig, ("ui",): UIConfig, ("hub", "serve"): RegistryConfig,
+            ("eval",): EvalArgs, ("data", "check"): DataCheckArgs, ("base", "build"): BaseBuildArgs}
 
 
 def help_entries(command, capsys) -> dict[str, str]:
@@ -80,9 +82,11 @@ def help_entries(command, capsys) -> dict[str, str]:
         main([*command, "--help"])
     assert exit_info.value.code == 0
     entries, current = {}, None
-    for line in capsys.readouterr().out.split("options:", 1)[1].splitlines():
-        if line.lstrip().startswith("--"):
-            current = line.split()[0].rstrip(",")
+    out = capsys.readouterr().out
+    for line in out[out.index("\n\n"):].splitlines():  # after the usage block
+        entry = re.match(r"  (--[\w-]+|[A-Z][A-Z_]*)\b", line)  # a flag or positional, indented two spaces
+        if entry:
+            current = entry.group(1)
             entries[current] = line
         elif current:
             entries[current] += " " + line.strip()
@@ -95,24 +99,30 @@ def test_every_help_default_is_the_dataclass_default(command, capsys):
     entries = help_entries(command, capsys)
     assert "--config" in entries and "--print-config" in entries
     for f in documented_fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flag = f.name.upper() if f.metadata.get("positional") else "--" + f.name.replace("_", "-")
         match = re.search(r"\(default: ([^)]*)\)", entries.get(flag, ""))
         assert match, f"{flag} has no default in `loradock {' '.join(command)} --help`"
         assert match.group(1) == shown(default_of(f)), flag
 
 
+# Flags that make each command's settings valid, and a line the printed YAML must then hold.
+ROUND_TRIP = {("train",): (["--data", "d.jsonl", "--output", "o", "--lr", "1e-3"], "learning_rate: 0.001"),
+              ("eval",): (["--data", "h.jsonl", "--endpoint", "http://x/v1", "--model", "a/b", "--model", "c/d"],
+                          "- c/d"),
+              ("data", "check"): (["d.jsonl", "--max-length", "64"], "max_length: 64"),
+              ("base", "build"): (["--seed", "3"], "seed: 3")}
+
+
 @pytest.mark.parametrize("command", list(command_dataclasses()), ids=" ".join)
 def test_print_config_round_trips_through_config(command, capsys, tmp_path):
     """What --print-config prints loads with --config and resolves to the same settings."""
-    assert main([*command, "--print-config", "--port", "1234"] if command != ("train",) else
-                [*command, "--print-config", "--data", "d.jsonl", "--output", "o", "--lr", "1e-3"]) == 0
+    flags, expected = ROUND_TRIP.get(command, (["--port", "1234"], "port: 1234"))
+    assert main([*command, "--print-config", *flags]) == 0
     first = capsys.readouterr().out
     (tmp_path / "c.yaml").write_text(first)
     assert main([*command, "--config", str(tmp_path / "c.yaml"), "--print-config"]) == 0
-    again = capsys.readouterr().out
-    strip = lambda text: yaml.safe_load(text)  # noqa: E731 (train's header comments differ in nothing that loads)
-    assert strip(again) == strip(first)
-    assert ("port: 1234" in first) if command != ("train",) else ("learning_rate: 0.001" in first)
+    assert yaml.safe_load(capsys.readouterr().out) == yaml.safe_load(first)
+    assert expected in first
 
 
 def test_every_shipped_serve_config_loads(capsys, monkeypatch):

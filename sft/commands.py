@@ -1,0 +1,75 @@
+"""The settings of `loradock eval`, `loradock data check` and `loradock base build`: one dataclass
+per command, whose fields are its flags, `--help` and `--config` keys (see `loradock.config`).
+`loradock train`'s are in `sft.config`."""
+
+from dataclasses import dataclass, field
+
+from loradock.home import DEFAULT_BASE_MODEL
+from sft.base_model import BaseModelSpec
+
+
+@dataclass
+class EvalArgs:
+    """Score a base model and an adapter (or served models) on held-out prompts."""
+
+    data: str | None = field(default=None, metadata={"help": "held-out (prompt, response) data (required)"})
+    base_model: str | None = field(default=None, metadata={
+        "help": f"base model (none: the adapter's, else {DEFAULT_BASE_MODEL})"})
+    adapter: str | None = field(default=None, metadata={"help": "adapter folder written by `loradock train`"})
+    endpoint: str | None = field(default=None, metadata={
+        "help": "evaluate through this OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"})
+    model: list[str] = field(default_factory=list, metadata={
+        "help": "with --endpoint: a served model (base or adapter name, e.g. alice/reverse@v1)", "metavar": "NAME"})
+    api_key: str | None = field(default=None, metadata={
+        "help": "with --endpoint: the server's API key (none: $LORADOCK_API_KEY)", "secret": True})
+    metrics: str = field(default="exact_match,rouge_l", metadata={"help": "comma-separated: exact_match, rouge_l"})
+    output: str | None = field(default=None, metadata={"help": "also write the full report (every prediction) as JSON here"})
+    limit: int | None = field(default=None, metadata={"help": "only the first N rows"})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "tokens per answer (none: the longest reference plus 16)"})
+    batch_size: int = field(default=16, metadata={
+        "help": "prompts generated together (with --endpoint: requests in flight)"})
+
+
+@dataclass
+class DataCheckArgs:
+    """What training would read, drop and learn from a data file."""
+
+    file: str | None = field(default=None, metadata={
+        "help": "data file (.jsonl, .json, .csv, .parquet) or saved datasets folder", "positional": True})
+    base_model: str = field(default=DEFAULT_BASE_MODEL, metadata={"help": "whose tokenizer and chat template to use"})
+    max_length: int = field(default=1024, metadata={"help": "rows longer than this many tokens are dropped"})
+    columns: str | None = field(default=None, metadata={"help": "rename fields, ours=theirs: prompt=question,response=answer"})
+    chat_template: str | None = field(default=None, metadata={"help": "a .jinja chat template with {% generation %} markers"})
+    max_bad_fraction: float = field(default=0.05, metadata={"help": "the share of bad rows training accepts"})
+
+
+@dataclass
+class BaseBuildArgs:
+    """Build the built-in tiny base model on this machine (no download)."""
+
+    output: str | None = field(default=None, metadata={"help": "folder to write (none: $LORADOCK_HOME/models/tiny-chat)"})
+    seed: int = field(default=0, metadata={"help": "random seed: the same seed gives the same weights"})
+    pretrain_steps: int = field(default=BaseModelSpec.pretrain_steps, metadata={"help": "optimizer steps of pre-training"})
+    force: bool = field(default=False, metadata={"help": "rebuild even if the folder holds a built model"})
+
+
+def check_eval(args: EvalArgs) -> list[str]:
+    problems = [] if args.data else ["no held-out data: pass --data FILE"]
+    if args.endpoint and (args.adapter or args.base_model or not args.model):
+        problems.append("--endpoint evaluates served models: it takes --model NAME, not --adapter or --base-model; "
+                        "pass --endpoint URL --model NAME [--model NAME ...]")
+    if args.model and not args.endpoint:
+        problems.append("--model names a served model and needs --endpoint: add --endpoint URL, "
+                        "or evaluate a folder with --adapter DIR")
+    if args.batch_size < 1:
+        problems.append(f"--batch-size {args.batch_size} must be at least 1")
+    return problems
+
+
+def check_data_check(args: DataCheckArgs) -> list[str]:
+    problems = [] if args.file else ["no data file: pass it as `loradock data check FILE`"]
+    if args.max_length < 8:
+        problems.append(f"--max-length {args.max_length} must be a whole number of tokens >= 8")
+    if not 0.0 <= args.max_bad_fraction <= 1.0:
+        problems.append(f"--max-bad-fraction {args.max_bad_fraction} must be between 0 and 1")
+    return problems
