@@ -9,14 +9,13 @@ hot-loaded on its first request. The `vllm:` section of the config reaches vLLM 
 `--config` file.
 """
 
+import contextlib
 import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import yaml
@@ -24,6 +23,7 @@ import yaml
 from hub.adapter import ServedBase, check_folder
 from loradock.errors import AdapterRefused, LoradockError
 from loradock.home import built_base_model, home
+from loradock.procs import Service
 from serve.config import ServeConfig
 
 
@@ -109,75 +109,41 @@ def prepare(config: ServeConfig) -> ServeConfig:
     return dataclasses.replace(config, startup_adapters=pull_startup_adapters(config, base))
 
 
-def wait_until_ready(url: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-            raise LoradockError(f"vLLM exited with status {process.returncode} while starting; its log ends:\n{tail}",
-                                f"see the whole log in {log}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.5)
-    raise LoradockError(f"vLLM did not become ready within {timeout:.0f} s", f"see its log in {log}")
-
-
-def stop(process: subprocess.Popen, grace: float = 30) -> None:
-    """SIGTERM to vLLM's whole process group (API server, engine core, workers), SIGKILL after `grace` s."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-    wait_or_kill(process, time.monotonic() + grace)
-
-
-def wait_or_kill(process: subprocess.Popen, deadline: float | None) -> None:
-    """Wait for vLLM to exit; past `deadline` (if any), kill its process group."""
-    while process.poll() is None:
-        if deadline is not None and time.monotonic() > deadline:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        time.sleep(0.2)
-
-
 def serve(config: ServeConfig, ready_timeout: float = 600) -> int:
+    """Run vLLM until it exits or this process gets SIGINT/SIGTERM (then stop it cleanly)."""
     import torch
 
     on_gpu = torch.cuda.is_available()
     config = prepare(config)
-    log = home() / "logs" / f"serve-{config.port}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    vllm_config = write_vllm_config(config)
-    url = f"http://{config.host}:{config.port}"
-    with log.open("w") as log_file:
-        process = subprocess.Popen(vllm_command(config, on_gpu, vllm_config), env=vllm_environment(config, on_gpu),
-                                   stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    log, url = home() / "logs" / f"serve-{config.port}.log", f"http://{config.host}:{config.port}"
+    # vLLM's API server, engine core and workers share its process group: stopping it stops them all.
+    vllm = Service("vLLM", vllm_command(config, on_gpu, write_vllm_config(config)), log,
+                   env=vllm_environment(config, on_gpu), grace=30)
     stopping = []
 
     def on_signal(signum, frame):
         # Only signal here: the main thread is inside a wait on the same process.
-        if not stopping and process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-        stopping.append(time.monotonic())
+        if not stopping and vllm.process.poll() is None:
+            os.killpg(vllm.process.pid, signal.SIGTERM)
+        stopping.append(signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
     try:
-        wait_until_ready(url, process, log, ready_timeout)
-        print(f"serving {config.base_model} with {len(config.startup_adapters)} adapter(s) on {'GPU' if on_gpu else 'CPU'} at {url}/v1 "
-              f"(OpenAI API; log: {log})", flush=True)
-        while process.poll() is None and not stopping:
+        vllm.wait_healthy(f"{url}/health", ready_timeout)
+        print(f"serving {config.base_model} with {len(config.startup_adapters)} adapter(s) on "
+              f"{'GPU' if on_gpu else 'CPU'} at {url}/v1 (OpenAI API; log: {log})", flush=True)
+        while vllm.process.poll() is None and not stopping:
             time.sleep(0.5)
-        wait_or_kill(process, stopping[0] + 30 if stopping else None)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            vllm.process.wait(timeout=vllm.grace)  # its own clean shutdown, before stop() insists
     except LoradockError:
         if stopping:
             return 0
         raise
     finally:
-        stop(process)
+        vllm.stop()
     if stopping:
         print("stopped", flush=True)
         return 0
-    raise LoradockError(f"vLLM exited with status {process.returncode}", f"see its log in {log}")
+    raise LoradockError(f"vLLM exited with status {vllm.process.returncode}", f"see its log in {log}")

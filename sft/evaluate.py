@@ -75,9 +75,11 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
 
 
 def adapter_base_model(adapter: str) -> str:
-    config_path = Path(adapter) / "adapter_config.json"
+    from hub.adapter import CONFIG
+
+    config_path = Path(adapter) / CONFIG
     if not config_path.exists():
-        raise LoradockError(f"--adapter {adapter} is not a PEFT adapter folder (no adapter_config.json)",
+        raise LoradockError(f"--adapter {adapter} is not a PEFT adapter folder (no {CONFIG})",
                             "pass the --output folder of `loradock train`")
     return json.loads(config_path.read_text())["base_model_name_or_path"]
 

@@ -55,13 +55,13 @@ def check_args(args: UIConfig) -> list[tuple[str, str]]:
 def run_ui(args) -> int:
     import os
     import signal
-    import subprocess
-    import time
     from pathlib import Path
 
     from hub.client import endpoint_url
     from loradock.config import from_command_line, print_config
     from loradock.errors import LoradockError
+    from loradock.home import home
+    from loradock.procs import Service
     from ui import ENDPOINT_ENV, REGISTRY_ENV, VOTES_ENV
 
     config = from_command_line(UIConfig, args, what="the UI configuration").args
@@ -75,29 +75,29 @@ def run_ui(args) -> int:
     env = {**os.environ, ENDPOINT_ENV: endpoint, REGISTRY_ENV: endpoint_url(config.registry)}
     if config.votes:
         env[VOTES_ENV] = str(Path(config.votes).resolve())
-    url = f"http://{config.host}:{config.port}"
-    process = subprocess.Popen(streamlit_command(config.host, config.port), env=env, stdout=subprocess.DEVNULL)
+    url, log = f"http://{config.host}:{config.port}", home() / "logs" / f"ui-{config.port}.log"
+    app = Service("Streamlit", streamlit_command(config.host, config.port), log, env=env, grace=30)
     stopping = []
 
     def on_signal(signum, frame):  # the main thread is waiting on Streamlit: only signal it here
         stopping.append(signum)
-        process.terminate()
+        app.process.terminate()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
     try:
-        while process.poll() is None and not ready(url):
-            time.sleep(0.2)
-        if process.poll() is None:
-            print(f"loradock ui: {url}  (endpoint {endpoint}, registry {env[REGISTRY_ENV]})", flush=True)
-        code = process.wait()
+        app.wait_healthy(f"{url}/_stcore/health", timeout=120)
+        print(f"loradock ui: {url}  (endpoint {endpoint}, registry {env[REGISTRY_ENV]}; log: {log})", flush=True)
+        code = app.process.wait()
+    except LoradockError:
+        if stopping:
+            return 0
+        raise
     finally:
-        if process.poll() is None:
-            process.terminate()
-            process.wait(timeout=30)
+        app.stop()
     if stopping:
         return 0
-    raise LoradockError(f"Streamlit exited with status {code}", "see its messages above")
+    raise LoradockError(f"Streamlit exited with status {code}", f"see its log in {log}")
 
 
 def streamlit_command(host: str, port: int) -> list[str]:
@@ -108,13 +108,3 @@ def streamlit_command(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(Path(__file__).with_name("app.py")), "--server.headless",
             "true", "--server.address", host, "--server.port", str(port), "--browser.gatherUsageStats", "false",
             "--server.fileWatcherType", "none", "--client.toolbarMode", "minimal"]
-
-
-def ready(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=1) as response:
-            return response.status == 200
-    except OSError:
-        return False

@@ -5,11 +5,10 @@ model, rank, dataset sha, training configuration, eval metrics and the training 
 Raises loradock's typed errors (`Unreachable`, `NotFound`, ...) like the rest of hub/.
 """
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hub.adapter import CONFIG, METRICS, RUN_CONFIG, CardInfo
+from hub.adapter import CONFIG, METRICS, RUN_CONFIG, CardInfo, read_json
 
 CARD_FILES = (CONFIG, METRICS, RUN_CONFIG)
 
@@ -77,8 +76,8 @@ def adapter_card(repo_id: str, commit: str, endpoint: str, token: str | None) ->
                 continue  # an adapter pushed without loradock may lack metrics.json or run_config.yaml
     if folder is None:
         return AdapterCard(repo_id, commit, None, {}, "")
-    metrics = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
-    run_config = folder / "run_config.yaml"
+    metrics = read_json(folder / METRICS)
+    run_config = folder / RUN_CONFIG
     return AdapterCard(repo_id, commit, CardInfo.from_folder(folder), metrics,
                        run_config.read_text(encoding="utf-8") if run_config.exists() else "", loss_curve(metrics))
 

@@ -1,4 +1,5 @@
-"""Who a token stands for (`hf auth whoami`, `loradock hub login`), served by `loradock hub serve`."""
+"""Who a token stands for (`hf auth whoami`, `loradock hub login`), and whether the registry is up
+(`/health`, what process supervisors and loradock's own tools wait on), served by `loradock hub serve`."""
 
 from fastapi import APIRouter
 
@@ -6,6 +7,11 @@ from hub import errors, views
 from hub.routes.deps import CallerDep
 
 router = APIRouter()
+
+
+@router.get("/health")
+def health():
+    return {"status": "ok"}
 
 
 @router.get("/api/whoami-v2")
