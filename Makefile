@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loradock-installed
 export LORADOCK_HOME ?= $(CURDIR)/.loradock
 
-.PHONY: setup browser test demo demo-clean clean
+.PHONY: setup browser test test-fast demo demo-clean clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,13 @@ browser:
 
 test: setup browser
 	$(PY) -m pytest
+
+# Everything but the `slow` tests (training runs, vLLM), in about a minute.
+# The tests that need the base model run against one built once and kept in $(LORADOCK_HOME)/test-home
+# (the first run builds it: a few minutes); tests/conftest.py marks them slow when none is kept.
+test-fast: setup
+	LORADOCK_HOME=$(LORADOCK_HOME)/test-home $(PY) -m loradock.cli base build
+	LORADOCK_TEST_HOME=$(LORADOCK_HOME)/test-home $(PY) -m pytest -m "not slow"
 
 # The whole loop on the built-in tiny base, offline (loradock/demo.py says what each stage does).
 # DEMO_UI=0: stop after the report instead of starting the comparison UI.

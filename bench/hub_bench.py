@@ -18,58 +18,21 @@ each and the ratios to the copy. Target: pull >= 0.5x the plain copy.
 import argparse
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from loradock.procs import create_token, free_port, start_registry  # noqa: E402 (after the path is set)
+
 MB = 10**6
 TARGET = 0.5
 ADAPTER_CONFIG = '{"base_model_name_or_path": "loradock/tiny-chat", "peft_type": "LORA", "r": 8}'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def loradock(*args: str, **popen) -> subprocess.Popen:
-    """`python -m loradock.cli ARGS` in a subprocess that imports this checkout."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    return subprocess.Popen([sys.executable, "-m", "loradock.cli", *args], env=env, **popen)
-
-
-def wait_until_up(endpoint: str, server: subprocess.Popen, log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the registry exited with {server.returncode}:\n{log.read_text()}")
-        try:
-            urllib.request.urlopen(f"{endpoint}/api/whoami-v2", timeout=2).close()
-            return
-        except urllib.error.HTTPError:  # 401 without a token: it is up
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"the registry did not answer within {timeout:.0f} s:\n{log.read_text()}")
-
-
-def create_token(root: Path) -> str:
-    proc = loradock("hub", "token", "create", "--root", str(root), "--user", "bench",
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out, err = proc.communicate()
-    if proc.returncode:
-        raise RuntimeError(f"`loradock hub token create` failed:\n{err}")
-    return out.strip()
 
 
 def make_adapter(folder: Path, size_mb: int) -> Path:
@@ -96,8 +59,7 @@ def timed(fn, *args, **kwargs) -> float:
 
 def bench_size(size_mb: int, work: Path, endpoint: str, token: str, rounds: int) -> dict:
     """Push once; then `rounds` times a pull and a copy, alternating so that both meet the same disk."""
-    import huggingface_hub.hf_api  # noqa: F401  (imports before the clock starts)
-    import sft.model_card  # noqa: F401
+    import huggingface_hub.hf_api  # noqa: F401  (imports before the clock starts; hub.client imports the card code)
     from hub.client import pull, push
 
     weights = make_adapter(work / f"adapter-{size_mb}mb", size_mb)
@@ -141,25 +103,15 @@ def run(sizes: list[int], tmp: Path, rounds: int) -> list[dict]:
     for name, var in (("home", "LORADOCK_HOME"), ("config", "LORADOCK_CONFIG_DIR"), ("hf", "HF_HOME")):
         (tmp / name).mkdir()
         os.environ[var] = str(tmp / name)
-    os.environ.update(HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1")
+    # PYTHONPATH: the registry's process imports this checkout too, wherever this is run from.
+    os.environ.update(HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1",
+                      PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     for var in ("HF_TOKEN", "HF_ENDPOINT"):
         os.environ.pop(var, None)
-    root, work, log, port = tmp / "registry", tmp / "work", tmp / "server.log", free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    with log.open("w") as log_file:
-        server = loradock("hub", "serve", "--root", str(root), "--port", str(port),
-                          stdout=log_file, stderr=subprocess.STDOUT)
-    try:
-        wait_until_up(endpoint, server, log)
-        token = create_token(root)
-        return [bench_size(size, work, endpoint, token, rounds) for size in sizes]
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+    root, work, port = tmp / "registry", tmp / "work", free_port()
+    with start_registry(root, port, tmp / "server.log"):
+        token = create_token(root, "bench")
+        return [bench_size(size, work, f"http://127.0.0.1:{port}", token, rounds) for size in sizes]
 
 
 def main() -> int:

@@ -53,7 +53,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,7 +62,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loradock.demo import Service, answers, free_port, loradock  # noqa: E402 (after the path is set)
+from loradock.procs import Service, create_token, free_port, loradock_command, run_loradock, start_registry  # noqa: E402
 
 BASE, MAX_TOKENS, NAMES = "loradock/tiny-chat", 32, [f"bench/a{i}" for i in range(8)]
 TASKS = REPO / "sft" / "assets" / "tasks"
@@ -95,7 +94,7 @@ def base_and_source(args, tmp: Path) -> tuple[str, Path]:
     source = args.adapter_dir or (found[0].parent if found else None)
     if source is None:
         source, log = tmp / "trained", tmp / "train.log"
-        loradock("train", "--data", str(TASKS / "reverse" / "train.jsonl"), "--output", str(source), "--lora-r", "16",
+        run_loradock("train", "--data", str(TASKS / "reverse" / "train.jsonl"), "--output", str(source), "--lora-r", "16",
                  "--lora-alpha", "32", "--lr", "2e-3", "--max-steps", "60", "--batch-size", "16", "--max-length", "64",
                  "--training.save_strategy", "no", "--training.disable_tqdm", "true", log=log)
     return base, Path(source)
@@ -245,19 +244,15 @@ def run_managed(args, tmp: Path) -> tuple[dict, dict | None, str]:
     registry_port, port = free_port(), free_port()
     registry_url = f"http://127.0.0.1:{registry_port}"
     with ExitStack() as services:
-        registry = Service("the registry", ["hub", "serve", "--root", str(tmp / "registry"), "--port", str(registry_port)],
-                           tmp / "registry.log")
-        services.callback(registry.stop)
-        registry.wait_until(lambda: answers(f"{registry_url}/api/whoami-v2"), 60)
-        token = subprocess.run([sys.executable, "-m", "loradock.cli", "hub", "token", "create", "--root", str(tmp / "registry"),
-                                "--user", "bench"], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+        services.enter_context(start_registry(tmp / "registry", registry_port, tmp / "registry.log"))
+        token = create_token(tmp / "registry", "bench")
         for name, folder in zip(NAMES, folders):
             push(str(folder), name, endpoint=registry_url, token=token)
-        started, log = time.monotonic(), tmp / "serve.log"
-        server = Service("loradock serve", ["serve", "--port", str(port), "--registry", registry_url, "--token", token,
-                                            "--max-loras", "8", "--max-lora-rank", "16"], log)
-        services.callback(server.stop)
-        server.wait_until(lambda: "serving " in log.read_text(), 600)
+        started = time.monotonic()
+        server = services.enter_context(Service("loradock serve", loradock_command(
+            "serve", "--port", port, "--registry", registry_url, "--token", token, "--max-loras", "8",
+            "--max-lora-rank", "16"), tmp / "serve.log"))
+        server.wait_healthy(f"http://127.0.0.1:{port}/health", 600)
         note = f"started here: loradock serve --max-loras 8 --max-lora-rank 16, ready in {time.monotonic() - started:.0f} s"
         vllm = asyncio.run(measure(f"http://127.0.0.1:{port}", NAMES, args, registry_cold=True))
     return vllm, naive(base, folders, args.requests or 32, args.rounds), note

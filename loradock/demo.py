@@ -6,9 +6,13 @@ hot-loads them by name -> `loradock eval` through its OpenAI endpoint for every 
 task -> demo-report.md and a bar chart -> the comparison UI.
 
 Everything lands under $LORADOCK_HOME (`.loradock/` by default): models/, adapters/, registry/,
-logs/ (one log per service and per training run), demo/ (token, eval reports), demo-report.md,
+logs/ (one log per service and per run of a command), demo/ (token, eval reports), demo-report.md,
 demo-report.png. A second run reuses the base model, the trained adapters (same config, same
 base) and the pushed commits (same weights), so it only starts the services and evaluates.
+
+The terminal gets one line per stage, naming its log files; on a terminal a progress bar with
+steps and ETA stands in the line while the base model is built and while adapters train. What
+the libraries print (progress bars, warnings, vLLM's output) goes to the logs.
 
 Environment: DEMO_UI=0 stops the services and exits after the report (default: start the UI and
 keep everything running until Ctrl-C); DEMO_STEPS_SCALE=0.3 trains each adapter for that
@@ -19,31 +23,57 @@ choose the ports (default: free ones).
 import hashlib
 import json
 import os
+import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
-from contextlib import ExitStack
+from contextlib import ExitStack, redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from loradock.errors import LoradockError
 from loradock.home import DEFAULT_BASE_MODEL, default_base_dir, home
+from loradock.procs import Service, StepsInLog, create_token, free_port, loradock_command, run_loradock, start_registry
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("reverse", "commas")
 NAMESPACE = "demo"
-# What the report checks (issue 7): each adapter on its own task, the base, each adapter elsewhere.
+# What the report checks: each adapter on its own task, the base, each adapter elsewhere.
 OWN_TASK_MIN, BASE_MAX, OTHER_TASK_MAX = 0.8, 0.2, 0.2
 STAGES = 6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@dataclass(frozen=True)
+class Demo:
+    """Where this run keeps things, and the URLs of its services."""
+
+    root: Path  # $LORADOCK_HOME
+    registry_port: int
+    serve_port: int
+    ui_port: int | None  # None: DEMO_UI=0
+    scale: float  # DEMO_STEPS_SCALE
+    library_log: TextIO  # what the libraries print in this process (huggingface_hub, matplotlib)
+
+    @property
+    def state(self) -> Path:
+        return self.root / "demo"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def registry_url(self) -> str:
+        return f"http://127.0.0.1:{self.registry_port}"
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://127.0.0.1:{self.serve_port}"
+
+    def shown(self, path: Path) -> str:
+        """A path as the stage lines show it: relative to $LORADOCK_HOME (named in the first line)."""
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
 
 
 def port_from_env(name: str) -> int:
@@ -55,67 +85,43 @@ def port_from_env(name: str) -> int:
     return int(value)
 
 
-def stage(number: int, title: str):
-    """Prints `[n/6] title ... detail (seconds)` when the stage's body returns its detail."""
-    def run(body):
-        started = time.monotonic()
-        print(f"[{number}/{STAGES}] {title} ...", end=" ", flush=True)
-        detail = body()
-        print(f"{detail} ({time.monotonic() - started:.1f} s)", flush=True)
-        return detail
-    return run
+class Line:
+    """One stage's line, `[n/6] title ... detail (seconds)`. On a terminal a progress bar stands in
+    its place while a long step runs, and the finished line is drawn over it; elsewhere (a pipe, a
+    CI log) the title is printed first and the detail appended, with no bar."""
+
+    def __init__(self, number: int, title: str):
+        self.number = f"[{number}/{STAGES}]"
+        self.head, self.terminal = f"{self.number} {title}", sys.stdout.isatty()
+
+    def bar(self, total: int, what: str):
+        """A tqdm bar of `total` steps (nothing off a terminal, or with nothing to do)."""
+        from tqdm import tqdm  # huggingface_hub's dependency
+
+        # The width from shutil, which falls back to 80 where the terminal reports none (tqdm would draw nothing).
+        return tqdm(total=total, desc=f"{self.number} {what}", unit="step", leave=False, file=sys.stdout,
+                    ncols=shutil.get_terminal_size().columns, disable=not (self.terminal and total))
+
+    def follow(self, bar, log: Path, total: int | None = None):
+        """A callback for `run_loradock(every=...)` that moves `bar` with the Trainer's steps in `log`
+        (None for a bar that draws nothing)."""
+        if bar.disable:
+            return None
+        steps, start = StepsInLog(log, total), bar.n
+
+        def update() -> None:
+            bar.update(max(0, start + steps.read() - bar.n))
+        return update
 
 
-def loradock(*args: str, log: Path) -> None:
-    """Run `loradock ARGS` to completion, its output to `log` (this run only); a failure shows the log's end."""
-    with log.open("w") as out:
-        code = subprocess.run([sys.executable, "-m", "loradock.cli", *args], cwd=REPO, stdout=out,
-                              stderr=subprocess.STDOUT).returncode
-    if code:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-        raise LoradockError(f"`loradock {' '.join(args[:2])}` failed (exit {code}); its log ends:\n{tail}",
-                            f"see {log}")
-
-
-class Service:
-    """A long-running `loradock` command in its own process group, stopped with SIGTERM."""
-
-    def __init__(self, name: str, args: list[str], log: Path):
-        self.name, self.log = name, log
-        with log.open("w") as out:
-            self.process = subprocess.Popen([sys.executable, "-m", "loradock.cli", *args], cwd=REPO, stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_until(self, ready, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-15:])
-                raise LoradockError(f"{self.name} exited with {self.process.returncode}; its log ends:\n{tail}",
-                                    f"see {self.log}")
-            if ready():
-                return
-            time.sleep(0.3)
-        raise LoradockError(f"{self.name} was not ready after {timeout:.0f} s", f"see {self.log}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-
-def answers(url: str) -> bool:
-    try:
-        urllib.request.urlopen(url, timeout=2).close()
-    except urllib.error.HTTPError:
-        return True  # up, and asking for a token
-    except OSError:
-        return False
-    return True
+def stage(number: int, title: str, body, *args):
+    """Run `body(line, *args) -> (value, detail)` as stage `number`; prints its line, returns the value."""
+    line, started = Line(number, title), time.monotonic()
+    print(f"{line.head} ...", end=" ", flush=True)
+    value, detail = body(line, *args)
+    redraw = f"\r\x1b[K{line.head} ... " if line.terminal else ""
+    print(f"{redraw}{detail} ({time.monotonic() - started:.1f} s)", flush=True)
+    return value
 
 
 def sha256_file(path: Path) -> str:
@@ -126,19 +132,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def registry_token(root: Path, state: Path, log: Path) -> str:
+def registry_token(demo: Demo) -> str:
     """The demo's write token, created once and kept (mode 600) next to the demo's other state."""
-    path = state / "token"
+    path = demo.state / "token"
     if path.exists():
         return path.read_text().strip()
-    created = subprocess.run([sys.executable, "-m", "loradock.cli", "hub", "token", "create", "--root", str(root),
-                              "--user", NAMESPACE, "--name", "demo"], cwd=REPO, capture_output=True, text=True)
-    if created.returncode:
-        log.write_text(created.stdout + created.stderr)
-        raise LoradockError("could not create the demo's registry token", f"see {log}")
+    token = create_token(demo.root / "registry", NAMESPACE, name="demo")
     path.touch(mode=0o600)
-    path.write_text(created.stdout.strip() + "\n")
-    return created.stdout.strip()
+    path.write_text(token + "\n")
+    return token
 
 
 def remote_sha256(api, repo_id: str, revision: str, filename: str) -> str | None:
@@ -147,57 +149,122 @@ def remote_sha256(api, repo_id: str, revision: str, filename: str) -> str | None
     return next((s.lfs.sha256 for s in info.siblings or [] if s.rfilename == filename and s.lfs), None)
 
 
-def publish(folder: Path, repo_id: str, endpoint: str, token: str, model: bool = False) -> tuple[str, str]:
+def publish(demo: Demo, folder: Path, repo_id: str, token: str, model: bool = False) -> tuple[str, str]:
     """Push the folder unless its weights are already the newest tag's (or, for a model, main's).
     Adapters get the next free tag v1, v2, ...; returns (revision to serve, what happened)."""
-    from huggingface_hub.utils import disable_progress_bars
+    with redirect_stdout(demo.library_log), redirect_stderr(demo.library_log):
+        from huggingface_hub.utils import disable_progress_bars
 
-    from hub.client import hub_api, push
+        from hub.client import hub_api, push
 
-    disable_progress_bars()  # one line per stage
-    api = hub_api(endpoint, token)
-    weights = "model.safetensors" if model else "adapter_model.safetensors"
-    local = sha256_file(folder / weights)
-    exists = api.repo_exists(repo_id)
-    tags = sorted((int(t.name[1:]) for t in api.list_repo_refs(repo_id).tags
-                   if t.name.startswith("v") and t.name[1:].isdigit()), reverse=True) if exists else []
-    current = "main" if model else (f"v{tags[0]}" if tags else None)
-    if current and exists and remote_sha256(api, repo_id, current, weights) == local:
-        return current, f"{repo_id}@{current} (already there)"
-    tag = None if model else f"v{(tags[0] if tags else 0) + 1}"
-    result = push(str(folder), repo_id, tag=tag, endpoint=endpoint, token=token, model=model,
-                  message=f"demo: {folder.name}")
+        disable_progress_bars()
+        api = hub_api(demo.registry_url, token)
+        weights = "model.safetensors" if model else "adapter_model.safetensors"
+        local = sha256_file(folder / weights)
+        exists = api.repo_exists(repo_id)
+        tags = sorted((int(t.name[1:]) for t in api.list_repo_refs(repo_id).tags
+                       if t.name.startswith("v") and t.name[1:].isdigit()), reverse=True) if exists else []
+        current = "main" if model else (f"v{tags[0]}" if tags else None)
+        if current and exists and remote_sha256(api, repo_id, current, weights) == local:
+            return current, f"{repo_id}@{current} (already there)"
+        tag = None if model else f"v{(tags[0] if tags else 0) + 1}"
+        result = push(str(folder), repo_id, tag=tag, endpoint=demo.registry_url, token=token, model=model,
+                      message=f"demo: {folder.name}")
     return tag or "main", f"{repo_id}@{tag or 'main'} (commit {result.commit[:12]})"
 
 
-def train(task: str, output: Path, scale: float, base_sha: str, log: Path) -> str:
-    """Train the task's adapter from sft/configs/TASK.yaml unless the same config was trained on
-    the same base already (the fingerprint is kept in the adapter folder's metrics.json)."""
+def base_and_registry(line: Line, demo: Demo, services: ExitStack) -> tuple[tuple[str, str], str]:
+    """Build the base model unless it is built, start the registry, push the base; returns (token, base sha)."""
+    from sft.base_model import BUILD_INFO, BaseModelSpec, resolve_base_model
+
+    built = "reused"
+    if not (default_base_dir() / BUILD_INFO).exists():
+        log = demo.logs / "demo-base-build.log"
+        with line.bar(BaseModelSpec().pretrain_steps, "building the base model (once)") as bar:
+            run_loradock("base", "build", log=log, every=line.follow(bar, log))
+        built = f"built, log {demo.shown(log)}"
+    base_dir = Path(resolve_base_model(DEFAULT_BASE_MODEL))  # refuses a build of another recipe
+    registry_log = demo.logs / "demo-registry.log"
+    services.enter_context(start_registry(demo.root / "registry", demo.registry_port, registry_log))
+    token = registry_token(demo)
+    _, pushed = publish(demo, base_dir, DEFAULT_BASE_MODEL, token, model=True)
+    base_sha = json.loads((base_dir / BUILD_INFO).read_text())["weights_sha256"]
+    return (token, base_sha), (f"{demo.shown(base_dir)} ({built}); registry {demo.registry_url}, log "
+                               f"{demo.shown(registry_log)}; base pushed as {pushed}")
+
+
+@dataclass(frozen=True)
+class Training:
+    """One task adapter's training run: from sft/configs/TASK.yaml, for a fraction of its steps."""
+
+    task: str
+    config: Path
+    output: Path
+    steps: int
+    fingerprint: str  # the config, the steps and the base: the same three make the same adapter
+
+    @property
+    def done(self) -> bool:
+        marker = self.output / "demo-fingerprint"
+        return (marker.exists() and marker.read_text().strip() == self.fingerprint
+                and (self.output / "adapter_model.safetensors").exists())
+
+
+def plan_training(task: str, demo: Demo, base_sha: str) -> Training:
     import yaml
 
-    config_path = REPO / "sft" / "configs" / f"{task}.yaml"
-    config = yaml.safe_load(config_path.read_text())
-    steps = max(1, round(config["training"]["max_steps"] * scale))
-    fingerprint = hashlib.sha256(f"{config_path.read_text()}|{steps}|{base_sha}".encode()).hexdigest()
-    marker = output / "demo-fingerprint"
-    if marker.exists() and marker.read_text().strip() == fingerprint and (output / "adapter_model.safetensors").exists():
-        return f"{task}: reused"
-    loradock("train", "--config", str(config_path), "--output", str(output), "--overwrite", "--max-steps", str(steps),
-             "--training.disable_tqdm", "true", log=log)
-    marker.write_text(fingerprint + "\n")
-    metrics = json.loads((output / "metrics.json").read_text())
-    return (f"{task}: {steps} steps, eval loss {metrics['eval_loss_before']:.2f} -> {metrics['eval_loss']:.2f}, "
-            f"{metrics['train_runtime_s']:.0f} s")
+    config = REPO / "sft" / "configs" / f"{task}.yaml"
+    steps = max(1, round(yaml.safe_load(config.read_text())["training"]["max_steps"] * demo.scale))
+    fingerprint = hashlib.sha256(f"{config.read_text()}|{steps}|{base_sha}".encode()).hexdigest()
+    return Training(task, config, demo.root / "adapters" / task, steps, fingerprint)
 
 
-def evaluate(endpoint: str, models: list[str], state: Path) -> dict[str, dict[str, float]]:
+def train(run: Training, log: Path, follow) -> str:
+    """Train the adapter unless the same run is done already; `follow` is `run_loradock`'s progress callback."""
+    if run.done:
+        return f"{run.task}: reused"
+    run_loradock("train", "--config", run.config, "--output", run.output, "--overwrite", "--max-steps", run.steps,
+                 log=log, every=follow)
+    (run.output / "demo-fingerprint").write_text(run.fingerprint + "\n")
+    metrics = json.loads((run.output / "metrics.json").read_text())
+    return (f"{run.task}: {run.steps} steps, eval loss {metrics['eval_loss_before']:.2f} -> {metrics['eval_loss']:.2f}, "
+            f"{metrics['train_runtime_s']:.0f} s, log {log.name}")
+
+
+def train_and_push(line: Line, demo: Demo, token: str, base_sha: str) -> tuple[tuple[dict, list], str]:
+    """Each task's adapter trained (or reused) and pushed; returns ({task: served name}, one note per task)."""
+    runs = [plan_training(task, demo, base_sha) for task in TASKS]
+    adapters, notes = {}, []
+    with line.bar(sum(run.steps for run in runs if not run.done), "training") as bar:
+        for run in runs:
+            log = demo.logs / f"demo-train-{run.task}.log"
+            bar.set_description(f"{line.number} training {run.task}")
+            trained = train(run, log, line.follow(bar, log, total=run.steps))
+            revision, pushed = publish(demo, run.output, f"{NAMESPACE}/{run.task}", token)
+            adapters[run.task] = f"{NAMESPACE}/{run.task}@{revision}"
+            notes.append(f"{trained}; pushed {pushed}")
+    return (adapters, notes), " | ".join(notes) + f" (logs in {demo.shown(demo.logs)}/)"
+
+
+def serve(line: Line, demo: Demo, services: ExitStack, token: str) -> tuple[None, str]:
+    log = demo.logs / "demo-serve.log"
+    server = services.enter_context(Service("loradock serve", loradock_command(
+        "serve", "--port", demo.serve_port, "--registry", demo.registry_url, "--token", token,
+        "--max-lora-rank", "16", "--max-model-len", "256"), log))
+    server.wait_healthy(f"{demo.serve_url}/health", 600)
+    vllm_log = demo.logs / f"serve-{demo.serve_port}.log"  # `loradock serve` keeps vLLM's own output there
+    return None, (f"{demo.serve_url}/v1 (base only; adapters load on their first request), logs {demo.shown(log)}, "
+                  f"{demo.shown(vllm_log)}")
+
+
+def evaluate(demo: Demo, models: list[str]) -> dict[str, dict[str, float]]:
     """{model: {task: exact match}} through the served endpoint, one `loradock eval` per task."""
     table: dict[str, dict[str, float]] = {model: {} for model in models}
     for task in TASKS:
-        report_path = state / f"eval-{task}.json"
-        loradock("eval", "--endpoint", endpoint, *[a for m in models for a in ("--model", m)],
-                 "--data", str(REPO / "sft" / "assets" / "tasks" / task / "heldout.jsonl"),
-                 "--metrics", "exact_match", "--output", str(report_path), log=state / f"eval-{task}.log")
+        report_path = demo.state / f"eval-{task}.json"
+        run_loradock("eval", "--endpoint", f"{demo.serve_url}/v1", *[a for m in models for a in ("--model", m)],
+                     "--data", REPO / "sft" / "assets" / "tasks" / task / "heldout.jsonl",
+                     "--metrics", "exact_match", "--output", report_path, log=demo.logs / f"demo-eval-{task}.log")
         report = json.loads(report_path.read_text())
         for model in models:
             table[model][task] = report["metrics"][model]["exact_match"]
@@ -213,6 +280,20 @@ def checks(table: dict, adapters: dict[str, str]) -> list[tuple[str, bool]]:
         results += [(f"{name} <= {OTHER_TASK_MAX:.0%} on {other}", table[name][other] <= OTHER_TASK_MAX)
                     for other in TASKS if other != task]
     return results
+
+
+def report(line: Line, demo: Demo, adapters: dict[str, str], notes: list[str]) -> tuple[tuple[dict, list], str]:
+    """Evaluate, check the targets, write the report, the chart and report.json; returns (table, checks)."""
+    table = evaluate(demo, [DEFAULT_BASE_MODEL, *adapters.values()])
+    results = checks(table, adapters)
+    chart = demo.root / "demo-report.png"
+    draw_chart(demo, table, chart)
+    write_report(table, adapters, results, demo.root / "demo-report.md", chart, notes)
+    (demo.state / "report.json").write_text(json.dumps({"exact_match": table, "adapters": adapters,
+                                                        "checks": [{"check": w, "ok": ok} for w, ok in results]},
+                                                       indent=2) + "\n")
+    return (table, results), (f"{demo.shown(demo.root / 'demo-report.md')}, {chart.name}; logs "
+                              f"{demo.shown(demo.logs)}/demo-eval-*.log")
 
 
 def markdown_table(table: dict) -> str:
@@ -239,128 +320,84 @@ def write_report(table: dict, adapters: dict[str, str], results: list, path: Pat
     ]))
 
 
-def draw_chart(table: dict, path: Path) -> None:
+def draw_chart(demo: Demo, table: dict, path: Path) -> None:
     """Grouped bars: one group per task, one bar per model."""
-    import matplotlib
+    with redirect_stdout(demo.library_log), redirect_stderr(demo.library_log):  # "building the font cache"
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
-    width = 0.8 / len(table)
-    for i, (model, scores) in enumerate(table.items()):
-        xs = [t + (i - (len(table) - 1) / 2) * width for t in range(len(TASKS))]
-        bars = ax.bar(xs, [scores[task] for task in TASKS], width, label=model)
-        ax.bar_label(bars, labels=[f"{scores[task]:.0%}" for task in TASKS], fontsize=8)
-    ax.set_xticks(range(len(TASKS)), [f"{task} (held-out)" for task in TASKS])
-    ax.set_ylim(0, 1.35)
-    ax.set_ylabel("exact match")
-    ax.set_title("Held-out exact match, base vs task adapters (one vLLM server)", fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", ncols=len(table))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
+        width = 0.8 / len(table)
+        for i, (model, scores) in enumerate(table.items()):
+            xs = [t + (i - (len(table) - 1) / 2) * width for t in range(len(TASKS))]
+            bars = ax.bar(xs, [scores[task] for task in TASKS], width, label=model)
+            ax.bar_label(bars, labels=[f"{scores[task]:.0%}" for task in TASKS], fontsize=8)
+        ax.set_xticks(range(len(TASKS)), [f"{task} (held-out)" for task in TASKS])
+        ax.set_ylim(0, 1.35)
+        ax.set_ylabel("exact match")
+        ax.set_title("Held-out exact match, base vs task adapters (one vLLM server)", fontsize=10)
+        ax.legend(fontsize=8, loc="upper center", ncols=len(table))
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+
+
+def start_ui(line: Line, demo: Demo, services: ExitStack) -> tuple[str, str]:
+    log, url = demo.logs / "demo-ui.log", f"http://127.0.0.1:{demo.ui_port}"
+    app = services.enter_context(Service("loradock ui", loradock_command(
+        "ui", "--endpoint", f"{demo.serve_url}/v1", "--registry", demo.registry_url, "--port", demo.ui_port), log))
+    app.wait_healthy(f"{url}/_stcore/health", 120)
+    return url, f"{url}, log {demo.shown(log)}"
 
 
 def run() -> int:
     ui = os.environ.get("DEMO_UI", "1") != "0"
-    scale = float(os.environ.get("DEMO_STEPS_SCALE", "1"))
-    root, state, logs = home(), home() / "demo", home() / "logs"
-    for folder in (state, logs):
+    root = home().resolve()
+    os.environ["LORADOCK_HOME"] = str(root)  # the commands started here use the same home, wherever they run
+    for folder in (root / "demo", root / "logs"):
         folder.mkdir(parents=True, exist_ok=True)
-    registry_port, serve_port = port_from_env("DEMO_REGISTRY_PORT"), port_from_env("DEMO_PORT")
-    ui_port = port_from_env("DEMO_UI_PORT") if ui else None
-    registry_url, serve_url = f"http://127.0.0.1:{registry_port}", f"http://127.0.0.1:{serve_port}"
-    print(f"[1/{STAGES}] set-up ... ok (python {sys.version.split()[0]}, everything under {root}/)", flush=True)
     with ExitStack() as services:
-        def start(name: str, args: list[str], log: Path) -> Service:
-            service = Service(name, args, log)
-            services.callback(service.stop)
-            return service
-
-        def base_and_registry() -> str:
-            from sft.base_model import BUILD_INFO, resolve_base_model
-
-            base_dir = Path(resolve_base_model(DEFAULT_BASE_MODEL))
-            registry = start("the registry", ["hub", "serve", "--root", str(root / "registry"), "--port", str(registry_port)],
-                             logs / "demo-registry.log")
-            registry.wait_until(lambda: answers(f"{registry_url}/api/whoami-v2"), 60)
-            token = registry_token(root / "registry", state, logs / "demo-token.log")
-            _, pushed = publish(base_dir, DEFAULT_BASE_MODEL, registry_url, token, model=True)
-            base_sha = json.loads((base_dir / BUILD_INFO).read_text())["weights_sha256"]
-            context.update(token=token, base_sha=base_sha)
-            return f"{base_dir}; registry {registry_url}; base pushed as {pushed}"
-
-        context: dict = {}
-        stage(2, "base model, registry")(base_and_registry)
-
-        def adapters() -> str:
-            lines = []
-            for task in TASKS:
-                folder = root / "adapters" / task
-                trained = train(task, folder, scale, context["base_sha"], logs / f"demo-train-{task}.log")
-                revision, pushed = publish(folder, f"{NAMESPACE}/{task}", registry_url, context["token"])
-                context.setdefault("adapters", {})[task] = f"{NAMESPACE}/{task}@{revision}"
-                lines.append(f"{trained}; pushed {pushed}")
-            context["notes"] = lines
-            return " | ".join(lines)
-
-        stage(3, f"train and push {len(TASKS)} task adapters")(adapters)
-
-        def serve() -> str:
-            log = logs / "demo-serve.log"
-            server = start("loradock serve", ["serve", "--port", str(serve_port), "--registry", registry_url, "--token",
-                                              context["token"], "--max-lora-rank", "16", "--max-model-len", "256"], log)
-            server.wait_until(lambda: "serving " in log.read_text(errors="replace"), 600)
-            return f"{serve_url}/v1 (base only; adapters load on their first request)"
-
-        stage(4, "serve")(serve)
-
-        def report() -> str:
-            adapters = context["adapters"]
-            table = evaluate(f"{serve_url}/v1", [DEFAULT_BASE_MODEL, *adapters.values()], state)
-            results = checks(table, adapters)
-            chart = root / "demo-report.png"
-            draw_chart(table, chart)
-            write_report(table, adapters, results, root / "demo-report.md", chart, context["notes"])
-            (state / "report.json").write_text(json.dumps({"exact_match": table, "adapters": adapters,
-                                                           "checks": [{"check": w, "ok": ok} for w, ok in results]},
-                                                          indent=2) + "\n")
-            context["table"], context["results"] = table, results
-            return f"{root / 'demo-report.md'}, {chart.name}"
-
-        stage(5, "evaluate every model on every task through the endpoint")(report)
-        print("\n" + markdown_table(context["table"]) + "\n")
-        for what, ok in context["results"]:
+        demo = Demo(root, port_from_env("DEMO_REGISTRY_PORT"), port_from_env("DEMO_PORT"),
+                    port_from_env("DEMO_UI_PORT") if ui else None, float(os.environ.get("DEMO_STEPS_SCALE", "1")),
+                    services.enter_context((root / "logs" / "demo.log").open("w")))
+        print(f"[1/{STAGES}] set-up ... ok (python {sys.version.split()[0]}, everything under {root}/, "
+              f"logs in {demo.shown(demo.logs)}/)", flush=True)
+        token, base_sha = stage(2, "base model, registry", base_and_registry, demo, services)
+        adapters, notes = stage(3, f"train and push {len(TASKS)} task adapters", train_and_push, demo, token, base_sha)
+        stage(4, "serve", serve, demo, services, token)
+        table, results = stage(5, "evaluate every model on every task through the endpoint", report, demo, adapters,
+                               notes)
+        print("\n" + markdown_table(table) + "\n")
+        for what, ok in results:
             print(f"  {'PASS' if ok else 'MISS'}  {what}")
         print()
         if not ui:
             print(f"[6/{STAGES}] UI ... skipped (DEMO_UI=0); stopping the services", flush=True)
             return 0
-
-        def start_ui() -> str:
-            log = logs / "demo-ui.log"
-            app = start("loradock ui", ["ui", "--endpoint", f"{serve_url}/v1", "--registry", registry_url,
-                                        "--port", str(ui_port)], log)
-            app.wait_until(lambda: answers(f"http://127.0.0.1:{ui_port}/_stcore/health"), 120)
-            return f"http://127.0.0.1:{ui_port}"
-
-        url = stage(6, "comparison UI")(start_ui)
-        print(f"\nOpen {url} (OpenAI endpoint {serve_url}/v1, registry {registry_url}). Ctrl-C stops everything.",
-              flush=True)
+        url = stage(6, "comparison UI", start_ui, demo, services)
+        print(f"\nOpen {url} (OpenAI endpoint {demo.serve_url}/v1, registry {demo.registry_url}). Ctrl-C stops "
+              "everything.", flush=True)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
         print("stopping the services", flush=True)
     return 0
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops the demo as Ctrl-C does: every service it started is stopped
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         return run()
     except LoradockError as e:
         print(f"\n{e.message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        print("\ninterrupted: what the demo started is stopped", file=sys.stderr)
         return 130
 
 

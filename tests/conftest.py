@@ -2,15 +2,18 @@
 
 Everything is offline and on the CPU. The base model is built once per session into the session's
 LORADOCK_HOME (a few minutes); `LORADOCK_TEST_HOME` points the session at a folder kept between
-runs instead, where a build with the same recipe is reused.
+runs instead, where a build with the same recipe is reused. Tests that train or start vLLM are
+marked `slow`, and so is every test that needs the base model while no build is kept
+(`make test-fast` keeps one, and runs the rest).
 """
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from loradock.procs import Service, create_token, free_port, loradock_command, start_registry
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "sft" / "assets"
@@ -82,9 +85,8 @@ def cli(run_cli, base_model_dir):
 
 
 def run_loradock(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
-    """`loradock ARGS...` as a separate process (for tests that kill it)."""
-    return subprocess.run([sys.executable, "-m", "loradock.cli", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, **kwargs)
+    """`loradock ARGS...` as a separate process, its output captured (for tests that read it)."""
+    return subprocess.run(loradock_command(*args), cwd=REPO, env=env, capture_output=True, text=True, **kwargs)
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -96,52 +98,40 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 # --- the embedded registry ------------------------------------------------------------------------
 
-def free_port() -> int:
-    import socket
+class OnAFreePort:
+    """What the registry and the server share here: a port on 127.0.0.1 chosen once (a restart keeps
+    it), and the `loradock.procs.Service` of the latest start."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RegistryProcess:
-    """`loradock hub serve` in its own process, on 127.0.0.1 and a free port."""
-
-    def __init__(self, root: Path, log: Path):
-        self.root, self.log, self.port, self.process = root, log, free_port(), None
+    def __init__(self):
+        self.port, self.service = free_port(), None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "RegistryProcess":
-        import time
-        import urllib.error
-        import urllib.request
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self.service.process if self.service else None
 
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "loradock.cli", "hub", "serve", "--root", str(self.root), "--port", str(self.port),
-             "--max-file-size", str(50 * 2**20)],
-            cwd=REPO, stdout=self.log.open("a"), stderr=subprocess.STDOUT)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.url}/api/whoami-v2", timeout=1)
-            except urllib.error.HTTPError:
-                return self  # 401 without a token: it is up
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"the registry did not start; see {self.log}")
+
+class RegistryProcess(OnAFreePort):
+    """`loradock hub serve` in its own process group; started again on the same port and root after a stop."""
+
+    def __init__(self, root: Path, log: Path):
+        super().__init__()
+        self.root, self.log = root, log
+
+    def start(self) -> "RegistryProcess":
+        self.service = start_registry(self.root, self.port, self.log, "--max-file-size", 50 * 2**20, append=True)
+        return self
 
     def stop(self, kill: bool = False) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.kill() if kill else self.process.terminate()
-            self.process.wait(timeout=30)
+        """SIGTERM (SIGKILL after a grace period), or with `kill` SIGKILL at once: a crash."""
+        if self.service:
+            self.service.kill() if kill else self.service.stop()
 
     def token(self, user: str = "alice", read_only: bool = False) -> str:
-        args = [sys.executable, "-m", "loradock.cli", "hub", "token", "create", "--root", str(self.root), "--user", user]
-        out = subprocess.run(args + (["--read-only"] if read_only else []), cwd=REPO, capture_output=True, text=True, check=True)
-        return out.stdout.strip()
+        return create_token(self.root, user, read_only)
 
 
 @pytest.fixture(scope="session")
@@ -178,8 +168,33 @@ def adapter_folder(path: Path, weights: bytes = b"\0weights" * 1000, base: str =
     return path
 
 
+# Fixtures that make every test using them slow: `trained_adapters` trains two adapters, and the
+# `served` fixtures built on it start vLLM.
+SLOW_FIXTURES = {"trained_adapters"}
+
+
+def base_model_kept() -> bool:
+    """Whether this session finds the base model built: LORADOCK_TEST_HOME holds a build of the
+    current spec and recipe (the reuse check of `sft.base_model.build`). Otherwise the first test
+    that asks for `base_model_dir` builds one, which takes minutes."""
+    import json
+    from dataclasses import asdict
+
+    from loradock.home import DEFAULT_BASE_MODEL
+    from sft.base_model import BUILD_INFO, BaseModelSpec, recipe_sha256
+
+    kept = os.environ.get("LORADOCK_TEST_HOME")
+    info = Path(kept) / "models" / DEFAULT_BASE_MODEL.split("/")[-1] / BUILD_INFO if kept else None
+    if not (info and info.exists()):
+        return False
+    built = json.loads(info.read_text())
+    return built.get("spec") == asdict(BaseModelSpec()) and built.get("recipe_sha256") == recipe_sha256()
+
+
 def pytest_collection_modifyitems(config, items):
-    """`network` tests need huggingface.co: they run only with LORADOCK_NETWORK=1; `gpu` tests need CUDA."""
+    """`slow` also marks what uses SLOW_FIXTURES, and what needs the base model while none is kept
+    (so `-m "not slow"` builds nothing). `network` tests need huggingface.co: they run only with
+    LORADOCK_NETWORK=1; `gpu` tests need CUDA. (This runs before pytest deselects by marker.)"""
     import importlib.util
 
     skip_network = pytest.mark.skip(reason="needs huggingface.co; set LORADOCK_NETWORK=1 to run")
@@ -189,7 +204,11 @@ def pytest_collection_modifyitems(config, items):
         import torch
 
         has_gpu = torch.cuda.is_available()
+    base_kept = base_model_kept()
     for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & SLOW_FIXTURES or ("base_model_dir" in fixtures and not base_kept):
+            item.add_marker(pytest.mark.slow)
         if "network" in item.keywords and os.environ.get("LORADOCK_NETWORK") != "1":
             item.add_marker(skip_network)
         if "gpu" in item.keywords and not has_gpu:
@@ -216,34 +235,22 @@ def trained_adapters(tmp_path_factory, base_model_dir) -> dict[str, Path]:
 
 # --- loradock serve ----------------------------------------------------------------------------
 
-class ServeProcess:
-    """`loradock serve ARGS` in its own process on a free port; started once it logs "serving "."""
+class ServeProcess(OnAFreePort):
+    """`loradock serve ARGS` in its own process group; started once vLLM's /health answers."""
 
     def __init__(self, args: list[str], log: Path, env: dict):
-        self.port, self.log, self.env = free_port(), log, env
+        super().__init__()
+        self.log, self.env = log, env
         self.args = ["serve", "--port", str(self.port), *args]
-        self.process = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 600) -> "ServeProcess":
-        import time
-
-        self.process = subprocess.Popen([sys.executable, "-m", "loradock.cli", *self.args], cwd=REPO, env=self.env,
-                                        stdout=self.log.open("a"), stderr=subprocess.STDOUT)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            assert self.process.poll() is None, self.log.read_text()[-3000:]
-            if "serving " in self.log.read_text():
-                return self
-            time.sleep(0.5)
-        raise RuntimeError(f"loradock serve did not start: {self.log}")
+        self.service = Service("loradock serve", loradock_command(*self.args), self.log, env=self.env, append=True)
+        self.service.wait_healthy(f"{self.url}/health", timeout)
+        return self
 
     def stop(self) -> int:
-        self.process.terminate()
-        return self.process.wait(timeout=60)
+        """SIGTERM, then SIGKILL after a grace period; returns its exit status (0: a clean stop)."""
+        return self.service.stop()
 
 
 def variant(source: Path, target: Path, config: dict | None = None, weights=None) -> Path:

@@ -1,4 +1,4 @@
-"""`make demo`'s pipeline end to end (issue 7), with DEMO_UI=0 and a fraction of the training
+"""`make demo`'s pipeline end to end, with DEMO_UI=0 and a fraction of the training
 steps: base model, registry, two task adapters trained and pushed, one vLLM server hot-loading
 them, eval through the OpenAI endpoint, the report; then a second run that reuses everything."""
 
@@ -9,14 +9,27 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow  # trains two adapters and starts vLLM
+
 BASE = "loradock/tiny-chat"
+# Every line the demo prints: a stage's, the results table's, a target's, or an empty one.
+OUTPUT_LINE = re.compile(r"\[[1-6]/6\] .* \.\.\. .*|\|.*\||  (PASS|MISS)  .*|")
 
 
 def run_demo(env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "loradock.demo"], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=1800)
+
+
+def assert_only_stage_output(run: subprocess.CompletedProcess) -> None:
+    """One line per stage and the results; what the libraries print went to the logs."""
+    assert run.stderr == "", run.stderr[-3000:]
+    assert all(OUTPUT_LINE.fullmatch(line) for line in run.stdout.splitlines()), run.stdout
+    assert all("logs/" in line for line in re.findall(r"^\[[2-5]/6\] .*", run.stdout, flags=re.M)), run.stdout
 
 
 def test_demo_trains_publishes_serves_and_reports(tmp_path, base_model_dir):
@@ -28,6 +41,12 @@ def test_demo_trains_publishes_serves_and_reports(tmp_path, base_model_dir):
     stages = re.findall(r"^\[(\d)/6\] .*", first.stdout, flags=re.M)
     assert stages == ["1", "2", "3", "4", "5", "6"], first.stdout
     assert all(re.search(r"\(\d+\.\d s\)$", line) for line in re.findall(r"^\[[2-5]/6\] .*", first.stdout, flags=re.M))
+    assert_only_stage_output(first)
+    logs = home / "logs"
+    for name in ("demo-registry", "demo-train-reverse", "demo-train-commas", "demo-serve", "demo-eval-reverse",
+                 "demo-eval-commas"):
+        assert (logs / f"{name}.log").stat().st_size > 0, name
+    assert re.search(r"[\r\n] *\d+%\|[^|\r\n]*\| *\d+/\d+ \[", (logs / "demo-train-reverse.log").read_text())  # its bar
 
     report = json.loads((home / "demo" / "report.json").read_text())
     table, adapters = report["exact_match"], report["adapters"]
@@ -45,6 +64,7 @@ def test_demo_trains_publishes_serves_and_reports(tmp_path, base_model_dir):
 
     second = run_demo(env)  # idempotent: nothing retrained, nothing pushed again
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert_only_stage_output(second)
     assert "reverse: reused" in second.stdout and "commas: reused" in second.stdout
     assert second.stdout.count("(already there)") == 3  # the base and both adapters
     assert json.loads((home / "demo" / "report.json").read_text())["adapters"] == adapters

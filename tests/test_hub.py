@@ -168,12 +168,26 @@ def test_private_repo_access_matrix(run_cli, hub_env, tmp_path):
     assert refused.code == 2 and "use a write token" in refused.err and hub_env.read_token not in refused.text
 
 
-def test_tokens_never_reach_logs_errors_or_cards(hub_env):
+def test_tokens_never_reach_logs_errors_or_cards(run_cli, hub_env, tmp_path):
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    # Its own traffic, whatever ran before: a push with each token (one refused), an unknown token, a card.
+    assert run_cli("push", adapter_folder(tmp_path / "a", os.urandom(1 << 16)), "alice/tokenless").code == 0
+    refused = run_cli("push", adapter_folder(tmp_path / "b"), "alice/tokenless", "--token", hub_env.read_token)
+    assert refused.code == 2 and hub_env.read_token not in refused.text and hub_env.write_token not in refused.text
+    with pytest.raises(HfHubHTTPError) as unknown:
+        api_for(hub_env, "hf_not_a_token_of_this_registry").model_info("alice/tokenless")
+    assert unknown.value.response.status_code == 401
+    card = open(hf_hub_download("alice/tokenless", "README.md", endpoint=hub_env.url, token=hub_env.write_token,
+                                cache_dir=tmp_path / "cache")).read()
+    assert hub_env.write_token not in card and hub_env.read_token not in card
     log = hub_env.log.read_text()
     assert hub_env.write_token not in log and hub_env.read_token not in log
     for path in hub_env.root.rglob("*"):
         if path.is_file():  # the database keeps only sha256 hashes of tokens
             assert hub_env.write_token.encode() not in path.read_bytes(), path
+            assert hub_env.read_token.encode() not in path.read_bytes(), path
 
 
 def test_login_stores_a_checked_token_for_the_endpoint_and_logout_forgets_it(run_cli, hub_env, monkeypatch, tmp_path):
@@ -254,3 +268,10 @@ def test_pagination_links_are_absolute_and_keep_every_filter(run_cli, hub_env, t
         url = link.split(">")[0].lstrip("<") if link else None
         assert url is None or (url.startswith(hub_env.url) and url.count("filter=") == 2)
     assert sorted(seen) == ["alice/page-a", "alice/page-b"]
+
+
+def test_health_answers_without_a_token_and_says_nothing_of_the_repos(registry):
+    import urllib.request
+
+    with urllib.request.urlopen(f"{registry.url}/health", timeout=5) as response:
+        assert response.status == 200 and json.loads(response.read()) == {"status": "ok"}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
+import yaml
 from openai import OpenAI
 
 from tests.conftest import ASSETS, ServeProcess, run_loradock, variant
@@ -238,11 +239,14 @@ def test_unload_while_requests_are_in_flight(served):
 
 
 def test_restart_brings_back_the_command_line_adapters_and_the_api_key_closes_every_route(served, tmp_path):
+    """Restarted from a --config file this time, whose `vllm:` section must reach vLLM's engine."""
     assert served.stop() == 0  # SIGTERM: a clean stop
     key = "s3cret-key"
-    again = ServeProcess(["--adapter", "alice/reverse@v1", "--registry", served.registry.url, "--token",
-                          served.registry.write_token, "--max-lora-rank", "16", "--max-model-len", "256",
-                          "--api-key", key], tmp_path / "serve.log", served.env).start()
+    settings = tmp_path / "serve.yaml"
+    settings.write_text(yaml.safe_dump({"adapter": ["alice/reverse@v1"], "max_lora_rank": 16, "max_model_len": 256,
+                                        "log_level": "info", "vllm": {"max_cpu_loras": 6}}))
+    again = ServeProcess(["--config", str(settings), "--registry", served.registry.url, "--token",
+                          served.registry.write_token, "--api-key", key], tmp_path / "serve.log", served.env).start()
     try:
         auth = {"Authorization": f"Bearer {key}"}
         models = httpx2.get(f"{again.url}/v1/models", headers=auth).json()["data"]
@@ -258,6 +262,8 @@ def test_restart_brings_back_the_command_line_adapters_and_the_api_key_closes_ev
         vllm_log = Path(os.environ["LORADOCK_HOME"]) / "logs" / f"serve-{again.port}.log"
         for log_text in ((tmp_path / "serve.log").read_text(), vllm_log.read_text()):
             assert key not in log_text and served.registry.write_token not in log_text
+        non_default = next(line for line in vllm_log.read_text().splitlines() if "non-default args" in line)
+        assert "'max_cpu_loras': 6" in non_default and "'max_model_len': 256" in non_default
     finally:
         assert again.stop() == 0
     served.start()  # leave the module's server running for any test after this one

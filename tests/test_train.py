@@ -2,17 +2,14 @@
 
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ASSETS, REPO, run_loradock, write_jsonl
+from loradock.procs import Service, loradock_command
+from tests.conftest import ASSETS, run_loradock, write_jsonl
 
 REVERSE = ASSETS / "tasks" / "reverse"
 QUICK = ["--max-steps", "30", "--lr", "1e-3", "--batch-size", "16", "--lora-r", "8", "--max-length", "64",
@@ -35,18 +32,31 @@ def nothing_written(output: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, base_model_dir):
-    """One short training run shared by the checks of its output."""
+    """One short training run shared by the checks of its output: (adapter folder, the base model's
+    parameters just before `trainer.train()`, the trained model's parameters after the run)."""
     from loradock.cli import main
+    from sft.trainer import LoradockSFTTrainer
 
     tmp = tmp_path_factory.mktemp("train")
     train, held = small_split(tmp)
-    weights_before = sha256(base_model_dir / "model.safetensors")
-    output = tmp / "adapter"
-    code = main(["train", "--data", str(train), "--eval-data", str(held), "--output", str(output), *QUICK])
+    output, seen = tmp / "adapter", {}
+    original_train = LoradockSFTTrainer.train
+
+    def train_and_keep_the_model(self, *args, **kwargs):
+        # As TRL's test_train_peft_model: a copy of the base parameters before training, the model after.
+        seen["before"] = {name: p.detach().clone() for name, p in self.model.named_parameters() if "lora_" not in name}
+        result = original_train(self, *args, **kwargs)
+        seen["model"] = self.model
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LoradockSFTTrainer, "train", train_and_keep_the_model)
+        code = main(["train", "--data", str(train), "--eval-data", str(held), "--output", str(output), *QUICK])
     assert code == 0
-    return output, weights_before, base_model_dir
+    return output, seen["before"], dict(seen["model"].named_parameters())
 
 
+@pytest.mark.slow
 def test_writes_a_complete_adapter_folder(trained):
     output, _, _ = trained
     for name in ["adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -61,16 +71,25 @@ def test_writes_a_complete_adapter_folder(trained):
     assert front["base_model"] == "loradock/tiny-chat" and front["library_name"] == "peft"
 
 
+@pytest.mark.slow
 def test_base_weights_unchanged_and_lora_weights_changed(trained):
+    import torch
     from safetensors.torch import load_file
 
-    output, weights_before, base_dir = trained
-    assert sha256(base_dir / "model.safetensors") == weights_before
+    output, base_before, after = trained
+    # The base's own layers (q_proj.base_layer, embeddings, norms) as they were, to the bit.
+    assert any(".base_layer." in name for name in base_before) and any("embed_tokens" in name for name in base_before)
+    changed = [name for name, before in base_before.items() if not torch.equal(before, after[name])]
+    assert not changed, changed
+    assert all(not p.requires_grad for name, p in after.items() if "lora_" not in name)
+    lora_b = [p for name, p in after.items() if "lora_B" in name]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)  # PEFT starts every B at zero: training moved them
     weights = load_file(output / "adapter_model.safetensors")
-    lora_b = [t for name, t in weights.items() if "lora_B" in name]
-    assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # PEFT starts every B at zero
+    saved_b = [t for name, t in weights.items() if "lora_B" in name]
+    assert saved_b and all(t.abs().sum() > 0 for t in saved_b)  # and the saved adapter has them
 
 
+@pytest.mark.slow
 def test_metrics_are_honest(trained):
     output, _, _ = trained
     metrics = json.loads((output / "metrics.json").read_text())
@@ -82,6 +101,7 @@ def test_metrics_are_honest(trained):
     assert any("eval_loss" in log for log in metrics["log_history"])
 
 
+@pytest.mark.slow
 def test_run_config_reloads_to_the_same_configuration(trained):
     from sft.config import load_yaml, resolve
 
@@ -93,6 +113,7 @@ def test_run_config_reloads_to_the_same_configuration(trained):
     assert again.args.output == str(output)
 
 
+@pytest.mark.slow
 def test_existing_output_is_not_overwritten_without_the_flag(trained, cli):
     output, _, _ = trained
     before = sha256(output / "adapter_model.safetensors")
@@ -182,29 +203,29 @@ def test_a_batch_with_every_label_masked_stops_the_run(base_model_dir, tokenizer
 
 # --- resume ----------------------------------------------------------------------------------------
 
-def start_and_kill_after_checkpoint(args: list, checkpoints: Path, min_step: int) -> None:
+def start_and_kill_after_checkpoint(args: list, checkpoints: Path, min_step: int, log: Path) -> None:
     """Run `loradock train ARGS` in its own process and kill -9 it once checkpoint >= min_step is complete."""
-    process = subprocess.Popen([sys.executable, "-m", "loradock.cli", *map(str, args)], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run = Service("loradock train", loradock_command(*args), log)
     deadline = time.time() + 300
     try:
-        while time.time() < deadline and process.poll() is None:
+        while time.time() < deadline and run.process.poll() is None:
             done = [int(c.name.split("-")[1]) for c in checkpoints.glob("checkpoint-*") if (c / "trainer_state.json").exists()]
             if done and max(done) >= min_step:
                 break
             time.sleep(0.1)
-        assert process.poll() is None, "the run ended before it could be killed"
+        assert run.process.poll() is None, "the run ended before it could be killed"
     finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+        run.kill()
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_last_complete_checkpoint(tmp_path, base_model_dir):
     train, held = small_split(tmp_path)
     output = tmp_path / "adapter"
     args = ["train", "--data", train, "--eval-data", held, "--output", output, "--max-steps", "80", "--lr", "1e-3",
             "--batch-size", "16", "--max-length", "64", "--training.save_steps", "10", "--training.eval_steps", "40"]
-    start_and_kill_after_checkpoint(args, tmp_path / ".adapter.loradock-run" / "checkpoints", min_step=20)
+    start_and_kill_after_checkpoint(args, tmp_path / ".adapter.loradock-run" / "checkpoints", min_step=20,
+                                    log=tmp_path / "killed-run.log")
     assert not output.exists(), "a killed run must not leave a finished-looking adapter"
 
     changed = run_loradock(*args, "--resume", "--lr", "2e-3")

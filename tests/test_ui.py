@@ -18,7 +18,8 @@ import pytest
 from openai import OpenAI
 from streamlit.testing.v1 import AppTest
 
-from tests.conftest import REPO, ServeProcess, free_port, run_loradock, variant
+from loradock.procs import free_port
+from tests.conftest import REPO, ServeProcess, run_loradock, variant
 from ui import ENDPOINT_ENV, REGISTRY_ENV, VOTES_ENV
 from ui.view import DIFF_MARK
 
