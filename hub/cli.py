@@ -1,6 +1,5 @@
 """The hub/ commands: `loradock push`, `pull`, `list` and `loradock hub serve|token|login|logout`."""
 
-import argparse
 import getpass
 import sys
 from dataclasses import dataclass, field
