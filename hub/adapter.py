@@ -122,6 +122,12 @@ class AdapterRef:
             raise LoradockError(f"{revision!r} is not a valid revision", "use a branch, a tag or a 40-character commit sha")
         return cls(repo_id, revision)
 
+    @classmethod
+    def of(cls, name: str) -> "AdapterRef":
+        """The parts of a name already accepted elsewhere (a served model name), unchecked."""
+        repo_id, _, revision = name.partition("@")
+        return cls(repo_id, revision or "main")
+
     @staticmethod
     def looks_like(name: str) -> bool:
         """Whether a served model name could be a registry adapter (`org/name`, any revision)."""

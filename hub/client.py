@@ -221,7 +221,42 @@ def _pulled_sha(dest: Path) -> str | None:
         return None
 
 
+def download_files(repo_id: str, revision: str, names: tuple[str, ...], endpoint: str | None = None,
+                   token: str | None = None) -> Path | None:
+    """The folder (in the Hub cache) holding those of `names` that `repo_id` has at `revision`;
+    None when it has none of them."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    endpoint = endpoint_url(endpoint)
+    folder = None
+    with hub_errors(endpoint, repo_id, revision):
+        for name in names:
+            try:
+                folder = Path(hf_hub_download(repo_id, name, revision=revision, endpoint=endpoint,
+                                              token=token_for(endpoint, token) or False)).parent
+            except EntryNotFoundError:
+                continue
+    return folder
+
+
 # --- list -------------------------------------------------------------------------------------
+
+def check_reachable(endpoint: str | None = None, timeout: float = 3, fix: str = "") -> None:
+    """Fail fast when nothing answers at the registry (huggingface_hub itself retries for ~20 s).
+
+    Raises:
+        Unreachable: with `fix`, or the default one.
+    """
+    import httpx2
+
+    endpoint = endpoint_url(endpoint)
+    try:
+        httpx2.get(f"{endpoint}/api/models", params={"limit": 1}, timeout=timeout)
+    except httpx2.TransportError:
+        raise Unreachable(f"cannot reach the registry at {endpoint}",
+                          fix or "start it with `loradock hub serve`, or pass --endpoint / set HF_ENDPOINT") from None
+
 
 def list_adapters(base_model: str | None = None, search: str | None = None, endpoint: str | None = None,
                   token: str | None = None, limit: int = 50) -> list[dict]:

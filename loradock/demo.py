@@ -98,9 +98,11 @@ class Line:
         """A tqdm bar of `total` steps (nothing off a terminal, or with nothing to do)."""
         from tqdm import tqdm  # huggingface_hub's dependency
 
-        # The width from shutil, which falls back to 80 where the terminal reports none (tqdm would draw nothing).
+        # The size from shutil, which falls back to 80x24 where the terminal reports none (a pty without
+        # a size, as under `script`): tqdm would take 0x0 and draw nothing.
+        size = shutil.get_terminal_size()
         return tqdm(total=total, desc=f"{self.number} {what}", unit="step", leave=False, file=sys.stdout,
-                    ncols=shutil.get_terminal_size().columns, disable=not (self.terminal and total))
+                    ncols=size.columns, nrows=size.lines, disable=not (self.terminal and total))
 
     def follow(self, bar, log: Path, total: int | None = None):
         """A callback for `run_loradock(every=...)` that moves `bar` with the Trainer's steps in `log`

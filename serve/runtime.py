@@ -40,8 +40,7 @@ def describe(name: str, folder: Path) -> Adapter:
     pulled = read_json(folder / PULL_MARKER)
     card = CardInfo.from_folder(folder)
     if AdapterRef.looks_like(name):  # one pulled folder serves every name of its commit
-        repo_id, _, revision = name.partition("@")
-        ref = AdapterRef(repo_id, revision or "main")
+        ref = AdapterRef.of(name)
         pulled = {**pulled, "repo_id": ref.repo_id, "revision": ref.revision}
     metric = card.headline
     info = {"repo_id": pulled.get("repo_id"), "revision": pulled.get("revision"), "commit": pulled.get("commit"),

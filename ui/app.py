@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx2
 import streamlit as st
 
+from hub.adapter import AdapterRef
 from loradock.errors import LoradockError, NotFound, Unreachable
 from ui import ENDPOINT_ENV, REGISTRY_ENV, VOTES_ENV, view, votes
 from ui.client import Answer, Endpoint, EndpointDown, Sampling
@@ -94,7 +95,7 @@ def sidebar(state) -> Choice:
     if choice.base:
         options, problem = registry_adapters(choice.base, registry_url())
         for name, commit in options:
-            choice.sources.setdefault(name, (name.partition("@")[0], commit))
+            choice.sources.setdefault(name, (AdapterRef.of(name).repo_id, commit))
         if problem:
             bar.warning(view.escape_markdown(problem))
 

@@ -6,9 +6,8 @@ Raises loradock's typed errors (`Unreachable`, `NotFound`, ...) like the rest of
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from hub.adapter import CONFIG, METRICS, RUN_CONFIG, CardInfo, read_json
+from hub.adapter import CONFIG, METRICS, RUN_CONFIG, AdapterRef, CardInfo, read_json
 
 CARD_FILES = (CONFIG, METRICS, RUN_CONFIG)
 
@@ -21,20 +20,14 @@ class RegistryAdapter:
 
 def hot_loadable(base_model: str, endpoint: str, token: str | None) -> list[RegistryAdapter]:
     """Every adapter of `base_model` in the registry: its main branch and each of its tags."""
-    import httpx2
+    from hub.client import check_reachable, list_adapters
 
-    from hub.client import list_adapters
-    from loradock.errors import Unreachable
-
-    try:  # huggingface_hub retries a refused connection for ~20 s: the screen must not hang that long
-        httpx2.get(f"{endpoint}/api/models", params={"limit": 1}, timeout=3)
-    except httpx2.TransportError:
-        raise Unreachable(f"cannot reach the registry at {endpoint}",
-                            "start it with `loradock hub serve`, or pass `loradock ui --registry URL`") from None
+    # huggingface_hub retries a refused connection for ~20 s: the screen must not hang that long.
+    check_reachable(endpoint, timeout=3, fix="start it with `loradock hub serve`, or pass `loradock ui --registry URL`")
     options = []
     for row in list_adapters(base_model=base_model, endpoint=endpoint, token=token):
         options.append(RegistryAdapter(row["repo_id"], row["sha"]))
-        options += [RegistryAdapter(f"{row['repo_id']}@{tag}", sha) for tag, sha in row["tag_commits"].items()]
+        options += [RegistryAdapter(str(AdapterRef(row["repo_id"], tag)), sha) for tag, sha in row["tag_commits"].items()]
     return options
 
 
@@ -61,19 +54,10 @@ class AdapterCard:
 
 def adapter_card(repo_id: str, commit: str, endpoint: str, token: str | None) -> AdapterCard:
     """The card of `repo_id` at `commit`, read from the registry (the files land in the Hub cache)."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from hub.client import download_files
 
-    from hub.client import hub_errors
-
-    folder = None
-    with hub_errors(endpoint, repo_id, commit):
-        for name in CARD_FILES:
-            try:
-                folder = Path(hf_hub_download(repo_id, name, revision=commit, endpoint=endpoint,
-                                              token=token or False)).parent
-            except EntryNotFoundError:
-                continue  # an adapter pushed without loradock may lack metrics.json or run_config.yaml
+    # An adapter pushed without loradock may lack metrics.json or run_config.yaml.
+    folder = download_files(repo_id, commit, CARD_FILES, endpoint=endpoint, token=token)
     if folder is None:
         return AdapterCard(repo_id, commit, None, {}, "")
     metrics = read_json(folder / METRICS)
