@@ -1,17 +1,12 @@
-"""vLLM LoRA resolver plugin: a request for `org/adapter[@revision]` that vLLM has not loaded is
+"""vLLM LoRA resolver: a request for `org/adapter[@revision]` that vLLM has not loaded is
 resolved through the loradock registry (pulled, pinned to a commit, checked), then served.
 
-Registered through the `vllm.general_plugins` entry point (see pyproject.toml); vLLM calls
-`register()` in each of its processes, so it only registers, cheaply, and only when `loradock
-serve` started this vLLM (its settings in the environment). vLLM consults resolvers only with
-VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, which `loradock serve` sets.
+Registered by loradock's vLLM plugin (`serve.plugin`) when `loradock serve` started this vLLM.
+vLLM consults resolvers only with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, which `loradock serve` sets.
 """
-
-import os
 
 from loradock.errors import LoradockError, NotFound
 from serve import runtime
-from serve.config import ENVIRONMENT
 
 
 def make_resolver():
@@ -32,9 +27,7 @@ def make_resolver():
     return RegistryResolver()
 
 
-def register() -> None:
-    if not os.environ.get(ENVIRONMENT):
-        return
+def register_resolver() -> None:
     from vllm.lora.resolver import LoRAResolverRegistry
 
     LoRAResolverRegistry.register_resolver("loradock registry", make_resolver())

@@ -62,7 +62,8 @@ def served(registry, trained_adapters, tmp_path_factory):
         api.upload_folder(folder_path=folder, repo_id=f"bad/{name}")
     env = {**os.environ, "HF_HUB_DISABLE_XET": "1"}
     server = ServeProcess(["--adapter", "alice/reverse@v1", "--registry", registry.url, "--token", registry.write_token,
-                           "--max-lora-rank", "16", "--max-model-len", "256"], tmp / "serve.log", env).start()
+                           "--max-lora-rank", "16", "--max-model-len", "256", "--max-loras", "2"], tmp / "serve.log",
+                          env).start()  # two slots: two adapters in flight fill them, the last one included
     server.commits, server.bad, server.env, server.registry = commits, bad, env, registry
     yield server
     server.stop()
@@ -85,6 +86,29 @@ def test_base_and_adapters_answer_and_the_adapters_differ_on_their_task(served):
                  for p in PROMPTS[task]]
         assert sum(bool(answer.strip()) for answer in tuned) == len(tuned), tuned  # the adapters always answer
         assert sum(b != t for b, t in zip(base, tuned)) >= 8, (task, base, tuned)
+
+
+def test_base_answers_are_the_bases_own_while_adapters_stream_in_the_same_batches(served):
+    """The comparison screen's traffic: one prompt to the base and to each adapter at the same moment,
+    streamed. The base's answers must be what the base says alone (vLLM's stock CPU ops give base
+    tokens the last slot's adapter once both slots are in use)."""
+    from openai import AsyncOpenAI
+
+    prompts = PROMPTS["reverse"][:6] + PROMPTS["sort"][:6]
+    alone = [chat(served.url, BASE, p)["choices"][0]["message"]["content"] for p in prompts]
+
+    async def stream(client, model: str, prompt: str) -> str:
+        chunks = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                      temperature=0, max_tokens=24, stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+
+    async def together() -> list[str]:
+        client = AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
+        models = (BASE, "alice/reverse@v1", "alice/sort@v1")
+        answers = await asyncio.gather(*[stream(client, m, p) for p in prompts for m in models])
+        return answers[::len(models)]  # the base's
+
+    assert asyncio.run(together()) == alone
 
 
 def test_vllm_greedy_tokens_equal_transformers_peft_greedy_tokens(served, trained_adapters, base_model_dir, tokenizer):

@@ -1,0 +1,35 @@
+"""python tests/mixed_batch.py BASE_DIR ADAPTER_1 ADAPTER_2: greedy answers of vLLM's offline
+engine (max_loras 2, so the second adapter holds the last slot) for base requests alone, each
+adapter alone, and all three mixed in one batch, as JSON on stdout. Run by tests/test_lora_ops.py
+in its own process: vLLM spawns its engine, which must not re-run a test module."""
+
+import json
+import sys
+
+PROMPTS = [f"Reverse the words: {' '.join(words)}" for words in
+           (["red", "blue"], ["one", "two", "three"], ["cat", "dog", "fish"], ["a", "b", "c", "d"],
+            ["sun", "moon"], ["left", "right", "up"], ["x", "y", "z"], ["tea", "milk", "honey", "jam"])]
+MIX = [None, 1, 2, None, 1, None, 2, None]  # which adapter each prompt goes to in the mixed batch
+
+
+def main(base: str, first: str, second: str) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    llm = LLM(model=base, enable_lora=True, max_loras=2, max_lora_rank=16, dtype="float32", max_model_len=256,
+              enforce_eager=True)
+    greedy = SamplingParams(temperature=0, max_tokens=12)
+    adapters = {1: LoRARequest("first", 1, first), 2: LoRARequest("second", 2, second)}
+
+    def answers(requests):
+        outputs = llm.generate(PROMPTS, greedy, lora_request=requests, use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outputs]
+
+    result = {"base": answers(None), "mixed": answers([adapters.get(i) for i in MIX])}
+    for i, adapter in adapters.items():
+        result[f"adapter{i}"] = answers([adapter] * len(PROMPTS))
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
