@@ -3,9 +3,10 @@ It runs before vLLM's own middleware, on every request:
 
 - with an API key, every route but /health needs it (vLLM guards only /v1, /v2, /inference and
   /cohere, leaving /invocations, /adapters, /tokenize and others open);
-- an adapter is checked (`hub.adapter.check_folder`) before it goes live: on POST /v1/load_lora_adapter, and
-  before the first request for a registry adapter (which vLLM's resolver then loads), so a
-  refusal is a 400 naming the problem rather than a 500 from vLLM's worker;
+- an adapter is checked (`hub.adapter.check_folder`) before it goes live: on POST
+  /v1/load_lora_adapter, and before the first request for a registry adapter (which vLLM's
+  resolver then loads), so a refusal is a 400 naming the problem rather than a 500 from vLLM's
+  worker; loradock's other errors get their status from one table (`STATUS`);
 - a request to an adapter whose chat template differs from the base model's is rendered with the
   adapter's template (the one it was trained with); clients cannot send templates of their own;
 - an unload waits for the requests already using that adapter and holds new ones back until it is
@@ -28,7 +29,8 @@ OPEN_ROUTES = {"/health"}
 GENERATION = {"/v1/chat/completions", "/v1/completions"}
 
 # loradock's errors as HTTP statuses, the one place they are decided (by type, most specific first).
-STATUS = ((AdapterRefused, 400), (InvalidRequest, 400), (NotFound, 404), (Unreachable, 503), (RegistryRefused, 502), (LoradockError, 502))
+STATUS = ((AdapterRefused, 400), (InvalidRequest, 400), (NotFound, 404), (Unreachable, 503), (RegistryRefused, 502),
+          (LoradockError, 502))
 KINDS = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 502: "BadGatewayError",
          503: "ServiceUnavailableError"}
 
