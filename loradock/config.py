@@ -26,7 +26,6 @@ import yaml
 
 from loradock.errors import LoradockError
 
-CONFIG_DESTS = ("config", "print_config")
 
 
 def flag_of(name: str) -> str:
