@@ -27,7 +27,6 @@ import yaml
 from loradock.errors import LoradockError
 
 
-
 def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
