@@ -1,6 +1,6 @@
 """Card metadata as the registry serves it (`cardData`, validate-yaml): the front matter of any
 repo's README.md, and the tags a repo is listed under (the card's own, its library, and
-`base_model:...` for filtering). An adapter's own card is `hub.adapter`'s."""
+`base_model:...` for filtering). An adapter's own card is `hub.adapter.card`'s."""
 
 
 def front_matter(text: str) -> dict:

@@ -16,7 +16,9 @@ import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.adapter import CARD, PULL_MARKER, AdapterRef, CardInfo, build_card, check_publishable, check_repo_id, folder_files
+from hub.adapter import CARD, PULL_MARKER, AdapterRef, check_repo_id
+from hub.adapter.card import CardInfo, build_card
+from hub.adapter.checks import check_publishable, folder_files
 from loradock.errors import LoradockError, RegistryRefused, RepoNotFound, RevisionNotFound, Unreachable
 from loradock.home import home
 

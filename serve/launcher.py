@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from hub.adapter import ServedBase, check_folder
+from hub.adapter.checks import ServedBase, check_folder
 from loradock.errors import AdapterRefused, LoradockError
 from loradock.home import built_base_model, home
 from loradock.procs import Service

@@ -3,7 +3,7 @@ It runs before vLLM's own middleware, on every request:
 
 - with an API key, every route but /health needs it (vLLM guards only /v1, /v2, /inference and
   /cohere, leaving /invocations, /adapters, /tokenize and others open);
-- an adapter is checked (`hub.adapter.check_folder`) before it goes live: on POST
+- an adapter is checked (`hub.adapter.checks.check_folder`) before it goes live: on POST
   /v1/load_lora_adapter, and before the first request for a registry adapter (which vLLM's
   resolver then loads), so a refusal is a 400 naming the problem rather than a 500 from vLLM's
   worker; loradock's other errors get their status from one table (`STATUS`);
@@ -21,7 +21,7 @@ import contextlib
 import hmac
 import json
 
-from hub.adapter import check_folder
+from hub.adapter.checks import check_folder
 from loradock.errors import AdapterRefused, InvalidRequest, LoradockError, NotFound, RegistryRefused, Unreachable
 from serve import runtime
 

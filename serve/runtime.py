@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from hub.adapter import PULL_MARKER, AdapterRef, CardInfo, ServedBase, chat_template, check_folder, read_json
+from hub.adapter import PULL_MARKER, AdapterRef, chat_template, read_json
+from hub.adapter.card import CardInfo
+from hub.adapter.checks import ServedBase, check_folder
 from loradock.errors import AdapterRefused, LoradockError, NotFound
 from serve.config import ServeConfig
 

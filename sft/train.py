@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from hub.adapter import METHODS, METRICS, REQUIRED_FILES, RUN_CONFIG, write_card
+from hub.adapter import METHODS, METRICS, REQUIRED_FILES, RUN_CONFIG
+from hub.adapter.card import write_card
 from loradock.errors import LoradockError
 from sft.base_model import BUILD_INFO, resolve_base_model
 from sft.chat_format import training_chat_template

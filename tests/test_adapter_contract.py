@@ -6,8 +6,9 @@ import typing
 
 import pytest
 
-from hub.adapter import (METHODS, SERVABLE_RANKS, AdapterRef, CardInfo, ServedBase, build_card, check_folder,
-                         method_of, nearest_servable_rank)
+from hub.adapter import METHODS, SERVABLE_RANKS, AdapterRef, method_of, nearest_servable_rank
+from hub.adapter.card import CardInfo, build_card
+from hub.adapter.checks import ServedBase, check_folder
 from loradock.errors import AdapterRefused, LoradockError
 from tests.conftest import adapter_folder
 

@@ -7,7 +7,8 @@ Raises loradock's typed errors (`Unreachable`, `NotFound`, ...) like the rest of
 
 from dataclasses import dataclass, field
 
-from hub.adapter import CONFIG, METRICS, RUN_CONFIG, AdapterRef, CardInfo, read_json
+from hub.adapter import CONFIG, METRICS, RUN_CONFIG, AdapterRef, read_json
+from hub.adapter.card import CardInfo
 
 CARD_FILES = (CONFIG, METRICS, RUN_CONFIG)
 

@@ -1,0 +1,151 @@
+"""An adapter's model card: what it records (`CardInfo`), built from the adapter folder's files
+and parsed back from the Hub's card metadata, both on huggingface_hub's `ModelCard` /
+`ModelCardData` / `EvalResult`; and the README.md that training writes and push renders again."""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hub.adapter import CARD, CONFIG, METHODS, METRICS, RUN_CONFIG, chat_template, method_of, read_json
+
+@dataclass
+class Metric:
+    type: str
+    name: str
+    value: float
+
+
+@dataclass
+class CardInfo:
+    """What an adapter's card records: the Hub's fields plus loradock's own section."""
+
+    base_model: str | None
+    method: str | None
+    settings: dict  # the method's card fields, e.g. LoRA's r, alpha, dropout, target_modules
+    datasets: list[str] = field(default_factory=list)
+    metrics: list[Metric] = field(default_factory=list)  # held-out figures, first = headline
+    held_out: str | None = None  # the held-out data set's name
+    base_model_revision: str | None = None
+    dataset_sha256: str | None = None
+    training: dict | None = None
+    chat_template: str | None = None
+
+    @property
+    def rank(self) -> int | None:
+        return self.settings.get("r")
+
+    @property
+    def headline(self) -> Metric | None:
+        return self.metrics[0] if self.metrics else None
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "CardInfo":
+        """Built from the folder's own files (adapter_config, metrics, run_config, template)."""
+        import yaml
+
+        folder = Path(folder)
+        adapter, metrics = read_json(folder / CONFIG), read_json(folder / METRICS)
+        try:
+            run_config = yaml.safe_load((folder / RUN_CONFIG).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            run_config = {}
+        method = method_of(adapter)
+        figures = []
+        if metrics.get("eval_loss") is not None:
+            figures.append(Metric("loss", "eval loss", round(metrics["eval_loss"], 4)))
+        figures += [Metric(k, k.replace("_", " "), v) for k, v in (metrics.get("eval_metrics") or {}).items()]
+        return cls(
+            base_model=adapter.get("base_model_name_or_path") or run_config.get("base_model"),
+            method=method.name if method else None, settings=method.card_settings(adapter) if method else {},
+            datasets=[Path(run_config["data"]).name] if run_config.get("data") else [], metrics=figures,
+            held_out=Path(run_config.get("eval_data") or run_config.get("data") or "held-out").name,
+            base_model_revision=metrics.get("base_model_revision"), dataset_sha256=metrics.get("dataset_sha256"),
+            training=run_config.get("training"), chat_template=chat_template(folder))
+
+    @classmethod
+    def from_card_data(cls, data) -> "CardInfo":
+        """Parsed from a card's metadata: a `ModelCardData` or the dict of its front matter."""
+        from huggingface_hub import ModelCardData
+
+        if isinstance(data, dict):
+            data = ModelCardData(**data)
+        ours = getattr(data, "loradock", None) or {}
+        method = ours.get("method") or next((name for name in METHODS if name in ours), None)
+        results = data.eval_results or []
+        datasets = data.datasets or []
+        return cls(
+            base_model=data.base_model, method=method, settings=dict(ours.get(method) or {}),
+            datasets=[datasets] if isinstance(datasets, str) else list(datasets),
+            metrics=[Metric(r.metric_type, r.metric_name or r.metric_type, r.metric_value) for r in results],
+            held_out=results[0].dataset_name if results else None,
+            base_model_revision=ours.get("base_model_revision"), dataset_sha256=ours.get("dataset_sha256"),
+            training=ours.get("training"), chat_template=ours.get("chat_template"))
+
+    def card_data(self, name: str):
+        """The Hub's `ModelCardData` for this adapter (with `model-index` from the metrics)."""
+        from huggingface_hub import EvalResult, ModelCardData
+
+        results = [EvalResult(task_type="text-generation", dataset_type="json", dataset_name=self.held_out or "held-out",
+                              metric_type=m.type, metric_name=m.name, metric_value=m.value) for m in self.metrics]
+        ours = {"method": self.method, "base_model_revision": self.base_model_revision,
+                "dataset_sha256": self.dataset_sha256, **({self.method: self.settings} if self.method else {}),
+                "training": self.training, "chat_template": self.chat_template}
+        return ModelCardData(base_model=self.base_model, library_name="peft",
+                             tags=["loradock", *([self.method] if self.method else []), "sft", "trl"],
+                             datasets=self.datasets or None, model_name=name if results else None,
+                             eval_results=results or None, loradock=ours)
+
+
+def build_card(folder: Path, repo_name: str | None = None):
+    """The adapter's README.md as a `ModelCard`, rendered from its folder: never a token or a path."""
+    from huggingface_hub import ModelCard
+
+    folder = Path(folder)
+    name = repo_name or folder.name
+    info = CardInfo.from_folder(folder)
+    data = info.card_data(name)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{card_body(name, info)}")
+
+
+def write_card(folder: Path) -> None:
+    (Path(folder) / CARD).write_text(str(build_card(folder)), encoding="utf-8")
+
+
+def card_body(name: str, info: CardInfo) -> str:
+    loss = next((m.value for m in info.metrics if m.type == "loss"), None)
+    settings = ", ".join(f"{k} {v}" for k, v in info.settings.items() if k in ("r", "alpha"))
+    trained_on = f" on `{info.datasets[0]}`" if info.datasets else ""
+    return f"""
+# {name}
+
+A {info.method or 'PEFT'} adapter ({settings.replace('r ', 'rank ', 1)}) for `{info.base_model}`, instruction-tuned with
+loradock (TRL `SFTTrainer` + PEFT){trained_on}.
+{f"Held-out loss after training: {loss}." if loss is not None else ""}
+
+The chat template it was trained with travels in this repo (`chat_template.jinja`,
+`tokenizer_config.json`) and is the one to serve it with. The training configuration is in
+`run_config.yaml`, the figures in `metrics.json`.
+
+## Use it through `loradock serve` (OpenAI API)
+
+```python
+from openai import OpenAI
+
+client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="EMPTY")
+answer = client.chat.completions.create(
+    model="{name}",  # or "{name}@<tag or commit sha>" for a pinned revision
+    messages=[{{"role": "user", "content": "..."}}],
+)
+print(answer.choices[0].message.content)
+```
+
+## Use it with PEFT
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained("{info.base_model}")
+model = PeftModel.from_pretrained(base, "{name}")
+tokenizer = AutoTokenizer.from_pretrained("{name}")
+```
+"""

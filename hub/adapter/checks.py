@@ -1,0 +1,176 @@
+"""The checks an adapter folder passes before it is published (`check_publishable`) and before it
+goes live on a server of a given base model (`check_folder`). Each names the problem and the fix;
+`check_folder` collects every reason an adapter cannot be served."""
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from hub.adapter import CONFIG, METHODS, PICKLE_SUFFIXES, SERVABLE_RANKS, WEIGHTS, method_of
+from loradock.errors import AdapterRefused, LoradockError
+
+# --- before publishing --------------------------------------------------------------------------
+
+def folder_files(folder: Path, max_file_size: int) -> list[tuple[str, Path]]:
+    """(path in repo, file) for every file to publish; refuses what must not be published."""
+    files = []
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if any(part.startswith(".") for part in Path(rel).parts):
+            continue  # .cache/, .git/, editor files: never part of an adapter
+        if path.is_symlink() and not path.resolve().is_relative_to(folder.resolve()):
+            raise LoradockError(f"{rel} in {folder} links outside the folder ({path.resolve()})",
+                                "copy the file into the folder instead of linking to it")
+        if not path.is_file():
+            continue
+        if path.suffix in PICKLE_SUFFIXES:
+            raise LoradockError(f"{rel} is a pickle-based weights file: loading it can run arbitrary code",
+                                "save the weights as safetensors (`save_pretrained(..., safe_serialization=True)`)")
+        if path.stat().st_size > max_file_size:
+            raise LoradockError(f"{rel} is {path.stat().st_size} bytes, over the {max_file_size} byte limit",
+                                "raise --max-file-size, or leave the file out")
+        files.append((rel, path))
+    return files
+
+
+def check_publishable(folder: Path, max_file_size: int) -> list[tuple[str, Path]]:
+    """The files of an adapter folder that may be pushed, or the reason it may not be."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LoradockError(f"{folder} is not a folder", "pass the --output folder of `loradock train`")
+    config_path = folder / CONFIG
+    if not config_path.exists():
+        raise LoradockError(f"{folder} is not a PEFT adapter folder: there is no {CONFIG}",
+                            "pass the --output folder of `loradock train` (or push a base model with --model)")
+    files = folder_files(folder, max_file_size)
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise LoradockError(f"{config_path} is not valid JSON: {e}", "re-save the adapter with PEFT") from None
+    if not config.get("base_model_name_or_path"):
+        raise LoradockError(f"{config_path} does not record its base model (base_model_name_or_path)",
+                            "set base_model_name_or_path to the base model's Hub id")
+    if not (folder / WEIGHTS).exists():
+        raise LoradockError(f"{folder} has no {WEIGHTS}", "save the adapter with safetensors (loradock train always does)")
+    return files
+
+
+# --- before serving -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ServedBase:
+    """The base model a server runs, as an adapter is checked against it."""
+
+    name: str  # the name clients use (and adapters record), e.g. loradock/tiny-chat
+    path: str  # what vLLM loaded: a local folder or a Hub id
+    max_lora_rank: int
+
+
+def check_folder(folder: str | Path, base: ServedBase) -> dict:
+    """The adapter's config when a server of `base` can serve it. Reads only JSON and safetensors
+    headers (and builds the base on the `meta` device for its module shapes): milliseconds.
+
+    Raises:
+        AdapterRefused: with every reason found, each with what to do about it.
+    """
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG, folder / WEIGHTS
+    if not config_path.exists():
+        raise AdapterRefused(folder.name, [f"no {CONFIG}, so this is not a PEFT adapter folder"])
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as e:
+        raise AdapterRefused(folder.name, [f"{CONFIG} is not valid JSON ({e})"]) from None
+    if not weights_path.exists():
+        pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        raise AdapterRefused(folder.name, [f"no {WEIGHTS}" + (
+            f"; {', '.join(pickled)} would be unpickled, which can run code, so it is not served; "
+            "re-save the adapter with safetensors" if pickled else "")])
+    reasons = config_problems(config, base)
+    if not reasons:
+        reasons = weight_problems(weight_shapes(weights_path), base)
+    if reasons:
+        raise AdapterRefused(folder.name, reasons)
+    return config
+
+
+def config_problems(config: dict, base: ServedBase) -> list[str]:
+    problems = []
+    recorded = config.get("base_model_name_or_path")
+    if recorded not in (base.name, base.path):
+        problems.append(f"it was trained on base model {recorded!r}, this server serves {base.name!r} "
+                        f"(serve it with `loradock serve --base-model {recorded}`)")
+    method = method_of(config)
+    if config.get("use_dora"):
+        problems.append("it is a DoRA adapter, which vLLM does not serve")
+    elif method is None:
+        served = ", ".join(m.name for m in METHODS.values() if m.served_by)
+        problems.append(f"it is a {config.get('peft_type')} adapter; only these methods are served: {served}")
+    elif method.served_by is None:
+        problems.append(f"it is a {method.name} adapter, which is not served: {method.not_served_because}")
+    rank = config.get("r")
+    if isinstance(rank, int) and rank > base.max_lora_rank:
+        fits = min(r for r in SERVABLE_RANKS if r >= rank) if rank <= max(SERVABLE_RANKS) else None
+        fix = f"restart with --max-lora-rank {fits}" if fits else "retrain it with a rank vLLM serves"
+        problems.append(f"its rank {rank} is above --max-lora-rank {base.max_lora_rank} ({fix})")
+    if config.get("modules_to_save"):
+        problems.append(f"it saves whole modules {config['modules_to_save']} (modules_to_save), which vLLM "
+                        "cannot serve; retrain without modules_to_save")
+    if config.get("trainable_token_indices"):
+        problems.append("it changes token embeddings (trainable_token_indices), which vLLM cannot serve")
+    if config.get("bias", "none") != "none":
+        problems.append(f"it trains biases (bias={config['bias']!r}), which vLLM does not serve")
+    return problems
+
+
+@lru_cache(maxsize=4)
+def base_modules(path: str) -> dict[str, tuple[int, int]]:
+    """{module name: (in_features, out_features)} of every linear layer of the base model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name: (m.in_features, m.out_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header, without reading the weights."""
+    with Path(path).open("rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    return {name: tuple(info["shape"]) for name, info in header.items() if name != "__metadata__"}
+
+
+def lora_targets(weights: dict[str, tuple[int, ...]]) -> dict[str, dict[str, tuple[int, ...]]]:
+    """{module name in the base model: {"A": shape, "B": shape}} from PEFT's weight names
+    (`base_model.model.<module>.lora_A.weight`)."""
+    targets: dict[str, dict] = {}
+    for name, shape in weights.items():
+        for part in ("A", "B"):
+            marker = f".lora_{part}."
+            if marker in name:
+                module = name.split(marker)[0].removeprefix("base_model.model.")
+                targets.setdefault(module, {})[part] = shape
+    return targets
+
+
+def weight_problems(weights: dict[str, tuple[int, ...]], base: ServedBase) -> list[str]:
+    modules, problems = base_modules(base.path), []
+    targets = lora_targets(weights)
+    if not targets:
+        return [f"{WEIGHTS} holds no LoRA weights (no lora_A/lora_B tensors)"]
+    for module, parts in sorted(targets.items()):
+        if "embed_tokens" in module or "lm_head" in module:
+            problems.append(f"it changes {module} (embedding/lm_head LoRA), which vLLM does not serve")
+        elif module not in modules:
+            problems.append(f"it adapts {module}, which the base model does not have")
+        elif "A" in parts and "B" in parts:
+            in_features, out_features = modules[module]
+            if parts["A"][-1] != in_features or parts["B"][0] != out_features:
+                problems.append(f"{module} has LoRA shapes {parts['A']}/{parts['B']} but the base layer is "
+                                f"{in_features}->{out_features}: it was trained on a model of another size")
+    return problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
