@@ -75,7 +75,8 @@ def parse_overrides(tokens: list[str]) -> dict:
 
 def train_config(args):
     """The training configuration from `--config`, the flags, the aliases and `--lora.KEY`-style overrides."""
-    from sft.config import load_yaml, resolve
+    from loradock.config import load_yaml
+    from sft.config import resolve
 
     cli_values = {**given_flags(args, TrainArgs), **{k: v for k, v in vars(args).items() if k in ALIASES}}
     cli_values.update(parse_overrides(args.overrides))

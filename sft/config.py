@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from hub.adapter import METHODS, SERVABLE_RANKS, nearest_servable_rank
 from loradock import config as settings
-from loradock.config import Section, check_fields, load_yaml  # noqa: F401 (load_yaml: the CLI's and tests' entry)
+from loradock.config import Section, check_fields
 from loradock.home import DEFAULT_BASE_MODEL
 
 

@@ -8,9 +8,10 @@ import pytest
 import yaml
 
 from loradock.cli import main
+from loradock.config import load_yaml
 from loradock.errors import LoradockError
 from sft.cli import parse_overrides
-from sft.config import load_yaml, resolve
+from sft.config import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "sft" / "configs").glob("*.yaml"))

@@ -103,7 +103,8 @@ def test_metrics_are_honest(trained):
 
 @pytest.mark.slow
 def test_run_config_reloads_to_the_same_configuration(trained):
-    from sft.config import load_yaml, resolve
+    from loradock.config import load_yaml
+    from sft.config import resolve
 
     output, _, _ = trained
     saved = load_yaml(str(output / "run_config.yaml"))
