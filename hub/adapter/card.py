@@ -7,6 +7,7 @@ from pathlib import Path
 
 from hub.adapter import CARD, CONFIG, METHODS, METRICS, RUN_CONFIG, chat_template, method_of, read_json
 
+
 @dataclass
 class Metric:
     type: str

@@ -10,6 +10,7 @@ from pathlib import Path
 from hub.adapter import CONFIG, METHODS, PICKLE_SUFFIXES, SERVABLE_RANKS, WEIGHTS, method_of
 from loradock.errors import AdapterRefused, LoradockError
 
+
 # --- before publishing --------------------------------------------------------------------------
 
 def folder_files(folder: Path, max_file_size: int) -> list[tuple[str, Path]]:
