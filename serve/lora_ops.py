@@ -107,6 +107,120 @@ def sgmv_expand_slice(inputs, lora_b_weights, output_tensor, b_seq_start_loc, se
                       slice_offset, slice_size, add_inputs)
 
 
+class SlotGroups:
+    """One step's tokens grouped by adapter slot, computed once per step (when vLLM updates the
+    LoRA mapping) and used by every LoRA layer of that step.
+
+    Tokens with no adapter (index -1) are in no group, so they get no delta. When the groups are
+    about the same size (decode with adapters round-robin, one adapter, ...), they are laid out as
+    a padded [groups, longest, ...] batch and each layer slice's LoRA is two `torch.bmm` calls
+    whatever the number of adapters; when sizes differ a lot (a long prefill beside single decode
+    tokens), each group gets its own two matmuls instead, so padding never costs more than half the
+    work. Either way the products land in one buffer whose last row is zero, and each token takes
+    its row back with one `index_select` (the zero row for a token with no adapter): a gather and
+    a dense add, several times faster on the CPU than scattering with `index_add_`.
+    """
+
+    def __init__(self, indices: torch.Tensor):
+        order = torch.argsort(indices, stable=True)
+        slots, counts = torch.unique_consecutive(indices[order], return_counts=True)
+        slots, counts = slots.tolist(), counts.tolist()
+        skipped = counts[0] if slots and slots[0] < 0 else 0
+        if skipped:
+            slots, counts = slots[1:], counts[1:]
+        self.tokens = order[skipped:]  # tokens with an adapter, grouped by slot
+        self.slots, self.active, self.batch = slots, len(self.tokens), len(indices)
+        self.empty = self.active == 0
+        if self.empty:
+            return
+        self.one_adapter = self.active == self.batch and len(slots) == 1  # for the whole batch
+        self.slot_index = torch.tensor(slots, dtype=torch.long)
+        longest, starts = max(counts), [0, *torch.tensor(counts).cumsum(0).tolist()]
+        self.padded = len(slots) == 1 or len(slots) * longest <= 1.5 * self.active
+        if self.padded:
+            group = torch.repeat_interleave(torch.arange(len(slots)), torch.tensor(counts))
+            place = group * longest + torch.arange(self.active) - torch.tensor(starts[:-1])[group]
+            self.shape, self.products = (len(slots), longest), len(slots) * longest
+            self.rows = torch.zeros(self.products, dtype=torch.long)  # padding reads row 0; never read back
+            self.rows[place] = self.tokens
+        else:
+            self.spans, self.products = list(zip(slots, starts[:-1], starts[1:])), self.active
+            place = torch.arange(self.active)
+        self.source = torch.full((self.batch,), self.products, dtype=torch.long)  # the zero row...
+        self.source[self.tokens] = place  # ...except for tokens with an adapter: their own product
+
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor, lora_a: tuple[torch.Tensor, ...],
+                 lora_b: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...]) -> None:
+        """y[t, slice i] += scale * x[t] @ A_i[slot(t)].T @ B_i[slot(t)].T for each token with an adapter.
+
+        The slices of a fused layer (q/k/v, gate/up) share their input, so their A are stacked and
+        shrunk in one product; each slice is then expanded with its own B."""
+        whole = self.one_adapter and x.shape[0] == self.batch
+        rank = _stacked(lora_a[0]).shape[1]
+        if len(lora_a) == 1:
+            weights_a = _stacked(lora_a[0])
+        else:  # [slots, slices * rank, in]
+            weights_a = torch.cat([_stacked(a) for a in lora_a], 1)
+        if whole:
+            shrunk = x.to(torch.float32) @ weights_a[self.slots[0]].to(torch.float32).T
+        elif self.padded:
+            xs = x.index_select(0, self.rows).view(*self.shape, x.shape[-1]).to(torch.float32)
+            shrunk = torch.bmm(xs, self._in_use(weights_a).to(torch.float32).transpose(1, 2))
+        else:
+            xs = x.index_select(0, self.tokens).to(torch.float32)
+            shrunk = torch.cat([xs[start:end] @ weights_a[slot].to(torch.float32).T for slot, start, end in self.spans])
+        if scale != 1.0:
+            shrunk = shrunk * scale
+        shrunk = shrunk.to(y.dtype)
+        offset = 0
+        for i, (b, size) in enumerate(zip(lora_b, output_slices)):
+            target, part = y[:self.batch, offset:offset + size], shrunk[..., i * rank:(i + 1) * rank]
+            offset += size
+            weights_b = _stacked(b).to(y.dtype)  # [slots, out, rank]
+            if whole:
+                target.addmm_(part, weights_b[self.slots[0], :size].T)
+                continue
+            products = target.new_empty((self.products + 1, size))
+            products[-1] = 0
+            if self.padded:
+                torch.bmm(part, self._in_use(weights_b[:, :size]).transpose(1, 2),
+                          out=products[:-1].view(*self.shape, size))
+            else:
+                for slot, start, end in self.spans:
+                    torch.mm(part[start:end], weights_b[slot, :size].T, out=products[start:end])
+            target += products.index_select(0, self.source)
+
+    def _in_use(self, weights: torch.Tensor) -> torch.Tensor:
+        """[groups, rows, cols]: the stacked weights of the slots in use, in group order."""
+        if len(self.slots) == weights.shape[0] and self.slots == list(range(weights.shape[0])):
+            return weights
+        return weights.index_select(0, self.slot_index)
+
+
+def update_metadata(self, *args, **kwargs) -> None:
+    """`PunicaWrapperCPU.update_metadata`, then the step's slot groups."""
+    _STOCK["update_metadata"](self, *args, **kwargs)
+    self.loradock_groups = SlotGroups(self.token_lora_indices)
+
+
+def add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
+                    lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
+                    *, buffer=None, **kwargs) -> None:
+    """`PunicaWrapperCPU.add_lora_linear` (every LoRA linear layer, fused slices included), on the
+    step's slot groups."""
+    groups = getattr(self, "loradock_groups", None)
+    if groups is None:
+        groups = self.loradock_groups = SlotGroups(self.token_lora_indices)
+    if groups.empty:
+        return
+    groups.add_lora(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), lora_a_stacked, lora_b_stacked, scale,
+                    output_slices)
+
+
+_STOCK: dict = {}
+WRAPPER_METHODS = {"update_metadata": update_metadata, "add_lora_linear": add_lora_linear}
+
+
 def install() -> bool:
     """Put these ops in place of the stock ones in `PunicaWrapperCPU`, on the CPU platform of a
     checked vLLM release only; anywhere else, leave the stock ops and log why. Returns whether
@@ -127,5 +241,9 @@ def install() -> bool:
 
     for name in OPS:
         setattr(punica_cpu, name, globals()[name])
+    wrapper = punica_cpu.PunicaWrapperCPU
+    for name, method in WRAPPER_METHODS.items():
+        _STOCK.setdefault(name, getattr(wrapper, name))
+        setattr(wrapper, name, method)
     logger.info("loradock's CPU LoRA ops installed in PunicaWrapperCPU (vLLM %s)", vllm.__version__)
     return True

@@ -97,13 +97,69 @@ def test_tokens_with_no_adapter_get_no_delta(kind):
         torch.testing.assert_close(y[INDICES >= 0], reference_expand(buffer, b, INDICES)[INDICES >= 0])
 
 
+def reference_lora_linear(y, x, lora_a, lora_b, indices, scale, slices):
+    """Token by token and slice by slice: what `add_lora_linear` must add to `y`."""
+    y, offset = y.clone(), 0
+    for a, b, size in zip(lora_a, lora_b, slices):
+        y[:, offset:offset + size] += reference_expand(reference_shrink(x, a, indices, scale), b, indices)
+        offset += size
+    return y
+
+
+class Wrapper:
+    """What `add_lora_linear` reads of vLLM's `PunicaWrapperCPU`: the step's token indices."""
+
+    def __init__(self, indices: torch.Tensor):
+        self.token_lora_indices = indices
+
+
+# Batches the layer path must get right: adapters round-robin with base tokens (padded groups), one
+# adapter for every token, groups of very different sizes (each group on its own), a subset of the
+# slots in no particular order, and base tokens only.
+BATCHES = {
+    "round-robin with base tokens": [-1, 0, 2, -1, 1, 2, -1, 0, 1],
+    "one adapter for every token": [1] * 7,
+    "one long prefill beside single tokens": [2] * 12 + [0, -1, 1],
+    "a subset of the slots, unordered": [2, 2, 0, 0, -1, 2, 0],
+    "base tokens only": [-1] * 5,
+}
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_the_layer_path_matches_the_per_token_reference_on_fused_slices(batch, scale):
+    torch.manual_seed(4)
+    indices = torch.tensor(BATCHES[batch])
+    slices = (32, 16, 16)  # fused qkv-like: one input, three output slices with their own A and B
+    x, y = torch.randn(len(indices), HIDDEN), torch.randn(len(indices), sum(slices))
+    lora_a = tuple(weights(RANK, HIDDEN, True) for _ in slices)
+    lora_b = tuple(weights(size, RANK, True) for size in slices)
+    expected = reference_lora_linear(y, x, lora_a, lora_b, indices, scale, slices)
+    lora_ops.add_lora_linear(Wrapper(indices), y, x, lora_a, lora_b, scale, slices)
+    torch.testing.assert_close(y, expected)
+    base = indices < 0
+    assert torch.equal(y[base], expected[base])  # bit for bit: nothing at all was added to base tokens
+
+
+def test_slot_groups_pad_balanced_batches_and_split_unbalanced_ones():
+    balanced = lora_ops.SlotGroups(torch.tensor(BATCHES["round-robin with base tokens"]))
+    assert balanced.padded and balanced.slots == [0, 1, 2] and balanced.active == 6
+    unbalanced = lora_ops.SlotGroups(torch.tensor(BATCHES["one long prefill beside single tokens"]))
+    assert not unbalanced.padded and [slot for slot, _, _ in unbalanced.spans] == [0, 1, 2]
+    assert lora_ops.SlotGroups(torch.tensor(BATCHES["base tokens only"])).empty
+
+
 def test_the_plugin_installs_them_on_the_cpu_of_a_checked_vllm(monkeypatch):
     from vllm.lora.punica_wrapper import punica_cpu
 
+    wrapper = punica_cpu.PunicaWrapperCPU
     for name in lora_ops.OPS:
         monkeypatch.setattr(punica_cpu, name, getattr(punica_cpu, name))  # restored after the test
+    for name in lora_ops.WRAPPER_METHODS:
+        monkeypatch.setattr(wrapper, name, getattr(wrapper, name))
     assert lora_ops.install()
     assert all(getattr(punica_cpu, name) is getattr(lora_ops, name) for name in lora_ops.OPS)
+    assert all(getattr(wrapper, name) is method for name, method in lora_ops.WRAPPER_METHODS.items())
 
 
 def test_an_unchecked_vllm_or_a_gpu_keeps_the_stock_ops_and_says_why(monkeypatch, caplog):
@@ -112,6 +168,7 @@ def test_an_unchecked_vllm_or_a_gpu_keeps_the_stock_ops_and_says_why(monkeypatch
     from vllm.platforms import current_platform
 
     stock = {name: getattr(punica_cpu, name) for name in lora_ops.OPS}
+    stock_methods = {name: getattr(punica_cpu.PunicaWrapperCPU, name) for name in lora_ops.WRAPPER_METHODS}
     with caplog.at_level(logging.INFO, logger="loradock.lora_ops"):
         monkeypatch.setattr(vllm, "__version__", "9.9.9")
         assert not lora_ops.install()
@@ -121,6 +178,7 @@ def test_an_unchecked_vllm_or_a_gpu_keeps_the_stock_ops_and_says_why(monkeypatch
         assert not lora_ops.install()
         assert "not the CPU" in caplog.text
     assert {name: getattr(punica_cpu, name) for name in lora_ops.OPS} == stock
+    assert {name: getattr(punica_cpu.PunicaWrapperCPU, name) for name in lora_ops.WRAPPER_METHODS} == stock_methods
 
 
 # --- through vLLM's engine ----------------------------------------------------------------------
