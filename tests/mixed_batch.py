@@ -1,6 +1,6 @@
-"""python tests/mixed_batch.py BASE_DIR ADAPTER_1 ADAPTER_2: greedy answers of vLLM's offline
-engine (max_loras 2, so the second adapter holds the last slot) for base requests alone, each
-adapter alone, and all three mixed in one batch, as JSON on stdout. Run by tests/test_lora_ops.py
+"""python tests/mixed_batch.py BASE_DIR ADAPTER_1 ADAPTER_2 [MAX_LORAS]: greedy answers of vLLM's
+offline engine (max_loras 2 by default, so the second adapter holds the last slot) for base
+requests alone, each adapter alone, and all three mixed in one batch, as JSON on stdout. Run by tests/test_lora_ops.py
 in its own process: vLLM spawns its engine, which must not re-run a test module."""
 
 import json
@@ -12,11 +12,11 @@ PROMPTS = [f"Reverse the words: {' '.join(words)}" for words in
 MIX = [None, 1, 2, None, 1, None, 2, None]  # which adapter each prompt goes to in the mixed batch
 
 
-def main(base: str, first: str, second: str) -> None:
+def main(base: str, first: str, second: str, max_loras: str = "2") -> None:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    llm = LLM(model=base, enable_lora=True, max_loras=2, max_lora_rank=16, dtype="float32", max_model_len=256,
+    llm = LLM(model=base, enable_lora=True, max_loras=int(max_loras), max_lora_rank=16, dtype="float32", max_model_len=256,
               enforce_eager=True)
     greedy = SamplingParams(temperature=0, max_tokens=12)
     adapters = {1: LoRARequest("first", 1, first), 2: LoRARequest("second", 2, second)}
@@ -32,4 +32,4 @@ def main(base: str, first: str, second: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -203,7 +203,7 @@ def random_adapters(base_model_dir, tmp_path_factory) -> list[str]:
     return folders
 
 
-def mixed_batch_answers(base_model_dir, adapters, ops: str) -> dict:
+def mixed_batch_answers(base_model_dir, adapters, ops: str, max_loras: int = 2) -> dict:
     import json
     import os
     import subprocess
@@ -212,8 +212,8 @@ def mixed_batch_answers(base_model_dir, adapters, ops: str) -> dict:
 
     env = {**os.environ, "LORADOCK_LORA_OPS": ops, "VLLM_CPU_KVCACHE_SPACE": "1"}
     script = Path(__file__).with_name("mixed_batch.py")
-    done = subprocess.run([sys.executable, str(script), str(base_model_dir), *adapters], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([sys.executable, str(script), str(base_model_dir), *map(str, adapters), str(max_loras)],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
@@ -237,3 +237,114 @@ def test_the_stock_ops_fail_that_test(base_model_dir, random_adapters):
     got = mixed_batch_answers(base_model_dir, random_adapters, "stock")
     base_in_mix = [got["mixed"][i] for i, which in enumerate(MIX) if which is None]
     assert base_in_mix != [got["base"][i] for i, which in enumerate(MIX) if which is None]
+
+
+# --- parity: the fast ops, the stock ops and PEFT give the same greedy tokens --------------------
+
+def random_lora(model_dir, folder, rank: int, seed: int) -> str:
+    """A LoRA adapter of rank `rank` on every linear layer, random non-zero A and B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear", init_lora_weights=False))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def fused_model_dir(base_model_dir, tmp_path_factory):
+    """A tiny Phi-3 (random weights, the tiny base's tokenizer): its checkpoint and its LoRA
+    adapters hold q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj`, so vLLM applies each
+    as a single slice, unlike Llama's three and two."""
+    from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("tiny-phi3")
+    Phi3ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def peft_answers(model_dir, adapters: list[str]) -> dict:
+    """Greedy answers of transformers + PEFT (float32), as `mixed_batch.py` gives vLLM's."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.mixed_batch import PROMPTS
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                      adapters[0], adapter_name="adapter1")
+    model.load_adapter(adapters[1], adapter_name="adapter2")
+    model.eval()
+
+    def greedy(prompt: str) -> list[int]:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+        return out[0, ids["input_ids"].shape[1]:].tolist()
+
+    answers = {}
+    for name in ("adapter1", "adapter2"):
+        model.set_adapter(name)
+        answers[name] = [greedy(p) for p in PROMPTS]
+    with model.disable_adapter():
+        answers["base"] = [greedy(p) for p in PROMPTS]
+    return answers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["llama", "fused"])
+def test_fast_ops_answer_as_the_stock_ops_and_peft(model, base_model_dir, fused_model_dir, tmp_path):
+    """Mixed batches of base requests and adapters of ranks 8 and 16, prefill and decode: the fast
+    ops' greedy tokens equal PEFT's and the stock ops' (given a free last slot, where the stock ops
+    are right) token for token, float32."""
+    from tests.mixed_batch import MIX
+
+    model_dir = base_model_dir if model == "llama" else fused_model_dir
+    adapters = [random_lora(model_dir, tmp_path / "rank8", 8, 1), random_lora(model_dir, tmp_path / "rank16", 16, 2)]
+    fast = mixed_batch_answers(model_dir, adapters, "fast")
+    stock = mixed_batch_answers(model_dir, adapters, "stock", max_loras=3)  # the last slot stays empty
+    reference = peft_answers(model_dir, adapters)
+    assert reference["adapter1"] != reference["base"] and reference["adapter2"] != reference["base"]
+    for key in ("base", "adapter1", "adapter2"):
+        assert fast[key] == reference[key] == stock[key], key
+    expected = [reference["base" if which is None else f"adapter{which}"][i] for i, which in enumerate(MIX)]
+    assert fast["mixed"] == expected == stock["mixed"]
+
+
+def test_the_plugin_logs_each_slot_swap(monkeypatch):
+    """Under `loradock serve`, vLLM moving an adapter into a slot is one log line (how the serving
+    benchmark counts swaps); an adapter already in a slot is none."""
+    from vllm.lora.model_manager import LRUCacheLoRAModelManager
+
+    from serve import plugin
+
+    moved = {1: True, 2: False}
+    monkeypatch.setattr(LRUCacheLoRAModelManager, "activate_adapter", lambda self, lora_id: moved[lora_id])
+    plugin.log_slot_swaps()
+    plugin.log_slot_swaps()  # a second plugin load must not log twice
+    manager = LRUCacheLoRAModelManager.__new__(LRUCacheLoRAModelManager)
+    manager.lora_config = type("LoRAConfig", (), {"max_loras": 8})()
+    records, handler, logger = [], logging.Handler(logging.INFO), logging.getLogger("vllm.loradock")
+    handler.emit = records.append
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)  # what `loradock serve --log-level info` sets through vLLM
+    try:
+        assert LRUCacheLoRAModelManager.activate_adapter(manager, 1) is True
+        assert LRUCacheLoRAModelManager.activate_adapter(manager, 2) is False
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert [r.getMessage() for r in records] == [f"{plugin.SWAP_LINE}: adapter 1 into a slot (8 slots)"]
