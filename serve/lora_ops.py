@@ -114,10 +114,10 @@ class SlotGroups:
 
     Tokens with no adapter (index -1) are in no group, so they get no delta. When the groups are
     about the same size (decode with adapters round-robin, one adapter, ...), they are laid out as
-    a padded [groups, longest, ...] batch and each layer slice's LoRA is two `torch.bmm` calls
-    whatever the number of adapters; when sizes differ a lot (a long prefill beside single decode
-    tokens), each group gets its own two matmuls instead, so padding never costs more than half the
-    work. Either way the products land in one buffer whose last row is zero, and each token takes
+    a padded [groups, longest, ...] batch, and a layer's LoRA is one `torch.bmm` for the shrink of
+    all its slices and one per slice for the expand, whatever the number of adapters; when sizes
+    differ a lot (a long prefill beside single decode tokens), each group gets its own matmuls
+    instead, so padding never costs more than half the work. Either way the products land in one buffer whose last row is zero, and each token takes
     its row back with one `index_select` (the zero row for a token with no adapter): a gather and
     a dense add, several times faster on the CPU than scattering with `index_add_`.
     """
