@@ -483,6 +483,8 @@ def main() -> int:
     parser.add_argument("--offline-child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.scenarios = ["base", *(s for s in args.scenarios if s != "base")]
+    if args.url and not args.base:
+        parser.error("--url needs --base, the name the server gives its base model (see its /v1/models)")
     if args.offline_child:
         print("RESULT " + json.dumps(offline_child(args.offline_child[0], args.offline_child[1:], args.rounds)))
         return 0

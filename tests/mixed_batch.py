@@ -1,7 +1,8 @@
 """python tests/mixed_batch.py BASE_DIR ADAPTER_1 ADAPTER_2 [MAX_LORAS]: greedy answers of vLLM's
 offline engine (max_loras 2 by default, so the second adapter holds the last slot) for base
-requests alone, each adapter alone, and all three mixed in one batch, as JSON on stdout. Run by tests/test_lora_ops.py
-in its own process: vLLM spawns its engine, which must not re-run a test module."""
+requests alone, each adapter alone, and all three mixed in one batch, as JSON on stdout. Run by
+tests/test_lora_ops.py in its own process: vLLM spawns its engine, which must not re-run a test
+module."""
 
 import json
 import sys
@@ -16,8 +17,8 @@ def main(base: str, first: str, second: str, max_loras: str = "2") -> None:
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    llm = LLM(model=base, enable_lora=True, max_loras=int(max_loras), max_lora_rank=16, dtype="float32", max_model_len=256,
-              enforce_eager=True)
+    llm = LLM(model=base, enable_lora=True, max_loras=int(max_loras), max_lora_rank=16, dtype="float32",
+              max_model_len=256, enforce_eager=True)
     greedy = SamplingParams(temperature=0, max_tokens=12)
     adapters = {1: LoRARequest("first", 1, first), 2: LoRARequest("second", 2, second)}
 
