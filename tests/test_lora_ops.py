@@ -183,24 +183,25 @@ def test_an_unchecked_vllm_or_a_gpu_keeps_the_stock_ops_and_says_why(monkeypatch
 
 # --- through vLLM's engine ----------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def random_adapters(base_model_dir, tmp_path_factory) -> list[str]:
-    """Two LoRA adapters of the tiny base with random, non-zero A and B on every linear layer."""
+def random_lora(model_dir, folder, rank: int, seed: int, alpha: int) -> str:
+    """A LoRA adapter of rank `rank` on every linear layer, random non-zero A and B."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    folders = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model_dir),
-                               LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False))
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.data.normal_(0, 0.05)
-        folder = tmp_path_factory.mktemp(f"random-{seed}")
-        model.save_pretrained(folder)
-        folders.append(str(folder))
-    return folders
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                           LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", init_lora_weights=False))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def random_adapters(base_model_dir, tmp_path_factory) -> list[str]:
+    """Two LoRA adapters of the tiny base with random, non-zero A and B on every linear layer."""
+    return [random_lora(base_model_dir, tmp_path_factory.mktemp(f"random-{seed}"), 8, seed, alpha=16) for seed in (1, 2)]
 
 
 def mixed_batch_answers(base_model_dir, adapters, ops: str, max_loras: int = 2) -> dict:
@@ -240,21 +241,6 @@ def test_the_stock_ops_fail_that_test(base_model_dir, random_adapters):
 
 
 # --- parity: the fast ops, the stock ops and PEFT give the same greedy tokens --------------------
-
-def random_lora(model_dir, folder, rank: int, seed: int) -> str:
-    """A LoRA adapter of rank `rank` on every linear layer, random non-zero A and B."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=rank, lora_alpha=rank, target_modules="all-linear", init_lora_weights=False))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            p.data.normal_(0, 0.05)
-    model.save_pretrained(folder)
-    return str(folder)
-
 
 @pytest.fixture(scope="module")
 def fused_model_dir(base_model_dir, tmp_path_factory):
@@ -312,7 +298,8 @@ def test_fast_ops_answer_as_the_stock_ops_and_peft(model, base_model_dir, fused_
     from tests.mixed_batch import MIX
 
     model_dir = base_model_dir if model == "llama" else fused_model_dir
-    adapters = [random_lora(model_dir, tmp_path / "rank8", 8, 1), random_lora(model_dir, tmp_path / "rank16", 16, 2)]
+    adapters = [random_lora(model_dir, tmp_path / "rank8", 8, 1, alpha=8),
+                random_lora(model_dir, tmp_path / "rank16", 16, 2, alpha=16)]
     fast = mixed_batch_answers(model_dir, adapters, "fast")
     stock = mixed_batch_answers(model_dir, adapters, "stock", max_loras=3)  # the last slot stays empty
     reference = peft_answers(model_dir, adapters)
