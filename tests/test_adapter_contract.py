@@ -6,7 +6,7 @@ import typing
 
 import pytest
 
-from hub.adapter import METHODS, SERVABLE_RANKS, AdapterRef, method_of, nearest_servable_rank
+from hub.adapter import METHODS, SERVABLE_RANKS, SERVED_AS, AdapterRef, method_of, nearest_servable_rank
 from hub.adapter.card import CardInfo, build_card
 from hub.adapter.checks import ServedBase, check_folder
 from loradock.errors import AdapterRefused, LoradockError
@@ -21,16 +21,22 @@ def test_every_method_names_its_peft_config_and_how_it_is_served():
         fields = set(config_class.__dataclass_fields__)
         assert set(method.defaults) <= fields, method.name
         assert set(method.card_fields.values()) <= fields, method.name
-        assert method.served_by or method.not_served_because, method.name
-        assert config_class(**method.defaults).peft_type.value == method.peft_type
+        assert method.served_by in SERVED_AS and method.why and method.trains, method.name
+        built = config_class(**method.defaults)
+        assert built.peft_type.value == method.peft_type
         assert method_of({"peft_type": method.peft_type, **method.identity}) is method
+        assert method_of(json.loads(json.dumps(built.to_dict(), default=str))) is method, method.name
 
 
-def test_lora_is_served_by_vllm_and_dora_and_other_types_are_not_lora():
-    assert METHODS["lora"].served_by == "vllm-lora"
+def test_each_method_is_told_apart_from_its_peft_types_others():
+    assert METHODS["lora"].served_by == METHODS["rslora"].served_by == "vllm-lora"
     assert method_of({"peft_type": "LORA"}) is METHODS["lora"]
-    assert method_of({"peft_type": "LORA", "use_dora": True}) is None
-    assert method_of({"peft_type": "PREFIX_TUNING"}) is None
+    assert method_of({"peft_type": "LORA", "use_dora": True}) is METHODS["dora"]
+    assert method_of({"peft_type": "LORA", "use_dora": True, "use_rslora": True}) is METHODS["dora"]
+    assert method_of({"peft_type": "LORA", "use_rslora": True}) is METHODS["rslora"]
+    assert method_of({"peft_type": "PREFIX_TUNING"}) is METHODS["prefix-tuning"]
+    assert method_of({"peft_type": "VERA"}) is None
+    assert {m.served_by for m in METHODS.values()} == set(SERVED_AS)
 
 
 def test_servable_ranks_match_vllm_and_the_nearest_is_on_a_log_scale():
@@ -93,9 +99,19 @@ def test_check_folder_names_every_reason_at_once(tmp_path):
     assert e.value.problem.startswith("adapter a cannot be served here: ")
 
 
-def test_a_method_not_in_the_table_is_refused(tmp_path):
+@pytest.mark.parametrize("peft_type,extra,words", [
+    ("VERA", {}, "VERA adapter of a kind loradock does not know (it knows lora, rslora"),
+    ("PREFIX_TUNING", {}, "prefix-tuning adapter, which cannot be served (the prefix enters each layer's KV cache"),
+    ("ADAPTION_PROMPT", {}, "llama-adapter adapter, which cannot be served"),
+    ("LORA", {"use_dora": True}, "dora adapter, which vLLM cannot hot-swap"),
+    ("IA3", {}, "ia3 adapter, which vLLM cannot hot-swap")])
+def test_methods_the_server_cannot_hot_swap_are_refused_with_the_way_they_can_run(tmp_path, peft_type, extra, words):
     folder = adapter_folder(tmp_path / "p")
     (folder / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "loradock/tiny-chat",
-                                                            "peft_type": "PREFIX_TUNING"}))
-    with pytest.raises(AdapterRefused, match="PREFIX_TUNING adapter; only these methods are served: lora"):
+                                                            "peft_type": peft_type, **extra}))
+    with pytest.raises(AdapterRefused) as e:
         check_folder(folder, ServedBase("loradock/tiny-chat", "unused", 16))
+    assert words in e.value.problem
+    fix = {"PREFIX_TUNING": "loradock eval", "ADAPTION_PROMPT": "loradock eval", "LORA": "loradock merge",
+           "IA3": "loradock merge", "VERA": "it knows"}[peft_type]
+    assert fix in e.value.problem

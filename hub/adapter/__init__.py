@@ -52,18 +52,39 @@ def chat_template(folder: Path) -> str | None:
 
 # --- the methods --------------------------------------------------------------------------------
 
+# How `loradock serve` serves a method (`Method.served_by`).
+SERVED_AS = {
+    "vllm-lora": "hot-swapped by vLLM (LoRA slots, per request)",
+    "prompt-embeds": "hot-swapped through soft-prompt embeddings (vLLM's prompt-embeddings input)",
+    "merge": "served after merging into a full model (`loradock merge`, then `loradock serve --base-model`)",
+    "eval": "evaluation only (`loradock eval`)",
+}
+
+
 @dataclass(frozen=True)
 class Method:
     """One PEFT method: how it is trained, how its card describes it, how it is served."""
 
-    name: str  # what users write (`peft: {method: NAME}`), and its section of the card
+    name: str  # what users write (`--peft NAME`, `peft: {method: NAME}`), and its section of the card
     peft_type: str  # `peft_type` in adapter_config.json
     config_class: str  # the `peft` config class that trains it
+    trains: str  # what is trained, in a phrase
     defaults: dict  # loradock's defaults where they differ from PEFT's
     card_fields: dict  # card key -> adapter_config.json key
-    served_by: str | None  # how `loradock serve` serves it: "vllm-lora" = hot-swapped vLLM LoRA slots
-    not_served_because: str = ""  # when served_by is None: why, and what to do instead
+    served_by: str  # a key of SERVED_AS
+    why: str  # why it is served that way (and what to do for the others)
     identity: dict = field(default_factory=dict)  # adapter_config values that tell it apart from its peft_type's others
+    model_types: tuple[str, ...] = ()  # the base architectures (config.model_type) PEFT supports it on; () = all
+
+    @property
+    def prompt_learning(self) -> bool:
+        """Trains virtual tokens (`num_virtual_tokens` of them) in front of every input."""
+        return "num_virtual_tokens" in self.defaults
+
+    @property
+    def low_rank(self) -> bool:
+        """A LoRA variant: a rank `r` that vLLM's slots (or a merge) take."""
+        return self.config_class == "LoraConfig"
 
     def matches(self, config: dict) -> bool:
         return config.get("peft_type", "LORA") == self.peft_type and all(
@@ -79,13 +100,51 @@ class Method:
         return {key: _plain(config.get(source)) for key, source in self.card_fields.items()}
 
 
+_LORA_DEFAULTS = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear", "task_type": "CAUSAL_LM"}
+_LORA_CARD = {"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules"}
+_PROMPT_CARD = {"num_virtual_tokens": "num_virtual_tokens"}
+
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("lora", "LORA", "LoraConfig",
-           defaults={"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear",
-                     "task_type": "CAUSAL_LM"},
-           card_fields={"r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "target_modules": "target_modules"},
-           served_by="vllm-lora", identity={"use_dora": False}),
+    Method("lora", "LORA", "LoraConfig", "a low-rank update (A, B) of each target linear layer",
+           defaults=_LORA_DEFAULTS, card_fields=_LORA_CARD, served_by="vllm-lora",
+           why="vLLM keeps LoRA A/B pairs in slots and picks one per request",
+           identity={"use_dora": False, "use_rslora": False}),
+    Method("rslora", "LORA", "LoraConfig", "LoRA with the rank-stabilised scale alpha/sqrt(r)",
+           defaults={**_LORA_DEFAULTS, "use_rslora": True}, card_fields=_LORA_CARD, served_by="vllm-lora",
+           why="vLLM reads use_rslora and applies the same scale",
+           identity={"use_dora": False, "use_rslora": True}),
+    Method("dora", "LORA", "LoraConfig", "LoRA plus a learned magnitude per output feature (weight-decomposed)",
+           defaults={**_LORA_DEFAULTS, "use_dora": True}, card_fields=_LORA_CARD, served_by="merge",
+           why="vLLM's LoRA slots have no magnitude vector; merged, it is an ordinary model",
+           identity={"use_dora": True}),
+    Method("ia3", "IA3", "IA3Config", "a learned rescaling of the keys, values and feed-forward activations",
+           defaults={"task_type": "CAUSAL_LM"},
+           card_fields={"target_modules": "target_modules", "feedforward_modules": "feedforward_modules"},
+           served_by="merge", why="vLLM has no IA3 kernels; the scales merge into the weights exactly"),
+    Method("prompt-tuning", "PROMPT_TUNING", "PromptTuningConfig", "a soft prompt of virtual-token embeddings at the input",
+           defaults={"task_type": "CAUSAL_LM", "num_virtual_tokens": 16}, card_fields=_PROMPT_CARD,
+           served_by="prompt-embeds", why="the soft prompt is prepended to the token embeddings sent to vLLM"),
+    Method("p-tuning", "P_TUNING", "PromptEncoderConfig", "a soft prompt produced by a small prompt encoder (MLP)",
+           defaults={"task_type": "CAUSAL_LM", "num_virtual_tokens": 16},
+           card_fields={**_PROMPT_CARD, "encoder_hidden_size": "encoder_hidden_size"}, served_by="prompt-embeds",
+           why="the encoder's output is saved as a soft prompt, served like prompt tuning"),
+    Method("prefix-tuning", "PREFIX_TUNING", "PrefixTuningConfig", "a trainable key/value prefix in every attention layer",
+           defaults={"task_type": "CAUSAL_LM", "num_virtual_tokens": 16}, card_fields=_PROMPT_CARD, served_by="eval",
+           why="the prefix enters each layer's KV cache, which vLLM cannot take per request, and it does not merge"),
+    Method("llama-adapter", "ADAPTION_PROMPT", "AdaptionPromptConfig",
+           "gated adaption prompts in the top attention layers (LLaMA-Adapter)",
+           defaults={"task_type": "CAUSAL_LM", "adapter_len": 10, "adapter_layers": 2},
+           card_fields={"adapter_len": "adapter_len", "adapter_layers": "adapter_layers"}, served_by="eval",
+           why="its gated attention over the prompts is not in vLLM, and it does not merge",
+           model_types=("llama", "mistral")),
 )}
+
+# Methods asked for that no maintained library trains on this stack: named in `loradock methods`.
+UNSUPPORTED = {
+    "bottleneck": "bottleneck adapters (Houlsby et al.): AdapterHub's `adapters` 1.3, the maintained library for "
+                  "them, requires transformers ~=4.57 and this stack runs transformers 5; loradock does not hand-write "
+                  "one. The closest maintained methods here: lora, ia3, llama-adapter",
+}
 
 
 def method_of(config: dict) -> Method | None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from hub.adapter import CONFIG, METHODS, PICKLE_SUFFIXES, SERVABLE_RANKS, WEIGHTS, method_of
+from hub.adapter import CONFIG, METHODS, PICKLE_SUFFIXES, SERVABLE_RANKS, WEIGHTS, Method, method_of
 from loradock.errors import AdapterRefused, LoradockError
 
 
@@ -88,28 +88,40 @@ def check_folder(folder: str | Path, base: ServedBase) -> dict:
         raise AdapterRefused(folder.name, [f"no {WEIGHTS}" + (
             f"; {', '.join(pickled)} would be unpickled, which can run code, so it is not served; "
             "re-save the adapter with safetensors" if pickled else "")])
-    reasons = config_problems(config, base)
+    method = method_of(config)
+    reasons = config_problems(config, base, method)
     if not reasons:
-        reasons = weight_problems(weight_shapes(weights_path), base)
+        shapes = weight_shapes(weights_path)
+        reasons = soft_prompt_problems(shapes, config, base) if method.served_by == "prompt-embeds" else \
+            weight_problems(shapes, base)
     if reasons:
         raise AdapterRefused(folder.name, reasons)
     return config
 
 
-def config_problems(config: dict, base: ServedBase) -> list[str]:
+def config_problems(config: dict, base: ServedBase, method: Method | None) -> list[str]:
     problems = []
     recorded = config.get("base_model_name_or_path")
     if recorded not in (base.name, base.path):
         problems.append(f"it was trained on base model {recorded!r}, this server serves {base.name!r} "
                         f"(serve it with `loradock serve --base-model {recorded}`)")
-    method = method_of(config)
-    if config.get("use_dora"):
-        problems.append("it is a DoRA adapter, which vLLM does not serve")
-    elif method is None:
-        served = ", ".join(m.name for m in METHODS.values() if m.served_by)
-        problems.append(f"it is a {config.get('peft_type')} adapter; only these methods are served: {served}")
-    elif method.served_by is None:
-        problems.append(f"it is a {method.name} adapter, which is not served: {method.not_served_because}")
+    if method is None:
+        known = ", ".join(METHODS)
+        return problems + [f"it is a {config.get('peft_type')} adapter of a kind loradock does not know (it knows {known})"]
+    if method.served_by == "merge":
+        return problems + [f"it is a {method.name} adapter, which vLLM cannot hot-swap ({method.why}): merge it into a "
+                           "full model with `loradock merge ADAPTER --output DIR` and serve that with "
+                           "`loradock serve --base-model DIR`"]
+    if method.served_by == "eval":
+        return problems + [f"it is a {method.name} adapter, which cannot be served ({method.why}); evaluate it with "
+                           "`loradock eval --adapter ADAPTER --data HELDOUT.jsonl`"]
+    if method.served_by == "prompt-embeds":
+        return problems
+    return problems + lora_config_problems(config, base)
+
+
+def lora_config_problems(config: dict, base: ServedBase) -> list[str]:
+    problems = []
     rank = config.get("r")
     if isinstance(rank, int) and rank > base.max_lora_rank:
         fits = min(r for r in SERVABLE_RANKS if r >= rank) if rank <= max(SERVABLE_RANKS) else None
@@ -175,3 +187,26 @@ def weight_problems(weights: dict[str, tuple[int, ...]], base: ServedBase) -> li
                 problems.append(f"{module} has LoRA shapes {parts['A']}/{parts['B']} but the base layer is "
                                 f"{in_features}->{out_features}: it was trained on a model of another size")
     return problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
+
+
+@lru_cache(maxsize=4)
+def base_embedding_width(path: str) -> int:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    return getattr(config.get_text_config(), "hidden_size")
+
+
+def soft_prompt_problems(weights: dict[str, tuple[int, ...]], config: dict, base: ServedBase) -> list[str]:
+    """A prompt-tuning or p-tuning adapter: one `prompt_embeddings` tensor of the base's embedding width."""
+    shape = weights.get("prompt_embeddings")
+    if shape is None:
+        return [f"{WEIGHTS} holds no soft prompt (no prompt_embeddings tensor); re-save it with PEFT's save_pretrained"]
+    width = base_embedding_width(base.path)
+    if len(shape) != 2 or shape[1] != width:
+        return [f"its soft prompt has shape {list(shape)}, but {base.name}'s embeddings are {width} wide: "
+                f"it was trained on a model of another size (serve it with the base it was trained on)"]
+    n = config.get("num_virtual_tokens")
+    if isinstance(n, int) and shape[0] != n * config.get("num_transformer_submodules", 1):
+        return [f"its soft prompt has {shape[0]} vectors but adapter_config.json says num_virtual_tokens {n}"]
+    return []
