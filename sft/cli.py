@@ -14,12 +14,16 @@ from loradock.errors import LoradockError
 from loradock.home import BASE_BUILD_INFO, DEFAULT_BASE_MODEL, default_base_dir
 from sft.commands import BaseBuildArgs, DataCheckArgs
 from sft.config import ALIASES, TrainArgs
+from sft.merge import add_merge
 
 ALIAS_HELP = {
+    "peft": "the PEFT method: lora, rslora, dora, ia3, prompt-tuning, p-tuning, prefix-tuning, llama-adapter "
+            "(`loradock methods` compares them; default lora)",
     "lora_r": "LoRA rank, one vLLM can serve: 8, 16, 32, 64, ... (LoraConfig.r; default 8)",
     "lora_alpha": "LoRA scaling alpha (LoraConfig.lora_alpha; default 16)",
     "lora_dropout": "dropout on the LoRA path (LoraConfig.lora_dropout; default 0.05)",
     "target_modules": "modules to adapt, comma-separated or all-linear (LoraConfig.target_modules; default all-linear)",
+    "num_virtual_tokens": "soft-prompt length of prompt-tuning, p-tuning and prefix-tuning (default 16)",
     "epochs": "passes over the data (SFTConfig.num_train_epochs; default 3)",
     "max_steps": "stop after this many optimizer steps; overrides --epochs (SFTConfig.max_steps)",
     "lr": "peak learning rate (SFTConfig.learning_rate; default 2e-4)",
@@ -32,6 +36,8 @@ ALIAS_HELP = {
 
 def register(subparsers) -> None:
     add_train(subparsers)
+    add_methods(subparsers)
+    add_merge(subparsers)
     add_eval(subparsers)
     add_data(subparsers)
     add_base(subparsers)
@@ -39,11 +45,12 @@ def register(subparsers) -> None:
 
 def add_train(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="instruction-tune a LoRA adapter (TRL SFTTrainer + PEFT LoRA)",
-        description="Train a LoRA adapter on (prompt, response) data. Settings come from --config YAML, then "
-                    "flags; --lora.KEY VALUE and --training.KEY VALUE set any field of peft.LoraConfig and "
-                    "trl.SFTConfig.",
-        epilog="example: loradock train --config sft/configs/reverse.yaml --max-steps 100",
+        "train", help="instruction-tune an adapter (TRL SFTTrainer + a PEFT method, LoRA by default)",
+        description="Train a PEFT adapter on (prompt, response) data. Settings come from --config YAML, then "
+                    "flags; --peft METHOD chooses the method, --peft.KEY VALUE and --training.KEY VALUE set any "
+                    "field of its PEFT config (LoraConfig, IA3Config, PromptTuningConfig, ...) and of trl.SFTConfig "
+                    "(--lora.KEY is read as --peft.KEY).",
+        epilog="example: loradock train --config sft/configs/reverse.yaml --peft ia3 --max-steps 100",
     )
     add_config_flags(p, TrainArgs, example="sft/configs/reverse.yaml")
     for alias in ALIASES:
@@ -62,7 +69,7 @@ def parse_overrides(tokens: list[str]) -> dict:
         token = tokens[i]
         if not token.startswith("--") or "." not in token.split("=", 1)[0]:
             raise LoradockError(f"unrecognized argument {token!r}",
-                                "see `loradock train --help`; upstream fields go as --lora.KEY or --training.KEY")
+                                "see `loradock train --help`; upstream fields go as --peft.KEY or --training.KEY")
         key, eq, value = token[2:].partition("=")
         if not eq:
             has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
@@ -95,6 +102,45 @@ def run_train(args) -> int:
     except KeyboardInterrupt:
         raise LoradockError("training interrupted; its complete checkpoints are kept",
                             "run the same command with --resume to continue") from None
+
+
+def add_methods(subparsers) -> None:
+    from sft.compare import CompareArgs
+
+    p = subparsers.add_parser(
+        "methods", help="the PEFT methods: what each trains and how it is served; `compare` measures them",
+        description="The PEFT methods loradock trains: the PEFT config class, what is trained, and how "
+                    "`loradock serve` serves each (and why). `loradock methods compare` trains every method on the "
+                    "same data, steps and seed and writes a table (markdown, JSON) and a chart.")
+    p.set_defaults(func=run_compare)
+    sub = p.add_subparsers(dest="methods_command", metavar="SUBCOMMAND")
+    compare = sub.add_parser(
+        "compare", help="train every method on one task and tabulate cost and held-out quality",
+        description="Trains each --methods entry with the --config's data, the same --steps and seed; writes "
+                    "methods.md, methods.json and methods.png into --output: trainable parameters, adapter size, "
+                    "training time and tokens/s, peak memory, held-out exact match and ROUGE-L, how it is served.",
+        epilog="example: loradock methods compare --config sft/configs/reverse.yaml --steps 200")
+    CompareArgs.add_flags(compare)
+
+
+def run_methods(args) -> int:
+    from sft.compare import methods_table
+
+    print(methods_table())
+    return 0
+
+
+def run_compare(args) -> int:
+    from sft.compare import CompareArgs, check_compare, compare
+
+    if getattr(args, "methods_command", None) != "compare":
+        return run_methods(args)
+    config = CompareArgs(args.config, args.methods, args.steps, args.output, args.eval_generations)
+    check_compare(config)
+    report = compare(config)
+    print(report["markdown"])
+    print(f"table and chart written to {config.output}")
+    return 0
 
 
 def add_eval(subparsers) -> None:

@@ -1,23 +1,27 @@
-"""The training configuration: loradock's own options, PEFT's `LoraConfig` and TRL's `SFTConfig`.
+"""The training configuration: loradock's own options, the PEFT method's config and TRL's `SFTConfig`.
 
 A YAML config has three parts, and every command-line flag lands in one of them:
 
     base_model: loradock/tiny-chat      # loradock's own options (TrainArgs below)
     data: sft/assets/tasks/reverse/train.jsonl
-    lora:                               # any field of peft.LoraConfig
+    peft:                               # the method (hub.adapter.METHODS), then any field of its
+      method: lora                      # PEFT config class (LoraConfig for lora, IA3Config for ia3, ...)
       r: 16
     training:                           # any field of trl.SFTConfig / transformers.TrainingArguments
       learning_rate: 2.0e-3
 
-`--lora.KEY VALUE` and `--training.KEY VALUE` set any upstream field; the short flags (`--lr`,
-`--lora-r`, ...) are aliases for the common ones. Precedence: defaults < YAML < command line.
+`--peft METHOD`, `--peft.KEY VALUE` and `--training.KEY VALUE` set them from the command line; the
+short flags (`--lr`, `--lora-r`, ...) are aliases for the common ones. A `lora:` section (and
+`--lora.KEY`) is read as `peft: {method: lora, ...}`. Precedence: defaults < YAML < command line.
 Every problem is collected and reported at once, naming the flag to change.
 """
 
 import dataclasses
 from dataclasses import dataclass, field
 
-from hub.adapter import METHODS, SERVABLE_RANKS, nearest_servable_rank
+import difflib
+
+from hub.adapter import METHODS, SERVABLE_RANKS, Method, nearest_servable_rank
 from loradock import config as settings
 from loradock.config import Section, check_fields
 from loradock.home import DEFAULT_BASE_MODEL
@@ -44,14 +48,18 @@ class TrainArgs:
     resume: bool = field(default=False, metadata={
         "help": "continue from the last complete checkpoint of an interrupted run into the same --output"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing adapter in --output"})
+    eval_generations: int = field(default=32, metadata={
+        "help": "held-out prompts answered (greedy) at each evaluation for exact match and ROUGE-L; 0: loss only"})
 
 
 # Short flags for the most used upstream fields: flag -> (section, field).
 ALIASES = {
-    "lora_r": ("lora", "r"),
-    "lora_alpha": ("lora", "lora_alpha"),
-    "lora_dropout": ("lora", "lora_dropout"),
-    "target_modules": ("lora", "target_modules"),
+    "peft": ("peft", "method"),
+    "lora_r": ("peft", "r"),
+    "lora_alpha": ("peft", "lora_alpha"),
+    "lora_dropout": ("peft", "lora_dropout"),
+    "target_modules": ("peft", "target_modules"),
+    "num_virtual_tokens": ("peft", "num_virtual_tokens"),
     "epochs": ("training", "num_train_epochs"),
     "max_steps": ("training", "max_steps"),
     "lr": ("training", "learning_rate"),
@@ -61,8 +69,8 @@ ALIASES = {
     "seed": ("training", "seed"),
 }
 
-# loradock's defaults where they differ from PEFT's and TRL's (LoRA rather than full fine-tuning).
-LORA_DEFAULTS = METHODS["lora"].defaults
+# loradock's defaults where they differ from TRL's (each method's PEFT defaults are in its METHODS entry).
+DEFAULT_MAX_LENGTH = 1024  # SFTConfig's
 TRAINING_DEFAULTS = {
     "learning_rate": 2e-4, "logging_steps": 10, "report_to": "none", "save_strategy": "steps", "save_steps": 0.1,
     "save_total_limit": 2, "eval_strategy": "steps", "eval_steps": 0.2, "per_device_eval_batch_size": 32,
@@ -70,6 +78,60 @@ TRAINING_DEFAULTS = {
 # Fields loradock sets itself; a user value would be overwritten, so it is refused instead.
 MANAGED = {"output_dir": "--output", "resume_from_checkpoint": "--resume", "assistant_only_loss": None,
            "completion_only_loss": None, "dataset_text_field": None, "chat_template_path": "--chat-template"}
+
+
+# Fields of a PEFT config that loradock sets itself (or that only PEFT sets).
+PEFT_MANAGED = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+                "peft_version", "tokenizer_name_or_path"}
+
+
+def method_named(name, problems: list[str]) -> Method | None:
+    if name in METHODS:
+        return METHODS[name]
+    close = difflib.get_close_matches(str(name), list(METHODS), n=1)
+    problems.append(f"--peft {name!r} is not a method loradock trains" + (f"; did you mean {close[0]!r}?" if close else "")
+                    + f" (methods: {', '.join(METHODS)}; `loradock methods` says what each trains and how it is served)")
+    return None
+
+
+def check_peft(values: dict, problems: list[str]) -> dict:
+    """`peft:`: the method, then the fields of its PEFT config class over the method's defaults."""
+    import dataclasses as dc
+
+    import peft
+
+    values = dict(values)
+    method = method_named(values.pop("method", "lora"), problems)
+    if method is None:
+        return {"method": values.get("method")}
+    config_class = getattr(peft, method.config_class)
+    fields = [f.name for f in dc.fields(config_class) if f.name not in PEFT_MANAGED]
+    given = {}
+    for name, value in values.items():
+        if name in PEFT_MANAGED:
+            problems.append(f"--peft.{name} is set by loradock; remove it")
+        elif name not in fields:
+            problems.append(field_of_another_method(method, name, fields))
+        else:
+            given[name] = value
+    if method.config_class == "PromptTuningConfig" and given.get("prompt_tuning_init_text"):
+        given.setdefault("prompt_tuning_init", "TEXT")  # the text is the initialisation; PEFT wants both
+    checked = settings.check_fields(config_class, given, problems, lambda key: f"--peft.{key}")
+    return {"method": method.name, **{k: v for k, v in method.defaults.items() if k != "task_type"}, **checked}
+
+
+def field_of_another_method(method: Method, name: str, fields: list[str]) -> str:
+    import dataclasses as dc
+
+    import peft
+
+    owners = [m.name for m in METHODS.values()
+              if m is not method and name in {f.name for f in dc.fields(getattr(peft, m.config_class))}]
+    close = difflib.get_close_matches(name, fields, n=1)
+    text = f"--peft.{name}: unknown option {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+    if owners:
+        text += f"; it is a field of {', '.join(owners)}, not of {method.name} (choose the method with --peft)"
+    return text + f"; {method.name} ({method.config_class}) takes: {', '.join(fields)}"
 
 
 def upstream_section(name: str, module: str, class_name: str, defaults: dict) -> Section:
@@ -83,34 +145,58 @@ def upstream_section(name: str, module: str, class_name: str, defaults: dict) ->
     return Section(name, check, defaults=dict(defaults))
 
 
-SECTIONS = (upstream_section("lora", "peft", METHODS["lora"].config_class, LORA_DEFAULTS),
-            upstream_section("training", "trl", "SFTConfig", TRAINING_DEFAULTS))
+SECTIONS = (Section("peft", check_peft), upstream_section("training", "trl", "SFTConfig", TRAINING_DEFAULTS))
 
 
 @dataclass
 class ResolvedConfig:
-    """The merged settings, checked: `args` is ours; `lora` and `training` are keyword arguments
-    for `LoraConfig` and `SFTConfig` (the device-dependent ones decided at `build` time)."""
+    """The merged settings, checked: `args` is ours; `peft` names the method and holds the keyword
+    arguments of its PEFT config class; `training` those of `SFTConfig` (the device-dependent ones
+    decided at `build` time)."""
 
     args: TrainArgs
-    lora: dict
+    peft: dict
     training: dict
 
+    @property
+    def method(self) -> Method:
+        return METHODS[self.peft["method"]]
+
+    @property
+    def peft_settings(self) -> dict:
+        """The PEFT config's keyword arguments (the method's name left out)."""
+        return {k: v for k, v in self.peft.items() if k != "method"}
+
     def to_yaml_dict(self) -> dict:
-        return {**dataclasses.asdict(self.args), "lora": dict(self.lora), "training": dict(self.training)}
+        return {**dataclasses.asdict(self.args), "peft": dict(self.peft), "training": dict(self.training)}
+
+
+def legacy_lora(file_values: dict, cli_values: dict) -> tuple[dict, dict]:
+    """A `lora:` section and `--lora.KEY` flags, read as `peft:` with method lora."""
+    file_values, cli_values = dict(file_values), dict(cli_values)
+    lora = file_values.pop("lora", None)
+    if isinstance(lora, dict):
+        peft_values = dict(file_values.get("peft") or {})
+        peft_values.setdefault("method", "lora")
+        file_values["peft"] = {**lora, **peft_values}
+    elif lora is not None:
+        file_values["lora"] = lora  # not a mapping: reported as an unknown key
+    cli_values = {("peft." + k[len("lora."):] if k.startswith("lora.") else k): v for k, v in cli_values.items()}
+    return file_values, cli_values
 
 
 def resolve(file_values: dict, cli_values: dict) -> ResolvedConfig:
     """Merge defaults, the YAML file and the command line; validate everything, raise once.
 
     Args:
-        file_values: the YAML config (top-level keys plus `lora:` and `training:` sections).
+        file_values: the YAML config (top-level keys plus `peft:` (or `lora:`) and `training:` sections).
         cli_values: flat {key: value} from the command line; keys are TrainArgs fields, alias
-            names or `lora.KEY` / `training.KEY`; values may be strings to be converted.
+            names or `peft.KEY` / `lora.KEY` / `training.KEY`; values may be strings to be converted.
     """
+    file_values, cli_values = legacy_lora(file_values, cli_values)
     resolved = settings.resolve(TrainArgs, file_values, cli_values, SECTIONS, ALIASES, what="the training configuration",
-                                validate=lambda r: validate(ResolvedConfig(r.args, r.sections["lora"], r.sections["training"])))
-    return ResolvedConfig(resolved.args, resolved.sections["lora"], resolved.sections["training"])
+                                validate=lambda r: validate(ResolvedConfig(r.args, r.sections["peft"], r.sections["training"])))
+    return ResolvedConfig(resolved.args, resolved.sections["peft"], resolved.sections["training"])
 
 
 def validate(config: ResolvedConfig) -> list[str]:
@@ -129,11 +215,11 @@ def validate(config: ResolvedConfig) -> list[str]:
         problems.append("--eval-data and --eval-split both given: pass only one")
     if not 0.0 <= args.max_bad_fraction <= 1.0:
         problems.append(f"--max-bad-fraction {args.max_bad_fraction} must be between 0 and 1")
-    rank = config.lora.get("r")
-    if isinstance(rank, int) and rank not in SERVABLE_RANKS:
-        nearest = nearest_servable_rank(rank)
-        problems.append(f"--lora-r {rank} is a rank vLLM cannot serve (it serves {', '.join(map(str, SERVABLE_RANKS))}); "
-                        f"use --lora-r {nearest}")
+    if args.eval_generations < 0:
+        problems.append(f"--eval-generations {args.eval_generations} must be 0 (loss only) or more")
+    if config.peft.get("method") not in METHODS:
+        return problems  # reported by the peft section
+    problems += method_problems(config)
     max_length = config.training.get("max_length")
     if max_length is not None and (not isinstance(max_length, int) or max_length < 8):
         problems.append(f"--max-length {max_length} must be a whole number of tokens >= 8")
@@ -141,6 +227,29 @@ def validate(config: ResolvedConfig) -> list[str]:
         value = config.training.get(name)
         if isinstance(value, int) and value < 1:
             problems.append(f"--training.{name} {value} must be at least 1")
+    return problems
+
+
+def method_problems(config: ResolvedConfig) -> list[str]:
+    """What the chosen method needs of the other settings."""
+    method, problems = config.method, []
+    rank = config.peft.get("r")
+    if method.served_by == "vllm-lora" and isinstance(rank, int) and rank not in SERVABLE_RANKS:
+        nearest = nearest_servable_rank(rank)
+        problems.append(f"--lora-r {rank} is a rank vLLM cannot serve (it serves {', '.join(map(str, SERVABLE_RANKS))}); "
+                        f"use --lora-r {nearest}")
+    virtual = config.peft.get("num_virtual_tokens")
+    if method.prompt_learning and (not isinstance(virtual, int) or virtual < 1):
+        problems.append(f"--peft.num_virtual_tokens {virtual} must be at least 1")
+    elif method.soft_prompt:
+        max_length = config.training.get("max_length") or DEFAULT_MAX_LENGTH
+        if isinstance(max_length, int) and max_length - virtual < 8:
+            problems.append(f"--peft.num_virtual_tokens {virtual} leaves {max_length - virtual} of --max-length "
+                            f"{max_length} for the rows (the soft prompt takes positions too); lower "
+                            f"--peft.num_virtual_tokens or raise --max-length to at least {virtual + 8}")
+    if method.prompt_learning and config.training.get("packing"):
+        problems.append(f"--packing does not work with {method.name}: its virtual tokens go in front of each row, and "
+                        "a packed block holds several; drop --packing")
     return problems
 
 

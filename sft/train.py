@@ -1,7 +1,8 @@
 """loradock train --config sft/configs/NAME.yaml [--key value ...]
 
-Runs one LoRA instruction-tuning job: check the data, train with TRL's SFTTrainer and a PEFT
-LoraConfig, evaluate, and publish the adapter folder atomically.
+Runs one instruction-tuning job with a PEFT method (`--peft`, LoRA by default): check the data,
+train with TRL's SFTTrainer, evaluate (held-out loss, and exact match / ROUGE-L on a sample of
+held-out prompts), check the saved weights, and publish the adapter folder atomically.
 
 Work happens in a hidden sibling of --output (`.NAME.loradock-run/`, holding the checkpoints that
 --resume continues from); the finished folder is assembled there and renamed into place in one
@@ -18,14 +19,16 @@ from pathlib import Path
 
 import yaml
 
-from hub.adapter import METHODS, METRICS, REQUIRED_FILES, RUN_CONFIG
+from hub.adapter import METRICS, REQUIRED_FILES, RUN_CONFIG, WEIGHTS
 from hub.adapter.card import write_card
+from hub.adapter.checks import saved_weight_problems
 from loradock.errors import LoradockError
 from sft.base_model import BUILD_INFO, resolve_base_model
 from sft.chat_format import training_chat_template
-from sft.config import ResolvedConfig
+from sft.config import DEFAULT_MAX_LENGTH, ResolvedConfig
 from sft.data import parse_columns
 from sft.data_check import check_for_training, to_dataset
+from sft.evaluate import METRICS as METRIC_NAMES
 
 
 @dataclasses.dataclass
@@ -78,7 +81,7 @@ def prepare_output(config: ResolvedConfig) -> tuple[RunPaths, Path | None]:
 
 def comparable(config: ResolvedConfig) -> dict:
     """The settings that must match for a resume to continue the same run."""
-    flat = {**{f"lora.{k}": v for k, v in config.lora.items()}, **{f"training.{k}": v for k, v in config.training.items()}}
+    flat = {**{f"peft.{k}": v for k, v in config.peft.items()}, **{f"training.{k}": v for k, v in config.training.items()}}
     flat.update({k: v for k, v in dataclasses.asdict(config.args).items() if k not in ("resume", "overwrite")})
     return json.loads(json.dumps(flat, default=str))
 
@@ -99,9 +102,15 @@ def load_tokenizer(base_path: str, chat_template_file: str | None):
     return tokenizer
 
 
+def row_length_limit(config: ResolvedConfig) -> int:
+    """The longest row, in tokens, the data check keeps: --max-length, less a soft prompt's positions."""
+    max_length = config.training.get("max_length") or DEFAULT_MAX_LENGTH
+    return max_length - config.peft["num_virtual_tokens"] if config.method.soft_prompt else max_length
+
+
 def check_datasets(config: ResolvedConfig, tokenizer):
     """The data checks that gate training; returns (train report, train rows, eval rows, eval summary)."""
-    args, max_length = config.args, config.training.get("max_length") or 1024
+    args, max_length = config.args, row_length_limit(config)
     columns = parse_columns(args.columns)
     train = check_for_training(args.data, tokenizer, tokenizer.chat_template, max_length, columns,
                                args.max_bad_fraction, "--data")
@@ -152,14 +161,79 @@ def base_revision(base_path: str, model) -> str | None:
     return getattr(model.config, "_commit_hash", None)
 
 
-def held_out_loss_before(trainer, paths: RunPaths) -> float:
-    """The held-out loss of the untrained adapter, kept in the work folder so a resumed run reports it too."""
-    saved = paths.work / "eval_loss_before.json"
+def held_out_before(trainer, paths: RunPaths) -> dict:
+    """The untrained adapter's held-out figures, kept in the work folder so a resumed run reports them too."""
+    saved = paths.work / "eval_before.json"
     if saved.exists():
-        return json.loads(saved.read_text())["eval_loss"]
-    loss = trainer.evaluate()["eval_loss"]
-    saved.write_text(json.dumps({"eval_loss": loss}))
-    return loss
+        return json.loads(saved.read_text())
+    figures = trainer.evaluate()
+    saved.write_text(json.dumps(figures))
+    return figures
+
+
+def final_evaluation(trainer) -> dict:
+    """The held-out figures after training: the evaluation at the last step when there was one."""
+    last = trainer.state.log_history[-2:-1] or [{}]  # the entry before the train summary
+    if last[0].get("step") == trainer.state.global_step and "eval_loss" in last[0]:
+        return last[0]
+    return trainer.evaluate()
+
+
+def check_base_supports(config: ResolvedConfig, base_path: str) -> None:
+    """A method PEFT implements for some architectures only, or with settings the base cannot take."""
+    from transformers import AutoConfig
+
+    method, base = config.method, AutoConfig.from_pretrained(base_path).get_text_config()
+    if method.model_types and base.model_type not in method.model_types:
+        raise LoradockError(f"--peft {method.name} needs a base of type {' or '.join(method.model_types)} "
+                            f"(PEFT's {method.config_class}); {config.args.base_model} is a {base.model_type} model",
+                            "choose another method (`loradock methods`), e.g. --peft lora")
+    layers = config.peft.get("adapter_layers")
+    if isinstance(layers, int) and not 1 <= layers <= base.num_hidden_layers:
+        raise LoradockError(f"--peft.adapter_layers {layers}: {config.args.base_model} has {base.num_hidden_layers} layers",
+                            f"use --peft.adapter_layers between 1 and {base.num_hidden_layers}")
+
+
+def peft_config(config: ResolvedConfig, base_path: str):
+    """The method's PEFT config; a text-initialised soft prompt is tokenized with the base's tokenizer."""
+    settings = config.peft_settings
+    if config.method.config_class == "PromptTuningConfig" and settings.get("prompt_tuning_init_text"):
+        settings["tokenizer_name_or_path"] = base_path
+    return config.method.peft_config(settings)
+
+
+def held_out_sample(eval_rows: list, n: int, seed: int) -> list[tuple[list[dict], str]]:
+    """(conversation to answer, reference) for up to `n` held-out rows, the same rows at every evaluation."""
+    from sft.data import prompt_and_reference
+
+    rows = eval_rows[:]
+    random.Random(seed).shuffle(rows)
+    return [prompt_and_reference(row.messages) for row in rows[:n]]
+
+
+def generation_scores(figures: dict) -> dict | None:
+    """{"exact_match": ..., "rouge_l": ...} from an evaluation's figures; None when it generated nothing."""
+    scores = {name: figures[f"eval_{name}"] for name in METRIC_NAMES if f"eval_{name}" in figures}
+    return scores or None
+
+
+def peak_memory_mib() -> dict:
+    """The run's peak memory: CUDA memory allocated on a GPU, the process's resident set on a CPU."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return {"device": "cuda", "mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    return {"device": "cpu (process peak RSS)", "mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+
+def check_trainable(model) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable == 0:
+        raise LoradockError("the adapter has no trainable parameter, so training would change nothing",
+                            "check --peft.target_modules (it must name layers of the base model) and the method's "
+                            "settings; nothing was written")
 
 
 def run(config: ResolvedConfig) -> Path:
@@ -173,6 +247,7 @@ def run(config: ResolvedConfig) -> Path:
     apply_device_defaults(config)
     paths, checkpoint = prepare_output(config)
     base_path = resolve_base_model(args.base_model)
+    check_base_supports(config, base_path)
     tokenizer = load_tokenizer(base_path, args.chat_template)
     train_report, train_rows, eval_rows, eval_summary = check_datasets(config, tokenizer)
     sft_config = training_arguments(config, paths, has_eval=bool(eval_rows))
@@ -187,22 +262,29 @@ def run(config: ResolvedConfig) -> Path:
     trainer = LoradockSFTTrainer(
         model=model, args=sft_config, train_dataset=to_dataset(train_rows),
         eval_dataset=to_dataset(eval_rows) if eval_rows else None,
-        processing_class=tokenizer, peft_config=METHODS["lora"].peft_config(config.lora),
+        processing_class=tokenizer, peft_config=peft_config(config, base_path),
+        held_out=held_out_sample(eval_rows, args.eval_generations, config.training.get("seed", 42)),
     )
+    check_trainable(trainer.model)
+    trainable, total = trainer.model.get_nb_trainable_parameters()
     started = time.perf_counter()
-    eval_before = held_out_loss_before(trainer, paths) if eval_rows else None
+    before = held_out_before(trainer, paths) if eval_rows else {}
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    eval_after = trainer.evaluate()["eval_loss"] if eval_rows else None
+    after = final_evaluation(trainer) if eval_rows else {}
 
     metrics = {
         "base_model": args.base_model, "base_model_revision": base_revision(base_path, model),
         "dataset_sha256": train_report.sha256, "train_data": train_report.summary(), "eval_data": eval_summary,
-        "train_loss": round(result.training_loss, 4), "eval_loss_before": eval_before, "eval_loss": eval_after,
+        "method": config.method.name, "trainable_parameters": trainable, "base_parameters": total - trainable,
+        "train_loss": round(result.training_loss, 4), "eval_loss_before": before.get("eval_loss"),
+        "eval_loss": after.get("eval_loss"), "eval_metrics_before": generation_scores(before),
+        "eval_metrics": generation_scores(after),
         "steps": result.global_step, "epochs": round(trainer.state.epoch or 0, 3),
         "train_runtime_s": round(result.metrics["train_runtime"], 2),
         "total_runtime_s": round(time.perf_counter() - started, 2),
         "train_tokens": trainer._total_train_tokens,
         "tokens_per_second": round(trainer._total_train_tokens / max(result.metrics["train_runtime"], 1e-9), 1),
+        "peak_memory": peak_memory_mib(),
         "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else None,
         "log_history": trainer.state.log_history,
     }
@@ -214,11 +296,18 @@ def publish(trainer, config: ResolvedConfig, paths: RunPaths, metrics: dict) -> 
     staging = paths.work / "adapter"
     if staging.exists():
         shutil.rmtree(staging)
-    peft_config = trainer.model.peft_config["default"]
-    peft_config.base_model_name_or_path = config.args.base_model  # the name, never this machine's path
-    # save_embedding_layers=False: LoRA here never trains embeddings, and "auto" would look the base
+    saved_config = trainer.model.peft_config["default"]
+    saved_config.base_model_name_or_path = config.args.base_model  # the name, never this machine's path
+    if getattr(saved_config, "tokenizer_name_or_path", None):
+        saved_config.tokenizer_name_or_path = config.args.base_model
+    # save_embedding_layers=False: no method here trains embeddings, and "auto" would look the base
     # model's name up on the Hub to find out.
     trainer.model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
+    problems = saved_weight_problems(staging / WEIGHTS) if (staging / WEIGHTS).exists() else []
+    if problems:
+        raise LoradockError(f"the saved adapter is broken: {'; '.join(problems)}",
+                            "nothing was published; with sharded training (FSDP/DeepSpeed) save on the main process "
+                            "with the full state dict gathered, then train again")
     trainer.processing_class.save_pretrained(staging)
     (staging / RUN_CONFIG).write_text(run_config_yaml(config))
     (staging / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
@@ -256,5 +345,7 @@ def main(config: ResolvedConfig) -> int:
     summary = f"adapter written to {output}: train loss {metrics['train_loss']}"
     if after is not None:
         summary += f", eval loss {before:.4f} -> {after:.4f}" if before is not None else f", eval loss {after:.4f}"
+    scores = metrics.get("eval_metrics") or {}
+    summary += "".join(f", {name.replace('_', ' ')} {value:.1%}" for name, value in scores.items())
     print(summary + f", {metrics['tokens_per_second']} tokens/s")
     return 0

@@ -3,6 +3,8 @@
 One small subclass, because the checks belong to the loss computation itself: a batch whose
 labels are all masked or a loss that is NaN/Inf stops the run (TRL would clamp the first to a
 silent zero and log the second), and each step's trained-token fraction and tokens/s are logged.
+Each evaluation also answers a fixed sample of held-out prompts (greedy) and scores the answers
+with exact match and ROUGE-L, logged beside the loss as `eval_exact_match` and `eval_rouge_l`.
 """
 
 import time
@@ -20,9 +22,40 @@ class TrainingAborted(LoradockError):
 
 
 class LoradockSFTTrainer(SFTTrainer):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, held_out: list[tuple[list[dict], str]] = (), **kwargs):
         super().__init__(*args, **kwargs)
         self._window_start = (time.perf_counter(), 0)  # (time, cumulative tokens) at the last log
+        self.held_out = list(held_out)  # (conversation, reference) pairs answered at each evaluation
+        adapted = getattr(self.model, "base_model", None)
+        if type(adapted).__name__ == "AdaptionPromptModel":
+            # PEFT's llama-adapter keeps the model's forward as it was when wrapped, before TRL gave
+            # the model its fused LM head; point it at the current one.
+            adapted.forward = adapted.model.forward
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.held_out:
+            for name, value in self.generation_scores().items():
+                output.metrics[f"{metric_key_prefix}_{name}"] = value
+        return output
+
+    def generation_scores(self) -> dict[str, float]:
+        """Exact match and ROUGE-L of greedy answers to the held-out sample, in [0, 1]."""
+        from sft.evaluate import METRICS, generate, score
+
+        tokenizer = self.processing_class
+        references = [reference for _, reference in self.held_out]
+        longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+        was_training, padding_side = self.model.training, tokenizer.padding_side
+        self.model.eval()
+        try:
+            answers = generate(self.model, tokenizer, [c for c, _ in self.held_out], longest + 8,
+                               self.args.per_device_eval_batch_size)
+        finally:
+            self.model.train(was_training)
+            tokenizer.padding_side = padding_side
+        return score(answers, references, list(METRICS))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"

@@ -6,7 +6,7 @@ from loradock.cli import main
 
 COMMANDS = [[], ["train"], ["eval"], ["data"], ["data", "check"], ["base"], ["base", "build"], ["push"], ["pull"],
             ["list"], ["hub"], ["hub", "serve"], ["hub", "token"], ["hub", "token", "create"], ["hub", "login"],
-            ["hub", "logout"], ["serve"], ["ui"]]
+            ["hub", "logout"], ["serve"], ["ui"], ["methods"], ["methods", "compare"], ["merge"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "loradock")

@@ -32,12 +32,14 @@ def resolved_train_command(argv: list[str], capsys) -> dict:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_example_config_parses_against_the_code(path, monkeypatch, capsys):
-    from peft import LoraConfig
     from trl import SFTConfig
+
+    from hub.adapter import METHODS
 
     monkeypatch.chdir(REPO)
     config = resolved_train_command(opening_command(path), capsys)
-    LoraConfig(**config["lora"])
+    settings = dict(config["peft"])
+    METHODS[settings.pop("method")].peft_config(settings)
     SFTConfig(output_dir="unused", use_cpu=True, bf16=False, **config["training"])
     assert config["output"] and config["data"]
     assert resolve(config, {}).to_yaml_dict() == {**config, "resume": False, "overwrite": False}
@@ -48,7 +50,9 @@ def test_the_command_line_resolves_as_the_library_does(capsys, tmp_path):
     file.write_text("data: a.jsonl\noutput: out\nlora:\n  r: 16\ntraining:\n  learning_rate: 1.0e-3\n")
     config = resolved_train_command(["--config", str(file), "--lora-r", "32", "--training.warmup_steps", "7",
                                      "--packing", "--resume"], capsys)
-    assert config["lora"]["r"] == 32 and config["training"]["learning_rate"] == 1e-3
+    assert config["peft"] == {"method": "lora", "r": 32, "lora_alpha": 16, "lora_dropout": 0.05,
+                              "target_modules": "all-linear"}
+    assert config["training"]["learning_rate"] == 1e-3
     assert config["training"]["warmup_steps"] == 7 and config["training"]["packing"] is True
     assert main(["train", "--config", str(file), "--lora-r", "12", "--max-steps", "many", "--print-config"]) == 2
     err = capsys.readouterr().err
@@ -62,7 +66,7 @@ def test_there_are_example_configs():
 def test_command_line_overrides_yaml_which_overrides_defaults():
     file = {"data": "a.jsonl", "output": "out", "lora": {"r": 16, "lora_alpha": 64}, "training": {"learning_rate": "1e-3"}}
     config = resolve(file, {"lora_r": "32", "lr": "5e-4", "training.warmup_steps": "7", "packing": True})
-    assert config.lora["r"] == 32 and config.lora["lora_alpha"] == 64 and config.lora["lora_dropout"] == 0.05
+    assert config.peft["r"] == 32 and config.peft["lora_alpha"] == 64 and config.peft["lora_dropout"] == 0.05
     assert config.training["learning_rate"] == 5e-4 and config.training["warmup_steps"] == 7
     assert config.training["packing"] is True
 
@@ -111,4 +115,49 @@ def test_overrides_parse_both_spellings():
                                             (["q_proj"], ["q_proj"])])
 def test_target_modules_keep_their_shape(value, expected):
     config = resolve({"data": "d", "output": "o"}, {"target_modules": value})
-    assert config.lora["target_modules"] == expected
+    assert config.peft["target_modules"] == expected
+
+
+@pytest.mark.parametrize("method", ["lora", "rslora", "dora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning",
+                                    "llama-adapter"])
+def test_every_method_resolves_to_its_peft_config(method):
+    from hub.adapter import METHODS, method_of
+
+    config = resolve({"data": "d", "output": "o"}, {"peft": method})
+    built = config.method.peft_config(config.peft_settings)
+    assert config.method is METHODS[method] and type(built).__name__ == METHODS[method].config_class
+    assert method_of(built.to_dict()) is METHODS[method]
+    assert resolve(config.to_yaml_dict(), {}).peft == config.peft  # run_config.yaml loads again
+
+
+def test_the_peft_section_takes_the_methods_fields_and_the_lora_section_still_works():
+    config = resolve({"data": "d", "output": "o", "peft": {"method": "prompt-tuning", "num_virtual_tokens": 12,
+                                                           "prompt_tuning_init_text": "Reverse the words"}}, {})
+    assert config.peft == {"method": "prompt-tuning", "num_virtual_tokens": 12, "prompt_tuning_init": "TEXT",
+                           "prompt_tuning_init_text": "Reverse the words"}
+    legacy = resolve({"data": "d", "output": "o", "lora": {"r": 16}}, {"lora.lora_alpha": "64"})
+    assert legacy.method.name == "lora" and legacy.peft["r"] == 16 and legacy.peft["lora_alpha"] == 64
+    dora = resolve({"data": "d", "output": "o", "lora": {"r": 16}}, {"peft": "dora"})
+    assert dora.peft["use_dora"] is True and dora.peft["r"] == 16
+
+
+def test_a_field_of_another_method_is_refused_with_the_methods_fields_and_a_did_you_mean():
+    with pytest.raises(LoradockError) as e:
+        resolve({"data": "d", "output": "o"}, {"peft": "ia3", "lora_r": "16", "peft.target_modules_x": "q_proj"})
+    message = e.value.message
+    assert "--peft.r: unknown option 'r'; it is a field of lora, rslora, dora, not of ia3" in message
+    assert "unknown option 'target_modules_x'; did you mean 'target_modules'?" in message
+    assert "ia3 (IA3Config) takes: target_modules, exclude_modules, feedforward_modules" in message
+    with pytest.raises(LoradockError, match="--peft 'prompt_tuning' is not a method loradock trains; did you mean "
+                                            "'prompt-tuning'"):
+        resolve({"data": "d", "output": "o"}, {"peft": "prompt_tuning"})
+    with pytest.raises(LoradockError, match="--peft.task_type is set by loradock"):
+        resolve({"data": "d", "output": "o", "peft": {"method": "ia3", "task_type": "SEQ_CLS"}}, {})
+
+
+def test_a_soft_prompt_must_leave_room_under_max_length():
+    with pytest.raises(LoradockError, match="--peft.num_virtual_tokens 60 leaves 4 of --max-length 64 for the rows"):
+        resolve({"data": "d", "output": "o"}, {"peft": "prompt-tuning", "num_virtual_tokens": "60", "max_length": "64"})
+    with pytest.raises(LoradockError, match="--packing does not work with p-tuning"):
+        resolve({"data": "d", "output": "o"}, {"peft": "p-tuning", "packing": True})
+    assert resolve({"data": "d", "output": "o"}, {"peft": "dora", "lora_r": "12"}).peft["r"] == 12  # merged: any rank

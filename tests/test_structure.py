@@ -70,10 +70,12 @@ def command_dataclasses():
     from serve.config import ServeConfig
     from sft.commands import BaseBuildArgs, DataCheckArgs, EvalArgs
     from sft.config import TrainArgs
+    from sft.merge import MergeArgs
     from ui.cli import UIConfig
 
     return {("train",): TrainArgs, ("serve",): ServeConfig, ("ui",): UIConfig, ("hub", "serve"): RegistryConfig,
-            ("eval",): EvalArgs, ("data", "check"): DataCheckArgs, ("base", "build"): BaseBuildArgs}
+            ("eval",): EvalArgs, ("data", "check"): DataCheckArgs, ("base", "build"): BaseBuildArgs,
+            ("merge",): MergeArgs}
 
 
 def help_entries(command, capsys) -> dict[str, str]:
@@ -110,7 +112,8 @@ ROUND_TRIP = {("train",): (["--data", "d.jsonl", "--output", "o", "--lr", "1e-3"
               ("eval",): (["--data", "h.jsonl", "--endpoint", "http://x/v1", "--model", "a/b", "--model", "c/d"],
                           "- c/d"),
               ("data", "check"): (["d.jsonl", "--max-length", "64"], "max_length: 64"),
-              ("base", "build"): (["--seed", "3"], "seed: 3")}
+              ("base", "build"): (["--seed", "3"], "seed: 3"),
+              ("merge",): (["adapters/a", "--limit", "4"], "limit: 4")}
 
 
 @pytest.mark.parametrize("command", list(command_dataclasses()), ids=" ".join)

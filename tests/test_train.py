@@ -99,6 +99,13 @@ def test_metrics_are_honest(trained):
     train_logs = [log for log in metrics["log_history"] if "loss" in log]
     assert train_logs and all(0 < log["trained_token_fraction"] < 1 and log["tokens_per_second"] > 0 for log in train_logs)
     assert any("eval_loss" in log for log in metrics["log_history"])
+    evaluations = [log for log in metrics["log_history"] if "eval_loss" in log]
+    assert all(0 <= log["eval_exact_match"] <= 1 and 0 <= log["eval_rouge_l"] <= 1 for log in evaluations)
+    assert set(metrics["eval_metrics"]) == {"exact_match", "rouge_l"} and metrics["eval_metrics_before"]
+    assert metrics["method"] == "lora" and 0 < metrics["trainable_parameters"] < metrics["base_parameters"]
+    card = yaml.safe_load((output / "README.md").read_text().split("---")[1])
+    scores = {m["type"]: m["value"] for m in card["model-index"][0]["results"][0]["metrics"]}
+    assert scores == {"loss": round(metrics["eval_loss"], 4), **metrics["eval_metrics"]}
 
 
 @pytest.mark.slow
@@ -109,8 +116,9 @@ def test_run_config_reloads_to_the_same_configuration(trained):
     output, _, _ = trained
     saved = load_yaml(str(output / "run_config.yaml"))
     again = resolve(saved, {})
-    assert again.to_yaml_dict() == {**saved, "lora": again.lora, "training": again.training}
-    assert again.lora["r"] == 8 and again.training["max_steps"] == 30 and again.training["learning_rate"] == 1e-3
+    assert again.to_yaml_dict() == {**saved, "peft": again.peft, "training": again.training}
+    assert again.peft == {"method": "lora", "r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": "all-linear"}
+    assert again.training["max_steps"] == 30 and again.training["learning_rate"] == 1e-3
     assert again.args.output == str(output)
 
 

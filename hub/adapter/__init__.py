@@ -82,6 +82,11 @@ class Method:
         return "num_virtual_tokens" in self.defaults
 
     @property
+    def soft_prompt(self) -> bool:
+        """Its virtual tokens are input embeddings: they take positions of the sequence."""
+        return self.config_class in ("PromptTuningConfig", "PromptEncoderConfig")
+
+    @property
     def low_rank(self) -> bool:
         """A LoRA variant: a rank `r` that vLLM's slots (or a merge) take."""
         return self.config_class == "LoraConfig"
@@ -94,7 +99,7 @@ class Method:
         """The PEFT config object that trains this method, from its checked settings."""
         import peft
 
-        return getattr(peft, self.config_class)(**settings)
+        return getattr(peft, self.config_class)(**{"task_type": self.defaults.get("task_type"), **settings})
 
     def card_settings(self, config: dict) -> dict:
         return {key: _plain(config.get(source)) for key, source in self.card_fields.items()}

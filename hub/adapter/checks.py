@@ -210,3 +210,23 @@ def soft_prompt_problems(weights: dict[str, tuple[int, ...]], config: dict, base
     if isinstance(n, int) and shape[0] != n * config.get("num_transformer_submodules", 1):
         return [f"its soft prompt has {shape[0]} vectors but adapter_config.json says num_virtual_tokens {n}"]
     return []
+
+
+def saved_weight_problems(path: Path) -> list[str]:
+    """What is wrong with freshly saved adapter weights: none at all, or nothing but zeros (sharded
+    training that saved before gathering writes such files), or a LoRA A matrix of zeros (B may
+    start at zero; A never does). Reads every tensor: adapters are small."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+        if not names:
+            return [f"{path.name} holds no tensor ({path.stat().st_size} bytes)"]
+        zero = [name for name in names if not f.get_tensor(name).any()]
+    if len(zero) == len(names):
+        return [f"every tensor in {path.name} is all zeros ({len(names)} tensors)"]
+    zero_a = [name for name in zero if ".lora_A." in name]
+    if zero_a:
+        return [f"{len(zero_a)} LoRA A matrices are all zeros, e.g. {zero_a[0]}"]
+    return []
