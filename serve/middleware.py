@@ -12,7 +12,13 @@ It runs before vLLM's own middleware, on every request:
 - an unload waits for the requests already using that adapter and holds new ones back until it is
   done (vLLM checks a request's model name, then looks the adapter up again later: an unload in
   between would turn an accepted request into a 404);
-- GET /v1/models gains a `loradock` field per adapter: repo, revision, commit sha, rank, metric.
+- a request to a prompt-tuning or p-tuning adapter never reaches vLLM under the adapter's name: it
+  is rendered and tokenized by vLLM's own /tokenize, embedded behind the adapter's soft prompt
+  (`serve.soft_prompt`) and answered by vLLM's /v1/completions for the base model, in-process,
+  then translated back into the endpoint the client called; loading and unloading such an adapter
+  by path is done here too, since vLLM cannot load it as LoRA;
+- GET /v1/models gains a `loradock` field per adapter (repo, revision, commit sha, method, rank,
+  metric) and a card for each prompt-tuning adapter known.
 """
 
 import asyncio
@@ -21,9 +27,10 @@ import contextlib
 import hmac
 import json
 
+from hub.adapter import method_of
 from hub.adapter.checks import check_folder
 from loradock.errors import AdapterRefused, InvalidRequest, LoradockError, NotFound, RegistryRefused, Unreachable
-from serve import runtime
+from serve import runtime, soft_prompt
 
 OPEN_ROUTES = {"/health"}
 GENERATION = {"/v1/chat/completions", "/v1/completions"}
@@ -140,19 +147,26 @@ class LoradockMiddleware:
             body = json.loads(raw)
         except ValueError:
             body = None  # vLLM answers malformed JSON itself
+        adapter = None
         if isinstance(body, dict):
             try:
                 if path in GENERATION:
-                    body = await self.prepare_generation(body, path)
+                    adapter = await self.adapter_for(body)
+                    body = self.with_template(body, path, adapter)
                 elif path == "/v1/load_lora_adapter" and body.get("lora_path"):
-                    check_folder(body["lora_path"], runtime.served_base())
+                    config = check_folder(body["lora_path"], runtime.served_base())
+                    if method_of(config).served_by == "prompt-embeds":
+                        return await self.load_soft_prompt(send, body)
+                elif path == "/v1/unload_lora_adapter" and getattr(runtime.known(str(body.get("lora_name"))),
+                                                                   "soft_prompt", False):
+                    return await self.unload_soft_prompt(send, body["lora_name"])
             except LoradockError as e:
                 return await respond(send, status_of(e), error_body(status_of(e), e.problem, "model"))
             raw = json.dumps(body).encode()
-        headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
-        scope = dict(scope, headers=headers + [(b"content-length", str(len(raw)).encode())])
         async with self.guard(path, body):
-            return await self.app(scope, replay(raw, receive), self.track_adapters(send, path, body))
+            if adapter is not None and adapter.soft_prompt:
+                return await self.answer_with_soft_prompt(scope, receive, send, path, body, adapter)
+            return await self.app(with_path(scope, path, raw), replay(raw, receive), self.track_adapters(send, path, body))
 
     def guard(self, path: str, body) -> contextlib.AbstractAsyncContextManager:
         name = body.get("lora_name" if path == "/v1/unload_lora_adapter" else "model") if isinstance(body, dict) else None
@@ -160,22 +174,78 @@ class LoradockMiddleware:
             return contextlib.nullcontext()
         return self.in_flight.unloading(name) if path == "/v1/unload_lora_adapter" else self.in_flight.using(name)
 
-    async def prepare_generation(self, body: dict, path: str) -> dict:
+    async def adapter_for(self, body: dict) -> "runtime.Adapter | None":
+        """The adapter a generation request names, fetched from the registry on its first request
+        (before vLLM's resolver, so the check, the template and soft prompts apply); None for the
+        base model or a name vLLM may still know."""
         if "chat_template" in body or "chat_template" in (body.get("chat_template_kwargs") or {}):
             raise InvalidRequest("chat_template cannot be set by the client: each model is served with the "
                                  "template it was trained with")
         name = body.get("model")
         if not isinstance(name, str) or name == runtime.config().base_model:
-            return body
+            return None
         adapter = runtime.known(name)
         if adapter is None:
             try:
-                adapter = await runtime.fetch(name)  # before vLLM's resolver, so the check and template apply
+                adapter = await runtime.fetch(name)
             except NotFound:
-                return body  # vLLM answers 404 for the model
-        if path == "/v1/chat/completions" and adapter.chat_template and adapter.chat_template != self.base_template():
+                return None  # vLLM answers 404 for the model
+        return adapter
+
+    def with_template(self, body: dict, path: str, adapter: "runtime.Adapter | None") -> dict:
+        if (path == "/v1/chat/completions" and adapter and not adapter.soft_prompt and adapter.chat_template
+                and adapter.chat_template != self.base_template()):
             body = {**body, "chat_template": adapter.chat_template}
         return body
+
+    async def answer_with_soft_prompt(self, scope, receive, send, path: str, body: dict, adapter: "runtime.Adapter"):
+        """Render and tokenize with vLLM's /tokenize, prepend the soft prompt to the tokens'
+        embeddings, generate with vLLM's /v1/completions for the base, translate the answer back."""
+        cfg = runtime.config()
+        try:
+            asked = soft_prompt.tokenize_body(body, path, cfg.base_model, adapter.chat_template)
+            status, answer = await self.call(scope, receive, "/tokenize", asked)
+            if status != 200:
+                return await respond(send, status, answer)
+            tokenized = json.loads(answer)
+            n_virtual = (await asyncio.to_thread(soft_prompt.soft_prompt, adapter.path)).shape[0]
+            soft_prompt.check_length(n_virtual, tokenized["count"], soft_prompt.requested_max_tokens(body, path),
+                                     tokenized["max_model_len"])
+            embeds = await asyncio.to_thread(soft_prompt.prompt_embeds, cfg.base_path, adapter.path,
+                                             tokenized["tokens"])
+        except LoradockError as e:
+            return await respond(send, status_of(e), error_body(status_of(e), e.problem))
+        raw = json.dumps(soft_prompt.completion_body(body, path, cfg.base_model, embeds)).encode()
+        translation = soft_prompt.Translation(path, adapter.name,
+                                              tokenized["tokens"] if body.get("return_token_ids") else None)
+        return await self.app(with_path(scope, "/v1/completions", raw), replay(raw, receive),
+                              translated(send, translation))
+
+    async def call(self, scope, receive, path: str, body: dict) -> tuple[int, bytes]:
+        """POST `body` to one of vLLM's own routes, in-process: (status, response body)."""
+        raw, status, chunks = json.dumps(body).encode(), {}, []
+
+        async def collect(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            else:
+                chunks.append(message.get("body", b""))
+
+        await self.app(with_path(scope, path, raw), replay(raw, receive), collect)
+        return status["code"], b"".join(chunks)
+
+    async def load_soft_prompt(self, send, body: dict):
+        name = body.get("lora_name")
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest("lora_name is required: the name clients will send as `model`")
+        await asyncio.to_thread(soft_prompt.soft_prompt, body["lora_path"])  # read once, now
+        runtime.remember(name, body["lora_path"])
+        await respond(send, 200, f"Success: prompt-tuning adapter '{name}' added successfully.".encode(), b"text/plain")
+
+    async def unload_soft_prompt(self, send, name: str):
+        async with self.in_flight.unloading(name):
+            runtime.forget(name)
+        await respond(send, 200, f"Success: prompt-tuning adapter '{name}' removed successfully.".encode(), b"text/plain")
 
     def base_template(self) -> str | None:
         if not self._base_template_read:
@@ -220,7 +290,8 @@ class LoradockMiddleware:
             body = b"".join(chunks)
             if start["status"] == 200:
                 listing = json.loads(body)
-                for card in listing.get("data", []):
+                listing["data"] = listing.get("data", []) + soft_prompt_cards(listing.get("data", []))
+                for card in listing["data"]:
                     if card.get("parent"):
                         adapter = runtime.known(card["id"]) or runtime.remember(card["id"], card["root"])
                         card["loradock"] = adapter.info
@@ -230,3 +301,53 @@ class LoradockMiddleware:
             await send({"type": "http.response.body", "body": body})
 
         return wrapped
+
+
+def soft_prompt_cards(cards: list[dict]) -> list[dict]:
+    """vLLM's card for each prompt-tuning adapter it does not list (the shape of its LoRA cards)."""
+    from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelPermission
+
+    listed, base = {card["id"] for card in cards}, runtime.config().base_model
+    return [ModelCard(id=a.name, root=str(a.path), parent=base, permission=[ModelPermission()]).model_dump()
+            for a in runtime.soft_prompted() if a.name not in listed]
+
+
+def with_path(scope, path: str, raw: bytes) -> dict:
+    """The request's scope for `path` with a body of `raw` (its content-length set again)."""
+    headers = [(k, v) for k, v in scope["headers"] if k != b"content-length"]
+    query = scope.get("query_string", b"") if path == scope["path"] else b""
+    return dict(scope, path=path, raw_path=path.encode(), query_string=query,
+                headers=headers + [(b"content-length", str(len(raw)).encode())])
+
+
+def translated(send, translation: "soft_prompt.Translation"):
+    """A `send` that turns vLLM's answer for the base into the client's: a JSON body whole, a
+    server-sent event stream event by event. Errors (any other status) pass through as they are."""
+    state, pending = {}, bytearray()
+
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            state["ok"] = message["status"] == 200
+            state["stream"] = dict(message.get("headers", [])).get(b"content-type", b"").startswith(b"text/event-stream")
+            state["start"] = message
+            if not state["ok"] or state["stream"]:
+                await send(message)
+            return
+        if not state["ok"]:
+            return await send(message)
+        pending.extend(message.get("body", b""))
+        more = message.get("more_body", False)
+        if not state["stream"]:
+            if not more:
+                body = json.dumps(translation.body(json.loads(pending))).encode()
+                headers = [(k, v) for k, v in state["start"].get("headers", []) if k != b"content-length"]
+                await send({**state["start"], "headers": headers + [(b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+            return
+        events, _, rest = bytes(pending).rpartition(b"\n\n")
+        pending[:] = rest
+        out = "".join(f"data: {data}\n\n" for event in events.split(b"\n\n") if event.strip()
+                      for data in translation.event(event.decode().removeprefix("data:").strip()))
+        await send({"type": "http.response.body", "body": out.encode(), "more_body": more})
+
+    return wrapped

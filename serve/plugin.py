@@ -8,7 +8,8 @@ workers), so it is cheap and only installs:
 - the registry LoRA resolver (`serve.resolver`), only under `loradock serve` (its settings in the
   environment);
 - one log line each time vLLM moves an adapter into one of its `--max-loras` slots (a slot swap),
-  only under `loradock serve`: how a server with more adapters than slots is seen to be swapping.
+  only under `loradock serve`: how a server with more adapters than slots is seen to be swapping;
+- the token embedding without its LoRA delta, only under `loradock serve` (`plain_embedding`).
 """
 
 import logging
@@ -30,6 +31,7 @@ def register() -> None:
 
         register_resolver()
         log_slot_swaps()
+        plain_embedding()
 
 
 SWAP_LINE = "loradock: LoRA slot swap"
@@ -51,3 +53,20 @@ def log_slot_swaps() -> None:
 
     activate_adapter.logs_swaps = True
     LRUCacheLoRAModelManager.activate_adapter = activate_adapter
+
+
+def plain_embedding() -> None:
+    """The embedding layer's LoRA wrapper answers with the base embedding alone.
+
+    With `--enable-prompt-embeds`, a batch that mixes a `prompt_embeds` request (a prompt-tuning
+    adapter's) with token requests embeds only the token positions, while the wrapper indexes the
+    whole batch's adapter mapping: the worker dies (IndexError, mask [22] vs tensor [1, 8], vLLM
+    0.32 CPU). Nothing is lost: the adapter check refuses embedding LoRA, so every slot's embedding
+    delta is zero.
+    """
+    from vllm.lora.layers import VocabParallelEmbeddingWithLoRA
+
+    def forward(self, x):
+        return self.base_layer.forward(x)
+
+    VocabParallelEmbeddingWithLoRA.forward = forward

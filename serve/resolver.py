@@ -21,6 +21,9 @@ def make_resolver():
                 return None  # vLLM answers 404 with param "model"
             except LoradockError as e:
                 raise ValueError(e.problem) from None  # vLLM answers a ValueError with a 400 carrying its text
+            if adapter.soft_prompt:  # the middleware answers these on the two routes that take them
+                raise ValueError(f"{lora_name} is a {adapter.info['method']} adapter: it answers on "
+                                 "/v1/chat/completions and /v1/completions only")
             # vLLM replaces the id with its own counter; it only has to be positive here.
             return LoRARequest(lora_name=lora_name, lora_int_id=1, lora_path=str(adapter.path))
 

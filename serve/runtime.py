@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from hub.adapter import PULL_MARKER, AdapterRef, chat_template, read_json
+from hub.adapter import METHODS, PULL_MARKER, AdapterRef, chat_template, read_json
 from hub.adapter.card import CardInfo
 from hub.adapter.checks import ServedBase, check_folder
 from loradock.errors import AdapterRefused, LoradockError, NotFound
@@ -29,11 +29,18 @@ def served_base() -> ServedBase:
 class Adapter:
     name: str  # what clients send as `model`
     path: Path
-    info: dict  # repo, revision, commit sha, rank, headline metric: shown in /v1/models
+    info: dict  # repo, revision, commit sha, method, rank, headline metric: shown in /v1/models
     chat_template: str | None
+    served_by: str = "vllm-lora"  # a key of hub.adapter.SERVED_AS
+
+    @property
+    def soft_prompt(self) -> bool:
+        """Served through vLLM's prompt-embeddings input (`serve.soft_prompt`), not a LoRA slot."""
+        return self.served_by == "prompt-embeds"
 
 
 _known: dict[str, Adapter] = {}
+_unloaded: set[str] = set()  # names forgotten since: not listed again until a request asks for them
 _locks: dict[str, asyncio.Lock] = {}
 
 
@@ -48,16 +55,29 @@ def describe(name: str, folder: Path) -> Adapter:
     info = {"repo_id": pulled.get("repo_id"), "revision": pulled.get("revision"), "commit": pulled.get("commit"),
             "method": card.method, "rank": card.rank, "base_model": card.base_model,
             "metric": {"name": metric.name, "value": metric.value} if metric else None}
-    return Adapter(name, folder, info, chat_template(folder))
+    served_by = METHODS[card.method].served_by if card.method in METHODS else "vllm-lora"
+    return Adapter(name, folder, info, chat_template(folder), served_by)
 
 
 def remember(name: str, folder: Path) -> Adapter:
     _known[name] = describe(name, folder)
+    _unloaded.discard(name)
     return _known[name]
 
 
 def forget(name: str) -> None:
     _known.pop(name, None)
+    _unloaded.add(name)
+
+
+def soft_prompted() -> list[Adapter]:
+    """The prompt-tuning and p-tuning adapters known now (start-up ones included): vLLM does not
+    list them, having never loaded them."""
+    cfg = config()
+    for name in cfg.startup_adapters if cfg else ():
+        if name not in _unloaded:
+            known(name)
+    return [adapter for adapter in _known.values() if adapter.soft_prompt]
 
 
 def known(name: str) -> Adapter | None:
