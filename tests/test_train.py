@@ -228,16 +228,18 @@ def start_and_kill_after_checkpoint(args: list, checkpoints: Path, min_step: int
 
 
 @pytest.mark.slow
-def test_resume_continues_from_the_last_complete_checkpoint(tmp_path, base_model_dir):
+@pytest.mark.parametrize("method,lr", [("lora", "1e-3"), ("prompt-tuning", "3e-2")])
+def test_resume_continues_from_the_last_complete_checkpoint(tmp_path, base_model_dir, method, lr):
     train, held = small_split(tmp_path)
     output = tmp_path / "adapter"
-    args = ["train", "--data", train, "--eval-data", held, "--output", output, "--max-steps", "80", "--lr", "1e-3",
-            "--batch-size", "16", "--max-length", "64", "--training.save_steps", "10", "--training.eval_steps", "40"]
+    args = ["train", "--peft", method, "--data", train, "--eval-data", held, "--output", output, "--max-steps", "80",
+            "--lr", lr, "--batch-size", "16", "--max-length", "64", "--training.save_steps", "10",
+            "--training.eval_steps", "40", "--eval-generations", "4"]
     start_and_kill_after_checkpoint(args, tmp_path / ".adapter.loradock-run" / "checkpoints", min_step=20,
                                     log=tmp_path / "killed-run.log")
     assert not output.exists(), "a killed run must not leave a finished-looking adapter"
 
-    changed = run_loradock(*args, "--resume", "--lr", "2e-3")
+    changed = run_loradock(*args, "--resume", "--lr", "2e-2")
     assert changed.returncode == 2 and "differs from the interrupted run's in training.learning_rate" in changed.stderr
 
     resumed = run_loradock(*args, "--resume")
