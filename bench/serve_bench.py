@@ -19,7 +19,9 @@ output tokens each (`ignore_eos`), for four scenarios: the base alone, one adapt
 round-robin and 64 adapters round-robin through the 8 slots, at each --concurrency. The scenarios
 take turns within each of --rounds rounds, and each ratio to the base is taken within its round,
 so that the machine's drifts meet them all alike; the median and the range over rounds are
-printed. The 64-adapter scenario also reports how many adapters were moved into a slot (vLLM's
+printed. `--scenarios ... "8 soft-prompt rr"` adds 8 random prompt-tuning adapters (8 virtual
+tokens each, served through vLLM's prompt embeddings) round-robin, the same workload; off by
+default. The 64-adapter scenario also reports how many adapters were moved into a slot (vLLM's
 slot swaps, logged by loradock's vLLM plugin). Also measured: cold load (registry -> first token;
 and with the blob already local, after an unload) and the warm switch between two loaded
 adapters. Then, with vLLM stopped, a naive server: transformers + PEFT in this process, the 8
@@ -73,6 +75,7 @@ MID = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 6, "n
        "num_key_value_heads": 8}
 NAMES = [f"bench/a{i:02d}" for i in range(ADAPTERS)]
 SCENARIOS = {"base": 0, "1 adapter": 1, "8 adapters rr": 8, "64 adapters rr": 64}
+SOFT, SOFT_NAMES, VIRTUAL_TOKENS = "8 soft-prompt rr", [f"bench/pt{i}" for i in range(SLOTS)], 8  # server only
 TASKS = REPO / "sft" / "assets" / "tasks"
 PROMPTS = [json.loads(line)["prompt"] for task in ("reverse", "sort", "json")
            for line in (TASKS / task / "heldout.jsonl").read_text().splitlines()[:32]]
@@ -149,6 +152,32 @@ def random_adapters(base: Path, work: Path) -> list[Path]:
         weights = {key: torch.randn(shape, generator=noise) * (shape[1] ** -0.5 if "lora_A" in key else 0.02)
                    for key, shape in shapes.items()}
         save_file(weights, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        folders.append(folder)
+    return folders
+
+
+def prompt_tuning_adapters(base: Path, work: Path) -> list[Path]:
+    """8 prompt-tuning adapters of `base`: PEFT's config, seeded random soft prompts with the spread
+    of the base's token embeddings."""
+    import torch
+    from peft import PromptTuningConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    spread_of_rows = model.get_input_embeddings().weight.std().item()
+    first = work / "pt0"
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS)
+    get_peft_model(model, config).save_pretrained(first)
+    folders = []
+    for i in range(SLOTS):
+        folder = work / f"pt{i}"
+        folder.mkdir(exist_ok=True)
+        if i:
+            shutil.copy(first / "adapter_config.json", folder)
+        noise = torch.Generator().manual_seed(100 + i)
+        prompt = torch.randn(VIRTUAL_TOKENS, model.config.hidden_size, generator=noise) * spread_of_rows
+        save_file({"prompt_embeddings": prompt}, folder / "adapter_model.safetensors", metadata={"format": "pt"})
         folders.append(folder)
     return folders
 
@@ -235,7 +264,8 @@ def swaps_logged(log: Path | None) -> int:
     return log.read_text(errors="replace").count(SWAP_LINE) if log and log.exists() else 0
 
 
-async def measure(url: str, base: str, names: list[str], args, log: Path | None, managed: bool) -> dict:
+async def measure(url: str, base: str, names: list[str], args, log: Path | None, managed: bool,
+                  soft_names: list[str] = ()) -> dict:
     import httpx2
 
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -254,6 +284,8 @@ async def measure(url: str, base: str, names: list[str], args, log: Path | None,
         out["switch"] = [await first_token_ms(client, names[i % 2], i) for i in range(16)]
         scenarios = {label: names[:count] if count else [base] for label, count in SCENARIOS.items()
                      if count <= len(names) and label in args.scenarios}
+        if SOFT in args.scenarios and soft_names:
+            scenarios[SOFT] = list(soft_names)
         out["table"] = await sweep(client, scenarios, args, log)
     return out
 
@@ -276,8 +308,9 @@ def serve_yaml(tmp: Path) -> Path:
     return path
 
 
-def run_server(args, tmp: Path, served: str, folders: list[Path]) -> tuple[dict, str]:
-    """Registry, the 64 adapters pushed, `loradock serve` started: measured, then stopped."""
+def run_server(args, tmp: Path, served: str, base: Path, folders: list[Path]) -> tuple[dict, str]:
+    """Registry, the 64 adapters (and the soft prompts, when asked for) pushed, `loradock serve`
+    started: measured, then stopped."""
     from hub.client import push
 
     registry_port, port = free_port(), free_port()
@@ -287,7 +320,8 @@ def run_server(args, tmp: Path, served: str, folders: list[Path]) -> tuple[dict,
     with ExitStack() as services:
         services.enter_context(start_registry(tmp / "registry", registry_port, tmp / "registry.log"))
         token = create_token(tmp / "registry", "bench")
-        for name, folder in zip(NAMES, folders):
+        soft = prompt_tuning_adapters(base, tmp / "soft-prompts") if SOFT in args.scenarios else []
+        for name, folder in [*zip(NAMES, folders), *zip(SOFT_NAMES, soft)]:
             push(str(folder), name, endpoint=registry_url, token=token)
         env = {**os.environ, **({"VLLM_CPU_OMP_THREADS_BIND": args.cpu_bind} if args.cpu_bind else {})}
         started = time.monotonic()
@@ -298,7 +332,8 @@ def run_server(args, tmp: Path, served: str, folders: list[Path]) -> tuple[dict,
         server.wait_healthy(f"http://127.0.0.1:{port}/health", 900)
         note = (f"loradock serve --max-loras {SLOTS} --max-lora-rank {RANK}, vllm max_cpu_loras {ADAPTERS}, "
                 f"ready in {time.monotonic() - started:.0f} s")
-        return asyncio.run(measure(f"http://127.0.0.1:{port}", served, NAMES, args, log, managed=True)), note
+        return asyncio.run(measure(f"http://127.0.0.1:{port}", served, NAMES, args, log, managed=True,
+                                   soft_names=SOFT_NAMES[:len(soft)])), note
 
 
 def naive(base: Path, folders: list[Path], requests: int, rounds: int) -> list[dict]:
@@ -470,8 +505,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, help="requests per run (default max(16, 4 x concurrency); naive: 16)")
-    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS),
-                        help="server: the scenarios to run (base always runs: the ratios need it)")
+    parser.add_argument("--scenarios", nargs="+", choices=[*SCENARIOS, SOFT], default=list(SCENARIOS),
+                        help=f"server: the scenarios to run (base always runs: the ratios need it; {SOFT!r} only "
+                             "when named)")
     parser.add_argument("--ops", nargs="+", choices=("fast", "stock"), default=["fast", "stock"],
                         help="offline: the LoRA ops to measure, each in its own engine")
     parser.add_argument("--cpu-bind", help="VLLM_CPU_OMP_THREADS_BIND for vLLM (e.g. 0-1; default: vLLM's own)")
@@ -502,7 +538,7 @@ def main() -> int:
         if args.mode in ("both", "offline"):
             report_offline(run_offline(args, base, folders))
         if args.mode in ("both", "server"):
-            out, note = run_server(args, tmp, served, folders)
+            out, note = run_server(args, tmp, served, base, folders)
             naive_runs = naive(base, folders[:SLOTS], args.requests or 16, args.rounds)
             report_server(out["table"], naive_runs, note)
             report_latency(out)
