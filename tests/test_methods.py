@@ -57,6 +57,11 @@ def test_every_method_trains_saves_reloads_and_changes_the_output(method, run_cl
     adapted = PeftModel.from_pretrained(base, output).eval()
     after = logits(adapted, tokenizer, prompt)
     assert not torch.allclose(before, after, atol=1e-4), "the trained adapter does not change the output"
+    if METHODS[method].served_by == "eval":  # what it is for: `loradock eval` runs it through PEFT
+        report = tmp_path / "report.json"
+        result = run_cli("eval", "--adapter", output, "--data", held, "--limit", "4", "--output", report)
+        assert result.code == 0, result.text
+        assert set(json.loads(report.read_text())["metrics"]) == {"base", "adapter"}
 
 
 @pytest.mark.slow

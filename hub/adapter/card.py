@@ -5,7 +5,7 @@ and parsed back from the Hub's card metadata, both on huggingface_hub's `ModelCa
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hub.adapter import CARD, CONFIG, METHODS, METRICS, RUN_CONFIG, chat_template, method_of, read_json
+from hub.adapter import CARD, CONFIG, METHODS, METRICS, RUN_CONFIG, SERVED_AS, chat_template, method_of, read_json
 
 
 @dataclass
@@ -115,13 +115,16 @@ def card_body(name: str, info: CardInfo) -> str:
     loss = next((m.value for m in info.metrics if m.type == "loss"), None)
     settings = ", ".join(f"{k} {v}" for k, v in info.settings.items() if k in ("r", "alpha"))
     trained_on = f" on `{info.datasets[0]}`" if info.datasets else ""
+    described = f" ({settings.replace('r ', 'rank ', 1)})" if settings else ""
+    method = METHODS.get(info.method or "")
+    served = f"\nHow `loradock serve` serves it: {SERVED_AS[method.served_by]}.\n" if method else ""
     return f"""
 # {name}
 
-A {info.method or 'PEFT'} adapter ({settings.replace('r ', 'rank ', 1)}) for `{info.base_model}`, instruction-tuned with
+{"An" if (info.method or "").startswith(("i", "a")) else "A"} {info.method or 'PEFT'} adapter{described} for `{info.base_model}`, instruction-tuned with
 loradock (TRL `SFTTrainer` + PEFT){trained_on}.
 {f"Held-out loss after training: {loss}." if loss is not None else ""}
-
+{served}
 The chat template it was trained with travels in this repo (`chat_template.jinja`,
 `tokenizer_config.json`) and is the one to serve it with. The training configuration is in
 `run_config.yaml`, the figures in `metrics.json`.
