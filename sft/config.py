@@ -101,9 +101,10 @@ def check_peft(values: dict, problems: list[str]) -> dict:
     import peft
 
     values = dict(values)
-    method = method_named(values.pop("method", "lora"), problems)
+    name = values.pop("method", "lora")
+    method = method_named(name, problems)
     if method is None:
-        return {"method": values.get("method")}
+        return {"method": name}
     config_class = getattr(peft, method.config_class)
     fields = [f.name for f in dc.fields(config_class) if f.name not in PEFT_MANAGED]
     given = {}
@@ -230,6 +231,18 @@ def validate(config: ResolvedConfig) -> list[str]:
     return problems
 
 
+def peft_refusals(config: ResolvedConfig) -> list[str]:
+    """What PEFT's own config class refuses in these settings (it checks combinations on creation)."""
+    settings = config.peft_settings
+    if str(settings.get("prompt_tuning_init", "")).upper().endswith("TEXT"):
+        settings["tokenizer_name_or_path"] = config.args.base_model  # set by training, to the base's
+    try:
+        config.method.peft_config(settings)
+    except (ValueError, TypeError) as e:
+        return [f"--peft: {config.method.config_class} refuses these settings: {e}"]
+    return []
+
+
 def method_problems(config: ResolvedConfig) -> list[str]:
     """What the chosen method needs of the other settings."""
     method, problems = config.method, []
@@ -247,6 +260,7 @@ def method_problems(config: ResolvedConfig) -> list[str]:
             problems.append(f"--peft.num_virtual_tokens {virtual} leaves {max_length - virtual} of --max-length "
                             f"{max_length} for the rows (the soft prompt takes positions too); lower "
                             f"--peft.num_virtual_tokens or raise --max-length to at least {virtual + 8}")
+    problems += peft_refusals(config)
     if method.prompt_learning and config.training.get("packing"):
         problems.append(f"--packing does not work with {method.name}: its virtual tokens go in front of each row, and "
                         "a packed block holds several; drop --packing")

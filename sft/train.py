@@ -197,7 +197,7 @@ def check_base_supports(config: ResolvedConfig, base_path: str) -> None:
 def peft_config(config: ResolvedConfig, base_path: str):
     """The method's PEFT config; a text-initialised soft prompt is tokenized with the base's tokenizer."""
     settings = config.peft_settings
-    if config.method.config_class == "PromptTuningConfig" and settings.get("prompt_tuning_init_text"):
+    if str(settings.get("prompt_tuning_init", "")).upper().endswith("TEXT"):
         settings["tokenizer_name_or_path"] = base_path
     return config.method.peft_config(settings)
 

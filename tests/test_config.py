@@ -151,6 +151,8 @@ def test_a_field_of_another_method_is_refused_with_the_methods_fields_and_a_did_
     with pytest.raises(LoradockError, match="--peft 'prompt_tuning' is not a method loradock trains; did you mean "
                                             "'prompt-tuning'"):
         resolve({"data": "d", "output": "o"}, {"peft": "prompt_tuning"})
+    with pytest.raises(LoradockError, match="--peft: PromptTuningConfig refuses these settings: .*prompt_tuning_init_text"):
+        resolve({"data": "d", "output": "o"}, {"peft": "prompt-tuning", "peft.prompt_tuning_init": "TEXT"})
     with pytest.raises(LoradockError, match="--peft.task_type is set by loradock"):
         resolve({"data": "d", "output": "o", "peft": {"method": "ia3", "task_type": "SEQ_CLS"}}, {})
 
