@@ -49,7 +49,7 @@ def register(subparsers) -> None:
     add_remote(p)
     p.set_defaults(func=run_pull)
 
-    p = subparsers.add_parser("list", help="adapters in the registry, with base model, rank, tags, sha and metric")
+    p = subparsers.add_parser("list", help="adapters in the registry, with base model, method, rank, tags, sha and metric")
     p.add_argument("--base-model", help="only adapters of this base model")
     p.add_argument("--search", help="only repo ids containing this text")
     p.add_argument("--limit", type=int, default=50, help="at most this many, newest first (default 50)")
@@ -115,8 +115,9 @@ def run_list(args) -> int:
     if not rows:
         print("no adapters" + (f" for base model {args.base_model}" if args.base_model else ""))
         return 0
-    header = ("adapter", "base model", "rank", "tags", "commit", "headline metric")
-    table = [(r["repo_id"] + (" (private)" if r["private"] else ""), str(r["base_model"]), str(r["rank"]),
+    header = ("adapter", "base model", "method", "rank", "tags", "commit", "headline metric")
+    table = [(r["repo_id"] + (" (private)" if r["private"] else ""), str(r["base_model"]), r["method"] or "-",
+              str(r["rank"] or "-"),
               ",".join(r["tags"]) or "-", r["sha"][:12], r["metric"] or "-") for r in rows]
     widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
     for row in [header, *table]:

@@ -37,6 +37,8 @@ def test_push_list_pull_by_branch_tag_and_sha(run_cli, hub_env, tmp_path):
 
     listed = run_cli("list", "--base-model", "loradock/tiny-chat", "--search", "flow")
     assert listed.code == 0 and "alice/flow" in listed.out and sha_v2[:12] in listed.out and "v1,v2" in listed.out
+    header, row = listed.out.splitlines()[:2]
+    assert header.split()[:4] == ["adapter", "base", "model", "method"] and row.split()[2:4] == ["lora", "8"]
 
     for revision, expected in [("main", sha_v2), ("v1", sha_v1), (sha_v1, sha_v1)]:
         to = tmp_path / f"pulled-{revision[:8]}"
