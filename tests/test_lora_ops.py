@@ -183,14 +183,16 @@ def test_an_unchecked_vllm_or_a_gpu_keeps_the_stock_ops_and_says_why(monkeypatch
 
 # --- through vLLM's engine ----------------------------------------------------------------------
 
-def random_lora(model_dir, folder, rank: int, seed: int, alpha: int) -> str:
-    """A LoRA adapter of rank `rank` on every linear layer, random non-zero A and B."""
+def random_lora(model_dir, folder, rank: int, seed: int, alpha: int, rslora: bool = False) -> str:
+    """A LoRA adapter of rank `rank` on every linear layer, random non-zero A and B (with `rslora`,
+    scaled by alpha/sqrt(rank) instead of alpha/rank)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", init_lora_weights=False))
+                           LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", init_lora_weights=False,
+                                      use_rslora=rslora))
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.05)
@@ -292,14 +294,15 @@ def peft_answers(model_dir, adapters: list[str]) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("model", ["llama", "fused"])
 def test_fast_ops_answer_as_the_stock_ops_and_peft(model, base_model_dir, fused_model_dir, tmp_path):
-    """Mixed batches of base requests and adapters of ranks 8 and 16, prefill and decode: the fast
-    ops' greedy tokens equal PEFT's and the stock ops' (given a free last slot, where the stock ops
-    are right) token for token, float32."""
+    """Mixed batches of base requests and adapters of ranks 8 and 16 (the second rsLoRA: scale
+    4/sqrt(16) = 1 where plain LoRA's would be 4/16), prefill and decode: the fast ops' greedy
+    tokens equal PEFT's and the stock ops' (given a free last slot, where the stock ops are right)
+    token for token, float32."""
     from tests.mixed_batch import MIX
 
     model_dir = base_model_dir if model == "llama" else fused_model_dir
     adapters = [random_lora(model_dir, tmp_path / "rank8", 8, 1, alpha=8),
-                random_lora(model_dir, tmp_path / "rank16", 16, 2, alpha=16)]
+                random_lora(model_dir, tmp_path / "rank16", 16, 2, alpha=4, rslora=True)]
     fast = mixed_batch_answers(model_dir, adapters, "fast")
     stock = mixed_batch_answers(model_dir, adapters, "stock", max_loras=3)  # the last slot stays empty
     reference = peft_answers(model_dir, adapters)
