@@ -217,7 +217,7 @@ def generation_scores(figures: dict) -> dict | None:
     return scores or None
 
 
-def peak_memory_mib() -> dict:
+def peak_memory() -> dict:
     """The run's peak memory: CUDA memory allocated on a GPU, the process's resident set on a CPU."""
     import resource
 
@@ -284,7 +284,7 @@ def run(config: ResolvedConfig) -> Path:
         "total_runtime_s": round(time.perf_counter() - started, 2),
         "train_tokens": trainer._total_train_tokens,
         "tokens_per_second": round(trainer._total_train_tokens / max(result.metrics["train_runtime"], 1e-9), 1),
-        "peak_memory": peak_memory_mib(),
+        "peak_memory": peak_memory(),
         "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else None,
         "log_history": trainer.state.log_history,
     }
