@@ -96,8 +96,6 @@ def method_named(name, problems: list[str]) -> Method | None:
 
 def check_peft(values: dict, problems: list[str]) -> dict:
     """`peft:`: the method, then the fields of its PEFT config class over the method's defaults."""
-    import dataclasses as dc
-
     import peft
 
     values = dict(values)
@@ -106,7 +104,7 @@ def check_peft(values: dict, problems: list[str]) -> dict:
     if method is None:
         return {"method": name}
     config_class = getattr(peft, method.config_class)
-    fields = [f.name for f in dc.fields(config_class) if f.name not in PEFT_MANAGED]
+    fields = [f.name for f in dataclasses.fields(config_class) if f.name not in PEFT_MANAGED]
     given = {}
     for name, value in values.items():
         if name in PEFT_MANAGED:
@@ -122,12 +120,10 @@ def check_peft(values: dict, problems: list[str]) -> dict:
 
 
 def field_of_another_method(method: Method, name: str, fields: list[str]) -> str:
-    import dataclasses as dc
-
     import peft
 
     owners = [m.name for m in METHODS.values()
-              if m is not method and name in {f.name for f in dc.fields(getattr(peft, m.config_class))}]
+              if m is not method and name in {f.name for f in dataclasses.fields(getattr(peft, m.config_class))}]
     close = difflib.get_close_matches(name, fields, n=1)
     text = f"--peft.{name}: unknown option {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
     if owners:

@@ -54,8 +54,10 @@ def score(predictions: list[str], references: list[str], metrics: list[str]) -> 
     return {name: round(value, 4) for name, value in results.items()}
 
 
-def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers, decoded without special tokens, batch by batch (left padding)."""
+def greedy_token_ids(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int,
+                     batch_size: int) -> list[list[int]]:
+    """The greedy answer's token ids for each conversation, up to and including its end-of-turn
+    token, batch by batch (left padding)."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -69,9 +71,16 @@ def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: 
         with torch.no_grad():
             out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        new_tokens = out[:, inputs["input_ids"].shape[1]:]
-        answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+            end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+            answers.append(row[:end])
     return answers
+
+
+def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers, decoded without special tokens."""
+    ids = greedy_token_ids(model, tokenizer, conversations, max_new_tokens, batch_size)
+    return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 def adapter_base_model(adapter: str) -> str:

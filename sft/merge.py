@@ -14,14 +14,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hub.adapter import CARD, CONFIG, PULL_MARKER, RUN_CONFIG, WEIGHTS, AdapterRef, Method, chat_template, \
+from hub.adapter import CARD, CONFIG, PULL_MARKER, RUN_CONFIG, TOKENIZER_CONFIG, WEIGHTS, AdapterRef, Method, chat_template, \
     check_repo_id, method_of, read_json
 from loradock.errors import LoradockError
 from loradock.home import home
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 MERGEABLE = ("LoraConfig", "IA3Config")  # the PEFT config classes whose weights merge_and_unload folds in
-TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 @dataclass
@@ -174,27 +173,6 @@ def adapter_tokenizer(source: Source, base_path: str):
     return tokenizer
 
 
-def greedy_ids(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 8) -> list[list[int]]:
-    """The greedy answer's token ids for each conversation, up to and including its end-of-turn token."""
-    import torch
-
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    answers = []
-    for start in range(0, len(conversations), batch_size):
-        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                 for c in conversations[start:start + batch_size]]
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-        with torch.no_grad():
-            out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-        for row in out[:, inputs["input_ids"].shape[1]:].tolist():
-            end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
-            answers.append(row[:end])
-    return answers
-
-
 def load_base(name: str, spec: str):
     """(the base model in float32, the path it was loaded from) for the name the adapter records."""
     import torch
@@ -232,16 +210,18 @@ def merge(source: Source, data: str | None = None, limit: int = 16, max_new_toke
     """
     from peft import PeftModel
 
+    from sft.evaluate import greedy_token_ids
+
     base_name = source.config["base_model_name_or_path"]
     conversations, data_name = heldout_conversations(source, data, limit)
     model, base_path = load_base(base_name, source.label)
     tokenizer = adapter_tokenizer(source, base_path)
     peft_model = PeftModel.from_pretrained(model, source.folder).eval()
-    adapter = greedy_ids(peft_model, tokenizer, conversations, max_new_tokens)
+    adapter = greedy_token_ids(peft_model, tokenizer, conversations, max_new_tokens, 8)
     with peft_model.disable_adapter():
-        base = greedy_ids(peft_model, tokenizer, conversations, max_new_tokens)
+        base = greedy_token_ids(peft_model, tokenizer, conversations, max_new_tokens, 8)
     merged = peft_model.merge_and_unload()
-    after = greedy_ids(merged, tokenizer, conversations, max_new_tokens)
+    after = greedy_token_ids(merged, tokenizer, conversations, max_new_tokens, 8)
     differing = next((i for i, (a, b) in enumerate(zip(adapter, after)) if a != b), None)
     if differing is not None:
         prompt = conversations[differing][-1]["content"]
