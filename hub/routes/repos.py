@@ -4,24 +4,14 @@ info of a revision, and the model card check."""
 from urllib.parse import unquote
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
 from hub import errors, views
-from hub.cards import front_matter, repo_tags
+from hub.cards import repo_tags
 from hub.routes.deps import BaseUrlDep, CallerDep, RegistryDep, error_response, paginate, repo_of
 from hub.schemas import CreateRepo, DeleteRepo
 from hub.storage import Caller, Registry
 
 router = APIRouter()
-
-
-@router.post("/api/validate-yaml")
-def validate_yaml(body: dict):
-    try:
-        front_matter(str(body.get("content", "")))
-    except ValueError as e:
-        return JSONResponse({"errors": [{"message": str(e)}]}, status_code=400)
-    return {}
 
 
 def namespace_of(organization: str | None, who: Caller | None) -> str:
