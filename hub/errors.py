@@ -31,7 +31,8 @@ class Unauthorized(HubError):
 
 
 class Forbidden(HubError):
-    """A known token without the right (a read-only token writing)."""
+    """A known token without the right: a read-only token writing, or a user writing where they
+    are not a member with write access."""
 
 
 class Conflict(HubError):
@@ -44,3 +45,8 @@ class PreconditionFailed(HubError):
 
 class TooLarge(HubError):
     pass
+
+
+class NotSupported(HubError):
+    """A part of the Hub API this registry does not implement (Xet, pull requests, Spaces...);
+    the message says what to do instead."""

@@ -26,7 +26,7 @@ ERROR_CODES = {  # error -> (status, X-Error-Code)
     errors.RepoNotFound: (404, "RepoNotFound"), errors.RevisionNotFound: (404, "RevisionNotFound"),
     errors.EntryNotFound: (404, "EntryNotFound"), errors.BadRequest: (400, None), errors.Unauthorized: (401, None),
     errors.Forbidden: (403, None), errors.Conflict: (409, None), errors.PreconditionFailed: (412, None),
-    errors.TooLarge: (413, None),
+    errors.TooLarge: (413, None), errors.NotSupported: (501, "NotSupported"),
 }
 
 
