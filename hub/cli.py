@@ -128,6 +128,7 @@ def run_list(args) -> int:
 def run_serve(args) -> int:
     import uvicorn
 
+    from hub.blobs import serve_lock
     from hub.server import create_app
     from hub.storage import Registry
 
@@ -136,10 +137,14 @@ def run_serve(args) -> int:
     if getattr(args, "print_config", False):
         return print_config(config)
     root = registry_root(config.root)
-    registry = Registry(root, max_file_size=config.max_file_size)
-    print(f"loradock registry at http://{config.host}:{config.port} (data in {root}); "
-          f"clients: HF_ENDPOINT=http://{config.host}:{config.port}", flush=True)
-    uvicorn.run(create_app(registry), host=config.host, port=config.port, log_level="warning")
+    with serve_lock(root) as cleaned:
+        registry = Registry(root, max_file_size=config.max_file_size)
+        print(f"loradock registry at http://{config.host}:{config.port} (data in {root}); "
+              f"clients: HF_ENDPOINT=http://{config.host}:{config.port}", flush=True)
+        if not cleaned:
+            print(f"another `loradock hub serve` is using {root}: its tmp/ (uploads in flight) is left as it is",
+                  flush=True)
+        uvicorn.run(create_app(registry), host=config.host, port=config.port, log_level="warning")
     return 0
 
 
