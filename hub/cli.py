@@ -71,6 +71,16 @@ def register(subparsers) -> None:
     create.add_argument("--root", help="the registry's folder (default: $LORADOCK_HOME/registry)")
     create.set_defaults(func=run_token_create)
 
+    from hub.gc import GRACE
+
+    gc = sub.add_parser("gc", help="remove the blobs no commit references (safe while the registry serves)")
+    gc.add_argument("--root", help="the registry's folder (default: $LORADOCK_HOME/registry)")
+    gc.add_argument("--dry-run", action="store_true", help="count what would be removed; delete nothing")
+    gc.add_argument("--grace", type=float, default=GRACE, metavar="SECONDS",
+                    help="keep unreferenced blobs modified less than this long ago: uploads whose commit may "
+                         f"still come (default {GRACE}; an upload URL lives 3600)")
+    gc.set_defaults(func=run_gc)
+
     login = sub.add_parser("login", help="store a token for an endpoint (checked against it first)")
     login.add_argument("--token", help="the token (asked for when missing; HF_TOKEN works too)")
     login.add_argument("--endpoint", help=ENDPOINT_HELP)
@@ -158,6 +168,16 @@ def run_token_create(args) -> int:
         raise LoradockError(e.message, "see `loradock hub token create --help`") from None
     print(token)
     print(f"(a {'read-only' if args.read_only else 'write'} token for {args.user}; it is shown only now)", file=sys.stderr)
+    return 0
+
+
+def run_gc(args) -> int:
+    from hub.gc import collect, describe
+
+    if not args.grace >= 0:
+        raise LoradockError(f"--grace {args.grace:g} is not a number of seconds", "pass --grace 0 or more")
+    report = collect(registry_root(args.root), grace=args.grace, dry_run=args.dry_run)
+    print("\n".join(describe(report, args.grace)))
     return 0
 
 
