@@ -39,9 +39,34 @@ class _DropTokenOffOrigin(urllib.request.HTTPRedirectHandler):
 _opener = urllib.request.build_opener(_DropTokenOffOrigin)
 
 
+def is_repo_path(name: str) -> bool:
+    """Whether `name` is a file path a repo can hold, by the registry's own rule
+    (`hub.storage.check_path`): relative, no empty, `.` or `..` segment, no backslash, no control
+    character, nothing under `.git/`. The file names of a pull come from the endpoint; one that
+    breaks this rule could land outside the folder it is written to."""
+    return (isinstance(name, str) and 0 < len(name) <= 1000 and not name.startswith(("/", ".git/")) and "\\" not in name
+            and not any(ord(c) < 32 or ord(c) == 127 for c in name)
+            and not any(part in ("", ".", "..") for part in name.split("/")))
+
+
+def path_in(folder: Path, name: str) -> Path | None:
+    """Where repo file `name` goes under `folder`; None when it is not a repo path or, joined and
+    resolved (links included), it is not inside `folder`."""
+    if not is_repo_path(name):
+        return None
+    target = folder / name
+    root = folder.resolve()
+    resolved = target.resolve()
+    return target if resolved != root and resolved.is_relative_to(root) else None
+
+
 def fetch(url: str, headers: dict, target: Path, digest, size: int) -> str:
-    """Stream `url` into `target`, feeding `digest`; returns its hex digest. Raises OSError on
-    a short read or a transport error."""
+    """Stream `url` into `target`, feeding `digest`; returns its hex digest. Never writes more than
+    the `size` bytes announced: a server that sends more is cut off at the first byte past it.
+
+    Raises:
+        OSError: a short read, more bytes than `size`, or a transport error.
+    """
     chunks: queue.Queue = queue.Queue(maxsize=4)
     failure: list[BaseException] = []
 
@@ -49,7 +74,12 @@ def fetch(url: str, headers: dict, target: Path, digest, size: int) -> str:
         try:
             request = urllib.request.Request(url, headers=headers)
             with _opener.open(request, timeout=60) as response:
-                while chunk := response.read(CHUNK):
+                left = size
+                # Asking for one byte past what is left is how an overlong body shows itself.
+                while chunk := response.read(min(CHUNK, left + 1)):
+                    if len(chunk) > left:
+                        raise OSError(f"{target.name}: received more than the {size} bytes announced")
+                    left -= len(chunk)
                     chunks.put(chunk)
         except BaseException as e:  # handed to the writing thread, raised there
             failure.append(e)
