@@ -71,6 +71,19 @@ def register(subparsers) -> None:
     create.add_argument("--root", help="the registry's folder (default: $LORADOCK_HOME/registry)")
     create.set_defaults(func=run_token_create)
 
+    add_gc(sub)
+
+    login = sub.add_parser("login", help="store a token for an endpoint (checked against it first)")
+    login.add_argument("--token", help="the token (asked for when missing; HF_TOKEN works too)")
+    login.add_argument("--endpoint", help=ENDPOINT_HELP)
+    login.set_defaults(func=run_login)
+    logout = sub.add_parser("logout", help="forget the stored token of an endpoint")
+    logout.add_argument("--endpoint", help=ENDPOINT_HELP)
+    logout.set_defaults(func=run_logout)
+
+
+def add_gc(sub) -> None:
+    """`loradock hub gc`, under `sub` (the `hub` subcommands)."""
     from hub.gc import GRACE
 
     gc = sub.add_parser("gc", help="remove the blobs no commit references (safe while the registry serves)")
@@ -80,14 +93,6 @@ def register(subparsers) -> None:
                     help="keep unreferenced blobs modified less than this long ago: uploads whose commit may "
                          f"still come (default {GRACE}; an upload URL lives 3600)")
     gc.set_defaults(func=run_gc)
-
-    login = sub.add_parser("login", help="store a token for an endpoint (checked against it first)")
-    login.add_argument("--token", help="the token (asked for when missing; HF_TOKEN works too)")
-    login.add_argument("--endpoint", help=ENDPOINT_HELP)
-    login.set_defaults(func=run_login)
-    logout = sub.add_parser("logout", help="forget the stored token of an endpoint")
-    logout.add_argument("--endpoint", help=ENDPOINT_HELP)
-    logout.set_defaults(func=run_logout)
 
 
 def add_remote(p) -> None:
