@@ -1,5 +1,6 @@
 """The hub/ commands: `loradock push`, `pull`, `list` and `loradock hub serve|token|login|logout`."""
 
+import contextlib
 import getpass
 import sys
 from dataclasses import dataclass, field
@@ -65,12 +66,15 @@ def register(subparsers) -> None:
     token = sub.add_parser("token", help="registry tokens")
     token_sub = token.add_subparsers(dest="token_command", metavar="SUBCOMMAND", required=True)
     create = token_sub.add_parser("create", help="create a token (printed once) in the registry at --root")
-    create.add_argument("--user", default="loradock", help="the name it acts as (default namespace of its repos)")
+    create.add_argument("--user", default="loradock", help="the user it belongs to (added when missing)")
     create.add_argument("--name", default="cli", help="a label for the token")
-    create.add_argument("--read-only", action="store_true", help="may read private repos but not write")
-    create.add_argument("--root", help="the registry's folder (default: $LORADOCK_HOME/registry)")
+    role = create.add_mutually_exclusive_group()
+    role.add_argument("--read-only", action="store_true", help="reads what its user can read; writes nothing")
+    role.add_argument("--admin", action="store_true", help="the registry's administrator: reads and writes every repo")
+    add_root(create)
     create.set_defaults(func=run_token_create)
 
+    add_accounts(sub)
     add_gc(sub)
 
     login = sub.add_parser("login", help="store a token for an endpoint (checked against it first)")
@@ -80,6 +84,45 @@ def register(subparsers) -> None:
     logout = sub.add_parser("logout", help="forget the stored token of an endpoint")
     logout.add_argument("--endpoint", help=ENDPOINT_HELP)
     logout.set_defaults(func=run_logout)
+
+
+def add_accounts(sub) -> None:
+    """`hub user ...` and `hub org ...`: who the registry knows, and who may write where."""
+    user = sub.add_parser("user", help="the registry's users (each has a namespace of its own)")
+    user_sub = user.add_subparsers(dest="user_command", metavar="SUBCOMMAND", required=True)
+    p = user_sub.add_parser("add", help="add a user")
+    p.add_argument("name", metavar="NAME")
+    add_root(p)
+    p.set_defaults(func=run_user_add)
+    p = user_sub.add_parser("remove", help="remove a user: its tokens stop working at once; its repos stay")
+    p.add_argument("name", metavar="NAME")
+    add_root(p)
+    p.set_defaults(func=run_user_remove)
+    p = user_sub.add_parser("list", help="users and organisations, with the members of each organisation")
+    add_root(p)
+    p.set_defaults(func=run_namespaces)
+
+    org = sub.add_parser("org", help="organisations: namespaces shared by their members")
+    org_sub = org.add_subparsers(dest="org_command", metavar="SUBCOMMAND", required=True)
+    p = org_sub.add_parser("add", help="add an organisation, or add members to one")
+    p.add_argument("name", metavar="ORG")
+    p.add_argument("--member", action="append", default=[], metavar="NAME[:ROLE]",
+                   help="a user and their role: read (default: sees private repos), write (also pushes), admin")
+    add_root(p)
+    p.set_defaults(func=run_org_add)
+    p = org_sub.add_parser("remove-member", help="take a user out of an organisation")
+    p.add_argument("name", metavar="ORG")
+    p.add_argument("user", metavar="NAME")
+    add_root(p)
+    p.set_defaults(func=run_org_remove_member)
+    p = org_sub.add_parser("list", help="users and organisations, with the members of each organisation")
+    add_root(p)
+    p.set_defaults(func=run_namespaces)
+
+
+def add_root(p) -> None:
+    p.add_argument("--root", help="the registry's folder (default: $LORADOCK_HOME/registry); "
+                                  "safe while `loradock hub serve` runs on it")
 
 
 def add_gc(sub) -> None:
@@ -163,16 +206,72 @@ def run_serve(args) -> int:
     return 0
 
 
-def run_token_create(args) -> int:
+@contextlib.contextmanager
+def administration(root: str | None, help_command: str):
+    """The registry at `root` for a `hub` administration command; its errors as loradock's."""
     from hub.errors import HubError
     from hub.storage import Registry
 
+    path = registry_root(root)
+    if not (path / "registry.sqlite").exists() and help_command in ("user remove", "user list", "org remove-member"):
+        raise LoradockError(f"there is no registry at {path}", "pass --root, the folder `loradock hub serve` uses")
     try:
-        token = Registry(registry_root(args.root)).create_token(args.name, args.user, "read" if args.read_only else "write")
+        yield Registry(path)
     except HubError as e:
-        raise LoradockError(e.message, "see `loradock hub token create --help`") from None
+        raise LoradockError(e.message, f"see `loradock hub {help_command} --help`") from None
+
+
+def run_token_create(args) -> int:
+    role = "admin" if args.admin else "read" if args.read_only else "write"
+    with administration(args.root, "token create") as registry:
+        token = registry.create_token(args.name, args.user, role)
     print(token)
-    print(f"(a {'read-only' if args.read_only else 'write'} token for {args.user}; it is shown only now)", file=sys.stderr)
+    kind = {"read": "read-only", "write": "write", "admin": "admin"}[role]
+    print(f"(a {kind} token for {args.user}; it is shown only now)", file=sys.stderr)
+    return 0
+
+
+def run_user_add(args) -> int:
+    with administration(args.root, "user add") as registry:
+        added = registry.add_user(args.name)
+    print(f"user {args.name} {'added' if added else 'already exists'}")
+    return 0
+
+
+def run_user_remove(args) -> int:
+    with administration(args.root, "user remove") as registry:
+        revoked = registry.remove_user(args.name)
+    print(f"user {args.name} removed; {revoked} token(s) revoked; its repos stay")
+    return 0
+
+
+def run_org_add(args) -> int:
+    from hub.accounts import parse_member
+
+    try:
+        members = [parse_member(spec) for spec in args.member]
+    except ValueError as e:
+        raise LoradockError(str(e), "pass --member NAME:read, NAME:write or NAME:admin") from None
+    with administration(args.root, "org add") as registry:
+        added = registry.add_org(args.name, members)
+    print(f"organisation {args.name} {'added' if added else 'exists'}"
+          + "".join(f"; {user} is a {role} member" for user, role in members))
+    return 0
+
+
+def run_org_remove_member(args) -> int:
+    with administration(args.root, "org remove-member") as registry:
+        registry.remove_member(args.name, args.user)
+    print(f"{args.user} is no longer a member of {args.name}")
+    return 0
+
+
+def run_namespaces(args) -> int:
+    with administration(args.root, "user list") as registry:
+        namespaces = registry.namespaces()
+    for ns in namespaces:
+        members = ", ".join(f"{user}:{role}" for user, role in ns["members"].items())
+        print(f"{ns['kind']:4}  {ns['name']}" + (f"  members: {members}" if ns["kind"] == "org" else ""))
     return 0
 
 

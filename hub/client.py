@@ -234,7 +234,7 @@ def _checked_listing(info, endpoint: str, spec: str) -> tuple[str, list]:
         LoradockError: naming the commit or the file, and what is wrong with it.
     """
     from hub.objects import SHA1_HEX
-    from hub.transfer import is_repo_path
+    from hub.objects import is_repo_path
 
     sha, files = info.sha, info.siblings
     if not isinstance(sha, str) or not SHA1_HEX.match(sha):

@@ -3,32 +3,55 @@
 import base64
 import binascii
 
-from pydantic import BaseModel, Field
+from typing import Literal
+
+from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
 
 class CreateRepo(BaseModel):
-    name: str
-    organization: str | None = None
-    visibility: str | None = None  # "private" | "public"
-    private: bool | None = None  # older clients
-    type: str | None = None
+    name: StrictStr
+    organization: StrictStr | None = None
+    visibility: Literal["private", "public"] | None = None
+    private: StrictBool | None = None  # older clients
+    type: StrictStr | None = None
 
 
 class DeleteRepo(BaseModel):
-    name: str
-    organization: str | None = None
-    type: str | None = None
+    name: StrictStr
+    organization: StrictStr | None = None
+    type: StrictStr | None = None
+
+
+class MoveRepo(BaseModel):
+    fromRepo: StrictStr
+    toRepo: StrictStr
+    type: StrictStr = "model"
+
+
+class RepoSettings(BaseModel):
+    private: StrictBool | None = None
+    visibility: Literal["private", "public"] | None = None
+    gated: Literal["auto", "manual", False] | None = None
 
 
 class TagBody(BaseModel):
-    tag: str
-    message: str | None = None
+    tag: StrictStr
+    message: StrictStr | None = None
+
+
+class BranchBody(BaseModel):
+    startingPoint: StrictStr | None = None
+    emptyBranch: StrictBool = False
+
+
+class SquashBody(BaseModel):
+    message: StrictStr = ""
 
 
 class PreuploadFile(BaseModel):
-    path: str
-    sample: str = ""  # base64 of the first 512 bytes
-    size: int = Field(ge=0)
+    path: StrictStr
+    sample: StrictStr = ""  # base64 of the first 512 bytes
+    size: StrictInt = Field(ge=0, le=2**62)
 
     def sample_bytes(self) -> bytes:
         try:
@@ -39,16 +62,16 @@ class PreuploadFile(BaseModel):
 
 class Preupload(BaseModel):
     files: list[PreuploadFile]
-    gitIgnore: str | None = None
+    gitIgnore: StrictStr | None = None
 
 
 class LfsObject(BaseModel):
-    oid: str
-    size: int = Field(ge=0)
+    oid: StrictStr
+    size: StrictInt = Field(ge=0, le=2**62)
 
 
 class LfsBatch(BaseModel):
-    operation: str
+    operation: StrictStr
     objects: list[LfsObject]
     transfers: list[str] | None = None
     hash_algo: str | None = None

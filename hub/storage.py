@@ -1,13 +1,16 @@
-"""The registry's storage: repos, commits, trees, refs and tokens in SQLite; file contents in the
-content-addressed blob store of `hub.blobs`.
+"""The registry's storage: namespaces, tokens, repos, commits, trees and refs in SQLite; file
+contents in the content-addressed blob store of `hub.blobs`.
 
 No web imports: the routes of `hub.routes` call these methods (never the blob store itself), and
-`hub.server` maps the errors of `hub.errors` to HTTP.
+`hub.server` maps the errors of `hub.errors` to HTTP. Every method that reads or writes a repo
+takes the caller and applies `hub.accounts`' rules: a private repo the caller may not see is
+`RepoNotFound` (as if it did not exist), a repo they see but may not change is `Forbidden`.
 
 Atomicity: a commit first puts every new blob in place (each written to `tmp/` and renamed), then
 records the commit, its tree and the branch move in one SQLite transaction that also checks the
-branch head has not moved. A process killed before that transaction commits leaves the repo at
-its previous commit; blobs nobody references are invisible, and `tmp/` is emptied at start-up.
+branch head has not moved and that every LFS object it links is still stored (`hub gc` deletes
+under the same write lock). A process killed before that transaction commits leaves the repo at
+its previous commit; blobs nobody references are invisible until `hub gc` reclaims them.
 """
 
 import contextlib
@@ -21,16 +24,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from hub.errors import (BadRequest, Conflict, EntryNotFound, Forbidden, PreconditionFailed, RepoNotFound,
-                        RevisionNotFound, Unauthorized)
+from hub.accounts import MEMBER_ROLES, TOKEN_ROLES, Caller, can_read
 from hub.blobs import BlobStore, Upload
 from hub.cards import front_matter
-from hub.objects import SHA1_HEX, commit_oid, git_blob_sha1, lfs_pointer
+from hub.errors import (BadRequest, Conflict, EntryNotFound, Forbidden, NotSupported, PreconditionFailed, RepoNotFound,
+                        RevisionNotFound, Unauthorized)
+from hub.objects import SHA1_HEX, SHA256_HEX, commit_oid, git_blob_sha1, is_repo_path, lfs_pointer
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (
-    id INTEGER PRIMARY KEY, namespace TEXT NOT NULL, name TEXT NOT NULL, private INTEGER NOT NULL,
-    created_at TEXT NOT NULL, UNIQUE (namespace, name));
+    id INTEGER PRIMARY KEY, type TEXT NOT NULL DEFAULT 'model', namespace TEXT NOT NULL, name TEXT NOT NULL,
+    private INTEGER NOT NULL, created_at TEXT NOT NULL, UNIQUE (type, namespace, name));
 CREATE TABLE IF NOT EXISTS commits (
     oid TEXT PRIMARY KEY, repo_id INTEGER NOT NULL, parent TEXT, title TEXT NOT NULL, message TEXT NOT NULL,
     author TEXT NOT NULL, created_at TEXT NOT NULL);
@@ -43,11 +47,23 @@ CREATE TABLE IF NOT EXISTS refs (
 CREATE TABLE IF NOT EXISTS tokens (
     hash TEXT PRIMARY KEY, name TEXT NOT NULL, user TEXT NOT NULL, role TEXT NOT NULL, created_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS members (
+    org TEXT NOT NULL, user TEXT NOT NULL, role TEXT NOT NULL, PRIMARY KEY (org, user));
+CREATE TABLE IF NOT EXISTS uploads (
+    sha256 TEXT NOT NULL, user TEXT NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (sha256, user));
+CREATE INDEX IF NOT EXISTS repos_by_visibility ON repos (type, private, namespace);
+CREATE INDEX IF NOT EXISTS commits_by_repo ON commits (repo_id);
+CREATE INDEX IF NOT EXISTS tree_entries_by_blob ON tree_entries (sha256);
+CREATE INDEX IF NOT EXISTS members_by_user ON members (user);
 """
+NAMESPACES = "CREATE TABLE namespaces (name TEXT PRIMARY KEY, kind TEXT NOT NULL, created_at TEXT NOT NULL)"
 
+REPO_TYPES = ("model", "dataset")
+RESERVED_NAMES = {"api", "datasets", "models", "spaces", "lfs", "organizations", "settings", "health", "buckets"}
 NAME = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}$")
 REF_NAME = re.compile(r"^[\w.\-/]{1,200}$")
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
+DATASET_GITATTRIBUTES = GITATTRIBUTES + b"*.parquet filter=lfs diff=lfs merge=lfs -text\n*.arrow filter=lfs diff=lfs merge=lfs -text\n"
 
 
 def now() -> str:
@@ -56,14 +72,9 @@ def now() -> str:
 
 
 @dataclass(frozen=True)
-class Caller:
-    user: str
-    role: str  # "read" or "write"
-
-
-@dataclass(frozen=True)
 class Repo:
     id: int
+    type: str  # one of REPO_TYPES
     namespace: str
     name: str
     private: bool
@@ -72,6 +83,20 @@ class Repo:
     @property
     def repo_id(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def url_path(self) -> str:
+        """Where the repo's pages and files live under the registry's URL (`datasets/` first for a dataset)."""
+        return self.repo_id if self.type == "model" else f"{self.type}s/{self.repo_id}"
+
+
+@dataclass(frozen=True)
+class ListedRepo:
+    """A repo as a listing shows it: with the head of main and its README's blob, in one query."""
+
+    repo: Repo
+    head: "Commit"
+    readme: "FileEntry | None"
 
 
 @dataclass(frozen=True)
@@ -97,7 +122,7 @@ class FileEntry:
 class AddFile:
     path: str
     data: bytes | None = None  # inline content, or
-    sha256: str | None = None  # an uploaded LFS object
+    sha256: str | None = None  # an uploaded LFS object (its size: given, or the stored object's)
     size: int | None = None
 
 
@@ -108,17 +133,46 @@ class DeletePath:
 
 
 def check_path(path: str) -> str:
-    """A repo file path that cannot escape anything: relative, no `..`, no backslash, no control chars."""
-    if (not path or len(path) > 1000 or path.startswith("/") or "\\" in path or any(ord(c) < 32 for c in path)
-            or any(part in ("", ".", "..") for part in path.rstrip("/").split("/")) or path.startswith(".git/")):
+    """A repo file (or, with a trailing `/`, folder) path that cannot escape anything (`is_repo_path`)."""
+    if not is_repo_path(path, folder=True):
         raise BadRequest(f"invalid file path {path!r}: use a relative path without '..' segments")
     return path
 
 
+def check_name(name: str, what: str) -> str:
+    """A user or organisation name: letters, digits, '-', '_', '.', at most 96 characters, and not
+    a word the registry's URLs use (`datasets/alice/x` must stay a dataset)."""
+    if (not isinstance(name, str) or not NAME.match(name) or not name.isascii() or "--" in name or ".." in name
+            or name.endswith(".git")):
+        raise BadRequest(f"invalid {what} {name!r}: use letters, digits, '-', '_' and '.' (at most 96, no '--' or '..')")
+    if name.lower() in RESERVED_NAMES:
+        raise BadRequest(f"{name!r} is reserved by the registry's URLs; choose another {what}")
+    return name
+
+
 def check_repo_name(namespace: str, name: str) -> None:
     for part in (namespace, name):
-        if not NAME.match(part or "") or "--" in part or ".." in part or part.endswith(".git"):
+        if not isinstance(part, str) or not NAME.match(part) or not part.isascii() or "--" in part or ".." in part \
+                or part.endswith(".git"):
             raise BadRequest(f"invalid repo id {namespace}/{name!s}: use namespace/name with letters, digits, '-', '_', '.'")
+
+
+def check_ref_name(name: str, kind: str) -> str:
+    """A branch or tag name that resolves to itself only: not a commit id, no `..`, no `refs/` prefix."""
+    if (not isinstance(name, str) or not REF_NAME.match(name) or not name.isascii() or ".." in name
+            or name.startswith(("/", ".", "-", "refs/")) or name.endswith(("/", ".lock")) or "//" in name
+            or SHA1_HEX.match(name)):
+        raise BadRequest(f"invalid {kind} name {name!r}: use letters, digits, '-', '_', '.' and '/', "
+                         "not a 40-hex commit id, no '..', no leading 'refs/'")
+    return name
+
+
+def check_repo_type(repo_type: str) -> str:
+    if repo_type == "space":
+        raise NotSupported("Spaces are not supported by this registry: it stores model and dataset repos")
+    if repo_type not in REPO_TYPES:
+        raise BadRequest(f"invalid repo type {repo_type!r}: use model or dataset")
+    return repo_type
 
 
 class Registry:
@@ -128,8 +182,8 @@ class Registry:
         self.db_path = self.root / "registry.sqlite"
         self._cards: dict[str, dict] = {}  # README sha256 -> front matter
         self._local = threading.local()  # one SQLite connection per thread
-        with self._db() as db:
-            db.executescript(SCHEMA)
+        with self._db(write=True) as db:
+            _migrate(db)
             db.execute("INSERT OR IGNORE INTO settings VALUES ('upload_secret', ?)", (secrets.token_hex(32),))
             self.upload_secret = db.execute("SELECT value FROM settings WHERE key='upload_secret'").fetchone()[0].encode()
 
@@ -153,86 +207,245 @@ class Registry:
                 db.execute("ROLLBACK")
             raise
 
-    # --- tokens -------------------------------------------------------------------------------
+    # --- namespaces and tokens ----------------------------------------------------------------
+
+    def add_user(self, name: str) -> bool:
+        """Add a user; False when it exists already.
+
+        Raises:
+            BadRequest: an invalid name, or an organisation of that name.
+        """
+        return self._add_namespace(check_name(name, "user name"), "user")
+
+    def add_org(self, org: str, members: list[tuple[str, str]] = ()) -> bool:
+        """Add an organisation (False when it exists already) and set the role of each (user, role).
+
+        Raises:
+            BadRequest: an invalid name, a user of that name, an unknown member or role.
+        """
+        created = self._add_namespace(check_name(org, "organisation name"), "org")
+        with self._db(write=True) as db:
+            for user, role in members:
+                if role not in MEMBER_ROLES:
+                    raise BadRequest(f"member role {role!r} must be one of {', '.join(MEMBER_ROLES)}")
+                if _kind(db, user) != "user":
+                    raise BadRequest(f"{user!r} is not a user of this registry: add it with `loradock hub user add {user}`")
+                db.execute("INSERT OR REPLACE INTO members VALUES (?, ?, ?)", (org, user, role))
+        return created
+
+    def remove_member(self, org: str, user: str) -> None:
+        with self._db(write=True) as db:
+            if db.execute("DELETE FROM members WHERE org = ? AND user = ?", (org, user)).rowcount == 0:
+                raise BadRequest(f"{user!r} is not a member of {org!r}")
+
+    def remove_user(self, name: str) -> int:
+        """Remove a user, its tokens (they stop working at once) and its memberships; returns how
+        many tokens were revoked. Its repos stay, for an admin to move or delete.
+
+        Raises:
+            BadRequest: there is no such user.
+        """
+        with self._db(write=True) as db:
+            if _kind(db, name) != "user":
+                raise BadRequest(f"there is no user {name!r} (see `loradock hub user list`)")
+            revoked = db.execute("DELETE FROM tokens WHERE user = ?", (name,)).rowcount
+            db.execute("DELETE FROM members WHERE user = ?", (name,))
+            db.execute("DELETE FROM namespaces WHERE name = ?", (name,))
+        return revoked
+
+    def namespaces(self) -> list[dict]:
+        """Every user and organisation, with the members of each organisation."""
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM namespaces ORDER BY kind DESC, name").fetchall()
+            members = db.execute("SELECT * FROM members ORDER BY org, user").fetchall()
+        return [{"name": r["name"], "kind": r["kind"], "created_at": r["created_at"],
+                 "members": {m["user"]: m["role"] for m in members if m["org"] == r["name"]}} for r in rows]
+
+    def _add_namespace(self, name: str, kind: str) -> bool:
+        with self._db(write=True) as db:
+            existing = _kind(db, name)
+            if existing is not None and existing != kind:
+                raise BadRequest(f"{name!r} is already {'a user' if existing == 'user' else 'an organisation'}; "
+                                 "users and organisations share one namespace")
+            if existing is None:
+                db.execute("INSERT INTO namespaces VALUES (?, ?, ?)", (name, kind, now()))
+        return existing is None
 
     def create_token(self, name: str, user: str, role: str = "write") -> str:
-        if role not in ("read", "write"):
-            raise BadRequest(f"token role {role!r} must be read or write")
-        if not NAME.match(user):
-            raise BadRequest(f"invalid user name {user!r}")
+        """A new token for `user` (added when missing), printed once: only its sha256 is stored."""
+        if role not in TOKEN_ROLES:
+            raise BadRequest(f"token role {role!r} must be one of {', '.join(TOKEN_ROLES)}")
+        self.add_user(user)
         token = "hf_" + secrets.token_urlsafe(30)
         with self._db(write=True) as db:
             db.execute("INSERT INTO tokens VALUES (?, ?, ?, ?, ?)", (_hash(token), name, user, role, now()))
         return token
 
     def authenticate(self, token: str | None) -> Caller | None:
-        """The caller a token stands for; None without a token. An unknown token is an error, not anonymity."""
+        """The caller a token stands for; None without a token. An unknown token, or one of a user
+        since removed, is an error, not anonymity."""
         if not token:
             return None
+        digest = _hash(token)
         with self._db() as db:
-            row = db.execute("SELECT user, role FROM tokens WHERE hash = ?", (_hash(token),)).fetchone()
-        if row is None:
+            row = db.execute("SELECT t.hash, t.user, t.role FROM tokens t JOIN namespaces n ON n.name = t.user "
+                             "AND n.kind = 'user' WHERE t.hash = ?", (digest,)).fetchone()
+            orgs = {} if row is None else {m["org"]: m["role"] for m in db.execute(
+                "SELECT org, role FROM members WHERE user = ?", (row["user"],))}
+        if row is None or not hmac.compare_digest(row["hash"], digest):
             raise Unauthorized("Invalid credentials in Authorization header")
-        return Caller(row["user"], row["role"])
+        return Caller(row["user"], row["role"], orgs)
 
     @staticmethod
     def require_write(caller: Caller | None) -> Caller:
         if caller is None:
             raise Unauthorized("a write token is needed: create one with `loradock hub token create`")
-        if caller.role != "write":
+        if not caller.can_write:
             raise Forbidden(f"the token of {caller.user} is read-only; use a write token")
+        return caller
+
+    def require_writer(self, caller: Caller | None, repo: Repo) -> Caller:
+        """The caller, if they may change `repo` (whose visibility `get_repo` already checked)."""
+        caller = self.require_write(caller)
+        if not caller.writes(repo.namespace):
+            raise Forbidden(f"{caller.user} may not write to {repo.repo_id}: only {repo.namespace} "
+                            "and its members with write access can")
         return caller
 
     # --- repos --------------------------------------------------------------------------------
 
-    def create_repo(self, caller: Caller | None, namespace: str, name: str, private: bool) -> Repo:
+    def create_repo(self, caller: Caller | None, repo_type: str, namespace: str, name: str, private: bool) -> Repo:
         caller = self.require_write(caller)
+        check_repo_type(repo_type)
         check_repo_name(namespace, name)
+        if not caller.writes(namespace):
+            raise Forbidden(f"{caller.user} may not create a repo in {namespace}: create it in your own namespace "
+                            f"({caller.user}/...) or in an organisation where you have write access")
+        gitattributes = GITATTRIBUTES if repo_type == "model" else DATASET_GITATTRIBUTES
+        sha = self._blobs.put(gitattributes)
         with self._db(write=True) as db:
+            if _kind(db, namespace) is None:
+                raise BadRequest(f"there is no user or organisation {namespace!r} in this registry: "
+                                 f"add it with `loradock hub user add {namespace}`")
             try:
-                cur = db.execute("INSERT INTO repos (namespace, name, private, created_at) VALUES (?, ?, ?, ?)",
-                                 (namespace, name, int(private), now()))
+                cur = db.execute("INSERT INTO repos (type, namespace, name, private, created_at) VALUES (?, ?, ?, ?, ?)",
+                                 (repo_type, namespace, name, int(private), now()))
             except sqlite3.IntegrityError:
-                raise Conflict(f"repo {namespace}/{name} already exists") from None
-            repo_id, sha = cur.lastrowid, self._blobs.put(GITATTRIBUTES)
-            entry = FileEntry(".gitattributes", len(GITATTRIBUTES), sha, git_blob_sha1(GITATTRIBUTES), False)
-            self._insert_commit(db, repo_id, None, [entry], caller.user, "initial commit", "")
-            db.execute("INSERT INTO refs VALUES (?, 'branch', 'main', (SELECT oid FROM commits WHERE repo_id = ?))",
-                       (repo_id, repo_id))
-        return self.get_repo(caller, f"{namespace}/{name}")
+                raise Conflict(f"{repo_type} repo {namespace}/{name} already exists") from None
+            entry = FileEntry(".gitattributes", len(gitattributes), sha, git_blob_sha1(gitattributes), False)
+            oid = self._insert_commit(db, cur.lastrowid, None, [entry], caller.user, "initial commit", "")
+            db.execute("INSERT INTO refs VALUES (?, 'branch', 'main', ?)", (cur.lastrowid, oid))
+        return self.get_repo(caller, repo_type, f"{namespace}/{name}")
 
-    def delete_repo(self, caller: Caller | None, repo_id: str) -> None:
-        repo = self.get_repo(self.require_write(caller), repo_id)
+    def delete_repo(self, caller: Caller | None, repo_type: str, repo_id: str) -> None:
+        repo = self.get_repo(self.require_write(caller), repo_type, repo_id)
+        self.require_writer(caller, repo)
         with self._db(write=True) as db:
             db.execute("DELETE FROM tree_entries WHERE commit_oid IN (SELECT oid FROM commits WHERE repo_id = ?)", (repo.id,))
             for table in ("commits", "refs"):
                 db.execute(f"DELETE FROM {table} WHERE repo_id = ?", (repo.id,))
             db.execute("DELETE FROM repos WHERE id = ?", (repo.id,))
 
-    def get_repo(self, caller: Caller | None, repo_id: str) -> Repo:
-        """The repo, if it exists and the caller may see it (private repos need a token)."""
+    def get_repo(self, caller: Caller | None, repo_type: str, repo_id: str) -> Repo:
+        """The repo, if it exists and the caller may see it; a private repo they may not see is not found."""
+        check_repo_type(repo_type)
         namespace, _, name = repo_id.partition("/")
         with self._db() as db:
-            row = db.execute("SELECT * FROM repos WHERE namespace = ? AND name = ?", (namespace, name)).fetchone()
-        if row is None or (row["private"] and caller is None):
-            raise RepoNotFound(f"Repository Not Found for url: {repo_id}")
+            row = db.execute("SELECT * FROM repos WHERE type = ? AND namespace = ? AND name = ?",
+                             (repo_type, namespace, name)).fetchone()
+        if row is None or not can_read(caller, row["namespace"], bool(row["private"])):
+            kind = "" if repo_type == "model" else f"{repo_type} "
+            raise RepoNotFound(f"Repository Not Found for url: {kind}{repo_id}")
         return _repo(row)
 
-    def list_repos(self, caller: Caller | None) -> list[Repo]:
+    def list_repos(self, caller: Caller | None, repo_type: str, search: str = "", author: str = "") -> list[ListedRepo]:
+        """The repos of a type this caller may see, newest commit first, each with the head of main
+        and its README entry; visibility, author and search are filtered in the query."""
+        check_repo_type(repo_type)
+        where, params = ["r.type = ?"], [repo_type]
+        if caller is None or not caller.admin:
+            visible = caller.readable_namespaces() if caller else []
+            where.append(f"(r.private = 0 OR r.namespace IN ({', '.join('?' * len(visible)) or 'NULL'}))")
+            params += visible
+        if author:
+            where.append("r.namespace = ?")
+            params.append(author)
+        if search:
+            where.append("instr(lower(r.namespace || '/' || r.name), ?) > 0")
+            params.append(search.lower())
         with self._db() as db:
-            rows = db.execute("SELECT * FROM repos ORDER BY namespace, name").fetchall()
-        return [_repo(row) for row in rows if caller is not None or not row["private"]]
+            rows = db.execute(
+                "SELECT r.*, c.oid AS c_oid, c.parent AS c_parent, c.title AS c_title, c.message AS c_message, "
+                "c.author AS c_author, c.created_at AS c_created_at, t.path AS t_path, t.size AS t_size, "
+                "t.sha256 AS t_sha256, t.git_oid AS t_git_oid, t.lfs AS t_lfs "
+                "FROM repos r JOIN refs f ON f.repo_id = r.id AND f.kind = 'branch' AND f.name = 'main' "
+                "JOIN commits c ON c.oid = f.commit_oid "
+                "LEFT JOIN tree_entries t ON t.commit_oid = c.oid AND t.path = 'README.md' "
+                f"WHERE {' AND '.join(where)} ORDER BY c.created_at DESC, r.namespace, r.name", params).fetchall()
+        return [ListedRepo(_repo(row), _commit(row, "c_"), _entry(row, "t_") if row["t_path"] else None) for row in rows]
+
+    def repos_of(self, caller: Caller | None, namespace: str) -> list[tuple[Repo, Commit, int]]:
+        """Every repo of `namespace` the caller may see, with the head of main and the bytes its
+        files take (each distinct blob of every commit once): what `hf repos ls` shows.
+
+        Raises:
+            RepoNotFound: there is no such user or organisation.
+        """
+        with self._db() as db:
+            if _kind(db, namespace) is None:
+                raise RepoNotFound(f"there is no user or organisation {namespace!r} in this registry")
+            rows = db.execute(
+                "SELECT r.*, c.oid AS c_oid, c.parent AS c_parent, c.title AS c_title, c.message AS c_message, "
+                "c.author AS c_author, c.created_at AS c_created_at, (SELECT COALESCE(SUM(size), 0) FROM "
+                "(SELECT DISTINCT t.sha256, t.size FROM tree_entries t JOIN commits k ON k.oid = t.commit_oid "
+                "WHERE k.repo_id = r.id)) AS storage "
+                "FROM repos r JOIN refs f ON f.repo_id = r.id AND f.kind = 'branch' AND f.name = 'main' "
+                "JOIN commits c ON c.oid = f.commit_oid WHERE r.namespace = ? ORDER BY r.type, r.name",
+                (namespace,)).fetchall()
+        return [(_repo(row), _commit(row, "c_"), row["storage"]) for row in rows
+                if can_read(caller, row["namespace"], bool(row["private"]))]
+
+    def update_settings(self, caller: Caller | None, repo: Repo, private: bool | None) -> Repo:
+        self.require_writer(caller, repo)
+        if private is not None:
+            with self._db(write=True) as db:
+                db.execute("UPDATE repos SET private = ? WHERE id = ?", (int(private), repo.id))
+        return self.get_repo(caller, repo.type, repo.repo_id)
+
+    def move_repo(self, caller: Caller | None, repo: Repo, to_id: str) -> Repo:
+        """Rename `repo` (into another namespace too, where the caller may write); its commits keep their ids."""
+        caller = self.require_writer(caller, repo)
+        namespace, _, name = to_id.partition("/")
+        check_repo_name(namespace, name)
+        if not caller.writes(namespace):
+            raise Forbidden(f"{caller.user} may not move a repo into {namespace}: you need write access there")
+        with self._db(write=True) as db:
+            if _kind(db, namespace) is None:
+                raise BadRequest(f"there is no user or organisation {namespace!r} in this registry")
+            try:
+                db.execute("UPDATE repos SET namespace = ?, name = ? WHERE id = ?", (namespace, name, repo.id))
+            except sqlite3.IntegrityError:
+                raise Conflict(f"{repo.type} repo {to_id} already exists") from None
+        return self.get_repo(caller, repo.type, to_id)
 
     # --- revisions ----------------------------------------------------------------------------
 
     def resolve(self, repo: Repo, revision: str) -> Commit:
-        """A branch, a tag or a full 40-hex commit id of this repo."""
+        """A branch, a tag (also as `refs/heads/X`, `refs/tags/X`) or a full 40-hex commit id of this repo."""
+        kinds, name = ("branch", "tag"), revision
+        if revision.startswith("refs/heads/"):
+            kinds, name = ("branch",), revision.removeprefix("refs/heads/")
+        elif revision.startswith("refs/tags/"):
+            kinds, name = ("tag",), revision.removeprefix("refs/tags/")
         with self._db() as db:
-            row = db.execute("SELECT c.* FROM refs r JOIN commits c ON c.oid = r.commit_oid WHERE r.repo_id = ? "
-                             "AND r.name = ? ORDER BY r.kind = 'branch' DESC", (repo.id, revision)).fetchone()
+            row = db.execute(f"SELECT c.* FROM refs r JOIN commits c ON c.oid = r.commit_oid WHERE r.repo_id = ? "
+                             f"AND r.name = ? AND r.kind IN ({', '.join('?' * len(kinds))}) ORDER BY r.kind = 'branch' DESC",
+                             (repo.id, name, *kinds)).fetchone()
             if row is None and SHA1_HEX.match(revision):
                 row = db.execute("SELECT * FROM commits WHERE oid = ? AND repo_id = ?", (revision, repo.id)).fetchone()
         if row is None:
+            if revision.startswith("refs/pr/"):
+                raise RevisionNotFound(f"Invalid rev id: {revision}: pull requests are not supported by this registry")
             hint = " (a commit id must be the full 40 hex characters)" if re.fullmatch(r"[0-9a-f]{4,39}", revision) else ""
             raise RevisionNotFound(f"Invalid rev id: {revision}: no branch, tag or commit of {repo.repo_id}{hint}")
         return _commit(row)
@@ -264,22 +477,30 @@ class Registry:
                 oid = row["parent"]
         return out
 
-    def create_tag(self, caller: Caller | None, repo: Repo, tag: str, revision: str) -> None:
-        self.require_write(caller)
-        if not REF_NAME.match(tag) or ".." in tag or SHA1_HEX.match(tag):
-            raise BadRequest(f"invalid tag name {tag!r}")
-        commit = self.resolve(repo, revision)
-        with self._db(write=True) as db:
-            try:
-                db.execute("INSERT INTO refs VALUES (?, 'tag', ?, ?)", (repo.id, tag, commit.oid))
-            except sqlite3.IntegrityError:
-                raise Conflict(f"tag {tag} already exists in {repo.repo_id}") from None
+    def create_ref(self, caller: Caller | None, repo: Repo, kind: str, name: str, revision: str | None) -> Commit:
+        """A new branch or tag at `revision` (a branch starts at the head of main without one).
 
-    def delete_tag(self, caller: Caller | None, repo: Repo, tag: str) -> None:
-        self.require_write(caller)
+        Raises:
+            Conflict: a branch or a tag of that name exists (one name, one meaning).
+        """
+        self.require_writer(caller, repo)
+        check_ref_name(name, kind)
+        commit = self.resolve(repo, revision or "main")
         with self._db(write=True) as db:
-            if db.execute("DELETE FROM refs WHERE repo_id = ? AND kind = 'tag' AND name = ?", (repo.id, tag)).rowcount == 0:
-                raise RevisionNotFound(f"tag {tag} does not exist in {repo.repo_id}")
+            taken = db.execute("SELECT kind FROM refs WHERE repo_id = ? AND name = ?", (repo.id, name)).fetchone()
+            if taken is not None:
+                raise Conflict(f"{repo.repo_id} already has a {taken['kind']} named {name}"
+                               + ("" if taken["kind"] == kind else "; a branch and a tag may not share a name"))
+            db.execute("INSERT INTO refs VALUES (?, ?, ?, ?)", (repo.id, kind, name, commit.oid))
+        return commit
+
+    def delete_ref(self, caller: Caller | None, repo: Repo, kind: str, name: str) -> None:
+        self.require_writer(caller, repo)
+        if kind == "branch" and name == "main":
+            raise BadRequest(f"main is the default branch of {repo.repo_id} and cannot be deleted")
+        with self._db(write=True) as db:
+            if db.execute("DELETE FROM refs WHERE repo_id = ? AND kind = ? AND name = ?", (repo.id, kind, name)).rowcount == 0:
+                raise RevisionNotFound(f"{kind} {name} does not exist in {repo.repo_id}")
 
     def card(self, commit: Commit) -> dict:
         """The YAML front matter of README.md at this commit ({} without one or when unreadable)."""
@@ -287,12 +508,22 @@ class Registry:
             entry = self.file(commit, "README.md")
         except EntryNotFound:
             return {}
-        if entry.sha256 not in self._cards:
+        return self.card_of(entry)
+
+    def card_of(self, readme: FileEntry | None) -> dict:
+        """The front matter of a README entry ({} for None, or when it is unreadable)."""
+        if readme is None:
+            return {}
+        if readme.sha256 not in self._cards:
             try:
-                self._cards[entry.sha256] = front_matter(self.blob_path(entry).read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, ValueError):
-                self._cards[entry.sha256] = {}
-        return self._cards[entry.sha256]
+                self._cards[readme.sha256] = front_matter(self.blob_path(readme).read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, ValueError) as e:
+                import logging
+
+                logging.getLogger(__name__).warning("README.md with sha256 %s is served without card data: %s",
+                                                    readme.sha256, e)
+                self._cards[readme.sha256] = {}
+        return self._cards[readme.sha256]
 
     # --- file contents ------------------------------------------------------------------------
 
@@ -305,13 +536,24 @@ class Registry:
         """The largest file, in bytes, this registry takes."""
         return self._blobs.max_file_size
 
-    def has_lfs_object(self, sha256: str, size: int) -> bool:
-        """Whether an LFS object of this sha256 and size is stored.
+    def check_oid(self, sha256: str) -> None:
+        """Raises BadRequest unless `sha256` is 64 lowercase hex characters."""
+        self._blobs.path(sha256)
 
-        Raises:
-            BadRequest: `sha256` is not 64 hex characters.
-        """
-        return self._blobs.has(sha256, size)
+    def may_link(self, caller: Caller, sha256: str, size: int | None = None) -> bool:
+        """Whether `caller` may put the stored LFS object `sha256` (of `size` bytes, when given) in a
+        commit: they uploaded it themselves, or it is a file of a repo they can read. Anything else
+        answers as if it were not stored, so nobody learns what others uploaded."""
+        if not SHA256_HEX.match(sha256):
+            return False
+        if not (self._blobs.has(sha256, size) if size is not None else self._blobs.path(sha256).exists()):
+            return False
+        with self._db() as db:
+            if db.execute("SELECT 1 FROM uploads WHERE sha256 = ? AND user = ?", (sha256, caller.user)).fetchone():
+                return True
+            rows = db.execute("SELECT DISTINCT r.namespace, r.private FROM tree_entries t JOIN commits c ON c.oid = "
+                              "t.commit_oid JOIN repos r ON r.id = c.repo_id WHERE t.sha256 = ?", (sha256,)).fetchall()
+        return any(can_read(caller, row["namespace"], bool(row["private"])) for row in rows)
 
     def begin_upload(self, sha256: str, size: int) -> Upload:
         """An LFS object being received; it is stored only if its sha256 and size match.
@@ -321,9 +563,14 @@ class Registry:
         """
         return self._blobs.begin_upload(sha256, size)
 
-    def upload_signature(self, sha256: str, size: int, expires: int) -> str:
+    def record_upload(self, sha256: str, user: str) -> None:
+        """`user` has sent the bytes of `sha256`: from now on they may link it (`may_link`)."""
+        with self._db(write=True) as db:
+            db.execute("INSERT OR REPLACE INTO uploads VALUES (?, ?, ?)", (sha256, user, now()))
+
+    def upload_signature(self, sha256: str, size: int, expires: int, user: str) -> str:
         """The credential an LFS upload URL carries (the client sends no token with the PUT)."""
-        return hmac.new(self.upload_secret, f"{sha256}:{size}:{expires}".encode(), "sha256").hexdigest()
+        return hmac.new(self.upload_secret, f"{sha256}:{size}:{expires}:{user}".encode(), "sha256").hexdigest()
 
     # --- commits ------------------------------------------------------------------------------
 
@@ -334,26 +581,38 @@ class Registry:
         Raises:
             PreconditionFailed: `parent` is given and is not the branch head.
         """
-        caller = self.require_write(caller)
-        if not title.strip():
+        caller = self.require_writer(caller, repo)
+        if not isinstance(title, str) or not title.strip():
             raise BadRequest("the commit message (summary) is empty")
-        if parent is not None and not re.fullmatch(r"[0-9a-f]{7,40}", parent):
+        if not isinstance(message, str):
+            raise BadRequest("the commit description must be a string")
+        if parent is not None and not (isinstance(parent, str) and re.fullmatch(r"[0-9a-f]{7,40}", parent)):
             raise BadRequest(f"parentCommit {parent!r} is not a commit id")
-        added: dict[str, FileEntry] = {}
+        branch = branch.removeprefix("refs/heads/")
         for op in operations:
-            if isinstance(op, AddFile):
-                added[op.path] = self._entry_for(op)
-            else:
-                check_path(op.path)
+            check_path(op.path)
+        inline = [op for op in operations if isinstance(op, AddFile) and op.data is not None]
+        added = {op.path: FileEntry(op.path, len(op.data), sha, git_blob_sha1(op.data), False)
+                 for op, sha in zip(inline, self._blobs.put_many([op.data for op in inline]))}
         with self._db(write=True) as db:
             head = db.execute("SELECT commit_oid FROM refs WHERE repo_id = ? AND kind = 'branch' AND name = ?",
                               (repo.id, branch)).fetchone()
             if head is None:
-                raise RevisionNotFound(f"Invalid rev id: {branch}: {repo.repo_id} has no branch {branch}")
+                tag = db.execute("SELECT 1 FROM refs WHERE repo_id = ? AND kind = 'tag' AND name = ?", (repo.id, branch)).fetchone()
+                if tag or SHA1_HEX.match(branch):
+                    raise BadRequest(f"{branch} is a {'tag' if tag else 'commit'} of {repo.repo_id}: commits go to a branch "
+                                     "(create one with `create_branch`)")
+                raise RevisionNotFound(f"Invalid rev id: {branch}: {repo.repo_id} has no branch {branch} "
+                                       "(create it with `create_branch`)")
             head = head[0]
             if parent is not None and not head.startswith(parent):
                 raise PreconditionFailed(f"A commit has happened since {parent[:12]}: the head of {branch} is now "
                                          f"{head[:12]}. Pull, then push again.")
+            for op in operations:  # checked under the write lock that `hub gc` deletes under
+                if isinstance(op, AddFile) and op.data is None:
+                    added[op.path] = self._linked_entry(caller, op)
+            lost = [op.data for op in inline if not self._blobs.path(added[op.path].sha256).exists()]
+            self._blobs.put_many(lost)  # collected between put_many and the lock (a --grace shorter than the commit)
             rows = db.execute("SELECT * FROM tree_entries WHERE commit_oid = ?", (head,)).fetchall()
             tree = {row["path"]: _entry(row) for row in rows}
             _delete_paths(tree, [op for op in operations if isinstance(op, DeletePath)])
@@ -363,22 +622,58 @@ class Registry:
                        (oid, repo.id, branch))
         return self.resolve(repo, oid)
 
-    def _entry_for(self, op: AddFile) -> FileEntry:
-        check_path(op.path)
-        if op.data is not None:
-            return FileEntry(op.path, len(op.data), self._blobs.put(op.data), git_blob_sha1(op.data), False)
-        if op.sha256 is None or op.size is None or not self.has_lfs_object(op.sha256, op.size):
+    def squash(self, caller: Caller | None, repo: Repo, branch: str, message: str) -> Commit:
+        """Replace the history of `branch` by one commit of its current tree (`super_squash_history`).
+        The old commits stay resolvable by id for what pinned them."""
+        caller = self.require_writer(caller, repo)
+        head = self.resolve(repo, f"refs/heads/{branch}")
+        with self._db(write=True) as db:
+            oid = self._insert_commit(db, repo.id, None, self.tree(head), caller.user, message or "Squash", "")
+            if db.execute("UPDATE refs SET commit_oid = ? WHERE repo_id = ? AND kind = 'branch' AND name = ? AND "
+                          "commit_oid = ?", (oid, repo.id, branch, head.oid)).rowcount == 0:
+                raise PreconditionFailed(f"{branch} of {repo.repo_id} moved while squashing; try again")
+        return self.resolve(repo, oid)
+
+    def _linked_entry(self, caller: Caller, op: AddFile) -> FileEntry:
+        """The entry of an `lfsFile` line: an object the caller may link (`may_link`)."""
+        if op.sha256 is None or not self.may_link(caller, op.sha256, op.size):
             raise BadRequest(f"the LFS object for {op.path} (sha256 {op.sha256}) was not uploaded")
-        return FileEntry(op.path, op.size, op.sha256, git_blob_sha1(lfs_pointer(op.sha256, op.size)), True)
+        size = op.size if op.size is not None else self._blobs.path(op.sha256).stat().st_size
+        return FileEntry(op.path, size, op.sha256, git_blob_sha1(lfs_pointer(op.sha256, size)), True)
 
     def _insert_commit(self, db, repo_id: int, parent: str | None, entries: list[FileEntry], author: str,
                        title: str, message: str) -> str:
         date = now()
-        oid = commit_oid(parent, [(e.path, e.git_oid) for e in entries], author, date, title, message)
+        oid = commit_oid(parent, [(e.path, e.git_oid) for e in entries], author, date, title, message, repo_id)
         db.execute("INSERT INTO commits VALUES (?, ?, ?, ?, ?, ?, ?)", (oid, repo_id, parent, title, message, author, date))
         db.executemany("INSERT INTO tree_entries VALUES (?, ?, ?, ?, ?, ?)",
                        [(oid, e.path, e.sha256, e.size, e.git_oid, int(e.lfs)) for e in entries])
         return oid
+
+
+def _migrate(db) -> None:
+    """Bring a registry made by an earlier loradock up to this schema, in the open transaction:
+    repos get a type (all were models), and the users its tokens and repos name become users."""
+    fresh = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'namespaces'").fetchone() is None
+    had_repos = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'repos'").fetchone() is not None
+    if had_repos and "type" not in {row["name"] for row in db.execute("PRAGMA table_info(repos)")}:
+        db.execute("ALTER TABLE repos RENAME TO repos_untyped")
+        db.execute(SCHEMA.split(";")[0].strip())
+        db.execute("INSERT INTO repos (id, type, namespace, name, private, created_at) "
+                   "SELECT id, 'model', namespace, name, private, created_at FROM repos_untyped")
+        db.execute("DROP TABLE repos_untyped")
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    if fresh:
+        db.execute(NAMESPACES)
+        db.execute("INSERT OR IGNORE INTO namespaces SELECT DISTINCT user, 'user', ? FROM tokens", (now(),))
+        db.execute("INSERT OR IGNORE INTO namespaces SELECT DISTINCT namespace, 'user', ? FROM repos", (now(),))
+
+
+def _kind(db, name: str) -> str | None:
+    row = db.execute("SELECT kind FROM namespaces WHERE name = ?", (name,)).fetchone()
+    return row["kind"] if row else None
 
 
 def _delete_paths(tree: dict[str, FileEntry], deletions: list[DeletePath]) -> None:
@@ -397,16 +692,17 @@ def _delete_paths(tree: dict[str, FileEntry], deletions: list[DeletePath]) -> No
 
 
 def _hash(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _repo(row) -> Repo:
-    return Repo(row["id"], row["namespace"], row["name"], bool(row["private"]), row["created_at"])
+    return Repo(row["id"], row["type"], row["namespace"], row["name"], bool(row["private"]), row["created_at"])
 
 
-def _commit(row) -> Commit:
-    return Commit(row["oid"], row["parent"], row["title"], row["message"], row["author"], row["created_at"])
+def _commit(row, prefix: str = "") -> Commit:
+    return Commit(*(row[prefix + key] for key in ("oid", "parent", "title", "message", "author", "created_at")))
 
 
-def _entry(row) -> FileEntry:
-    return FileEntry(row["path"], row["size"], row["sha256"], row["git_oid"], bool(row["lfs"]))
+def _entry(row, prefix: str = "") -> FileEntry:
+    return FileEntry(row[prefix + "path"], row[prefix + "size"], row[prefix + "sha256"], row[prefix + "git_oid"],
+                     bool(row[prefix + "lfs"]))

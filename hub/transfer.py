@@ -16,6 +16,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from hub.objects import is_repo_path
+
 CHUNK = 8 << 20
 _DONE = object()  # end of the stream
 
@@ -37,16 +39,6 @@ class _DropTokenOffOrigin(urllib.request.HTTPRedirectHandler):
 
 
 _opener = urllib.request.build_opener(_DropTokenOffOrigin)
-
-
-def is_repo_path(name: str) -> bool:
-    """Whether `name` is a file path a repo can hold, by the registry's own rule
-    (`hub.storage.check_path`): relative, no empty, `.` or `..` segment, no backslash, no control
-    character, nothing under `.git/`. The file names of a pull come from the endpoint; one that
-    breaks this rule could land outside the folder it is written to."""
-    return (isinstance(name, str) and 0 < len(name) <= 1000 and not name.startswith(("/", ".git/")) and "\\" not in name
-            and not any(ord(c) < 32 or ord(c) == 127 for c in name)
-            and not any(part in ("", ".", "..") for part in name.split("/")))
 
 
 def path_in(folder: Path, name: str) -> Path | None:

@@ -5,11 +5,13 @@ import hashlib
 import posixpath
 
 from hub.objects import lfs_pointer
-from hub.storage import Caller, Commit, FileEntry, Repo
+from hub.accounts import Caller
+from hub.storage import Commit, FileEntry, Repo
 
 
 def whoami(caller: Caller) -> dict:
-    return {"type": "user", "name": caller.user, "fullname": caller.user, "orgs": [],
+    orgs = [{"type": "org", "name": org, "fullname": org, "roleInOrg": role} for org, role in sorted(caller.orgs.items())]
+    return {"type": "user", "name": caller.user, "fullname": caller.user, "orgs": orgs, "isAdmin": caller.admin,
             "auth": {"type": "access_token", "accessToken": {"displayName": caller.user, "role": caller.role}}}
 
 
@@ -25,20 +27,47 @@ def sibling(entry: FileEntry, blobs: bool) -> dict:
 def model_info(repo: Repo, commit: Commit, entries: list[FileEntry] | None, card: dict, tags: list[str],
                blobs: bool = False) -> dict:
     out = {
-        "_id": repo.repo_id, "id": repo.repo_id, "modelId": repo.repo_id, "author": repo.namespace,
+        "_id": repo.repo_id, "id": repo.repo_id, "author": repo.namespace,
         "sha": commit.oid, "lastModified": commit.created_at, "createdAt": repo.created_at,
         "private": repo.private, "gated": False, "disabled": False, "downloads": 0, "likes": 0,
         "tags": tags, "library_name": card.get("library_name"), "cardData": card or None,
     }
+    if repo.type == "model":
+        out["modelId"] = repo.repo_id
     if entries is not None:
         out["siblings"] = [sibling(e, blobs) for e in entries]
     return out
+
+
+def repo_storage(repo: Repo, head: Commit, storage: int, total: int) -> dict:
+    """One row of `list_user_repos` (`hf repos ls`)."""
+    return {"id": repo.repo_id, "type": repo.type, "updatedAt": head.created_at,
+            "visibility": "private" if repo.private else "public", "storage": storage,
+            "storagePercent": 100 * storage / total if total else 0}
 
 
 def tree_file(entry: FileEntry) -> dict:
     out = {"type": "file", "oid": entry.git_oid, "size": entry.size, "path": entry.path}
     if entry.lfs:
         out["lfs"] = {"oid": entry.sha256, "size": entry.size, "pointerSize": len(lfs_pointer(entry.sha256, entry.size))}
+    return out
+
+
+def folder_entry(path: str, oids: list[str]) -> dict:
+    """A folder of a tree listing; its oid is a hash over what it holds."""
+    return {"type": "directory", "oid": hashlib.sha1("".join(sorted(oids)).encode()).hexdigest(), "size": 0, "path": path}
+
+
+def paths_info(entries: list[FileEntry], paths: list[str]) -> list[dict]:
+    """What `get_paths_info` asks: each of `paths` that is a file or a folder of the tree, in order."""
+    out = []
+    for path in dict.fromkeys(p.strip("/") for p in paths):
+        exact = [e for e in entries if e.path == path]
+        inside = [e.git_oid for e in entries if e.path.startswith(path + "/")]
+        if exact:
+            out.append(tree_file(exact[0]))
+        elif inside:
+            out.append(folder_entry(path, inside))
     return out
 
 
@@ -55,8 +84,7 @@ def tree_listing(entries: list[FileEntry], folder: str, recursive: bool) -> list
             folders.setdefault(prefix + "/".join(parts[:depth]), []).append(entry.git_oid)
         if recursive or len(parts) == 1:
             files.append(tree_file(entry))
-    dirs = [{"type": "directory", "oid": hashlib.sha1("".join(sorted(oids)).encode()).hexdigest(), "size": 0,
-             "path": path} for path, oids in folders.items()]
+    dirs = [folder_entry(path, oids) for path, oids in folders.items()]
     return sorted(dirs + files, key=lambda item: (posixpath.dirname(item["path"]), item["type"] == "file", item["path"]))
 
 

@@ -6,9 +6,11 @@ from urllib.parse import quote
 
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
+from starlette.convertors import Convertor, register_url_convertor
 
 from hub import errors
-from hub.storage import Caller, Registry, Repo
+from hub.accounts import Caller
+from hub.storage import Registry, Repo
 
 PAGE = 1000  # the most items one page of a listing holds
 
@@ -44,15 +46,40 @@ def base_url(request: Request) -> str:
 BaseUrlDep = Annotated[str, Depends(base_url)]
 
 
-def repo_of(registry: Registry, namespace: str, name: str, who: Caller | None) -> Repo:
-    return registry.get_repo(who, f"{namespace}/{name}")
+class RepoKind(Convertor):
+    """The repo type segment of a Hub URL (`/api/datasets/...`, `/datasets/...`) as the type:
+    `models` -> `model`. Spaces match, to be refused by name rather than fall through as a 404."""
+
+    regex = "models|datasets|spaces"
+
+    def convert(self, value: str) -> str:
+        return value.removesuffix("s")
+
+    def to_string(self, value: str) -> str:
+        return value + "s"
+
+
+register_url_convertor("kind", RepoKind())
+
+
+def repo_of(registry: Registry, kind: str, namespace: str, name: str, who: Caller | None) -> Repo:
+    """The repo of a route's path, as `who` may see it (`Registry.get_repo`)."""
+    return registry.get_repo(who, kind, f"{namespace}/{name}")
+
+
+def writable_repo(registry: Registry, kind: str, namespace: str, name: str, who: Caller | None) -> Repo:
+    """The repo of a route's path, if `who` may change it: 401 without a token, 404 for a private
+    repo they do not see, 403 for one they see but may not write."""
+    repo = repo_of(registry, kind, namespace, name, registry.require_write(who))
+    registry.require_writer(who, repo)
+    return repo
 
 
 def paginate(items: list, request: Request) -> JSONResponse:
     """One page of `items` from `?cursor=` (an offset) and `?limit=`, with an absolute `Link` to
     the next page that keeps every other query parameter."""
     start, limit = request.query_params.get("cursor", "0"), request.query_params.get("limit", str(PAGE))
-    if not (start.isdigit() and limit.isdigit()):
+    if not (start.isascii() and start.isdigit() and limit.isascii() and limit.isdigit()):
         raise errors.BadRequest(f"cursor and limit must be whole numbers, got {start!r} and {limit!r}")
     start, limit = int(start), min(max(int(limit), 1), PAGE)
     response = JSONResponse(items[start:start + limit])
@@ -64,8 +91,18 @@ def paginate(items: list, request: Request) -> JSONResponse:
 
 
 def error_response(status: int, message: str, code: str | None = None, extra: dict | None = None) -> JSONResponse:
-    """The Hub's error shape: `{"error": message}` with `X-Error-Message` (and `X-Error-Code`)."""
-    headers = {"X-Error-Message": message.encode("ascii", "replace").decode()[:500]}
+    """The Hub's error shape: `{"error": message}` with `X-Error-Message` (and `X-Error-Code`).
+
+    Messages repeat request text (names, revisions, paths), and a header may hold neither control
+    characters (the HTTP server refuses to send it, and the connection drops) nor non-Latin-1
+    text: the header has the message as printable ASCII, backslash-escaped (`\\n`, `\\x00`,
+    `\\xe9`), its first 500 characters; the body has it whole (a lone surrogate, which UTF-8
+    cannot carry, escaped the same way)."""
+    header = message[:500].encode("unicode_escape").decode("ascii")
+    if len(message) > 500 or len(header) > 500:
+        header = header[:497] + "..."
+    headers = {"X-Error-Message": header.strip()}
     if code:
         headers["X-Error-Code"] = code
-    return JSONResponse({"error": message, **(extra or {})}, status_code=status, headers=headers)
+    body = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error": body, **(extra or {})}, status_code=status, headers=headers)
