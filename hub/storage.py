@@ -358,9 +358,11 @@ class Registry:
             raise RepoNotFound(f"Repository Not Found for url: {kind}{repo_id}")
         return _repo(row)
 
-    def list_repos(self, caller: Caller | None, repo_type: str, search: str = "", author: str = "") -> list[ListedRepo]:
-        """The repos of a type this caller may see, newest commit first, each with the head of main
-        and its README entry; visibility, author and search are filtered in the query."""
+    def list_repos(self, caller: Caller | None, repo_type: str, search: str = "", author: str = "",
+                   order: str = "modified", offset: int = 0, limit: int = -1) -> list[ListedRepo]:
+        """The repos of a type this caller may see, newest first (by the head of main, or with
+        `order="created"` by creation), each with the head of main and its README entry.
+        Visibility, author, search and the window (offset, limit) are all in the query."""
         check_repo_type(repo_type)
         where, params = ["r.type = ?"], [repo_type]
         if caller is None or not caller.admin:
@@ -381,7 +383,8 @@ class Registry:
                 "FROM repos r JOIN refs f ON f.repo_id = r.id AND f.kind = 'branch' AND f.name = 'main' "
                 "JOIN commits c ON c.oid = f.commit_oid "
                 "LEFT JOIN tree_entries t ON t.commit_oid = c.oid AND t.path = 'README.md' "
-                f"WHERE {' AND '.join(where)} ORDER BY c.created_at DESC, r.namespace, r.name", params).fetchall()
+                f"WHERE {' AND '.join(where)} ORDER BY {'r.created_at' if order == 'created' else 'c.created_at'} DESC, "
+                "r.namespace, r.name LIMIT ? OFFSET ?", (*params, limit, offset)).fetchall()
         return [ListedRepo(_repo(row), _commit(row, "c_"), _entry(row, "t_") if row["t_path"] else None) for row in rows]
 
     def repos_of(self, caller: Caller | None, namespace: str) -> list[tuple[Repo, Commit, int]]:

@@ -508,3 +508,54 @@ def test_a_commit_waiting_on_the_database_does_not_stall_other_requests(team):
         lock.close()
     worker.join(60)
     assert done and len(alice.list_repo_files("alice/waiting")) == 301
+
+
+OLD_SCHEMA = """
+CREATE TABLE repos (id INTEGER PRIMARY KEY, namespace TEXT NOT NULL, name TEXT NOT NULL, private INTEGER NOT NULL,
+    created_at TEXT NOT NULL, UNIQUE (namespace, name));
+CREATE TABLE commits (oid TEXT PRIMARY KEY, repo_id INTEGER NOT NULL, parent TEXT, title TEXT NOT NULL,
+    message TEXT NOT NULL, author TEXT NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE tree_entries (commit_oid TEXT NOT NULL, path TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,
+    git_oid TEXT NOT NULL, lfs INTEGER NOT NULL, PRIMARY KEY (commit_oid, path));
+CREATE TABLE refs (repo_id INTEGER NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, commit_oid TEXT NOT NULL,
+    PRIMARY KEY (repo_id, kind, name));
+CREATE TABLE tokens (hash TEXT PRIMARY KEY, name TEXT NOT NULL, user TEXT NOT NULL, role TEXT NOT NULL,
+    created_at TEXT NOT NULL);
+CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def test_a_registry_of_the_previous_schema_opens_with_its_repos_and_tokens(tmp_path):
+    """Repos without a type become model repos; the users its tokens and repos name become users."""
+    import sqlite3
+
+    from hub.objects import git_blob_sha1
+    from hub.storage import GITATTRIBUTES
+
+    root = tmp_path / "old"
+    (root / "blobs" / hashlib.sha256(GITATTRIBUTES).hexdigest()[:2]).mkdir(parents=True)
+    (root / "blobs" / hashlib.sha256(GITATTRIBUTES).hexdigest()[:2] / hashlib.sha256(GITATTRIBUTES).hexdigest()).write_bytes(GITATTRIBUTES)
+    token = "hf_" + "x" * 40
+    db = sqlite3.connect(root / "registry.sqlite")
+    db.executescript(OLD_SCHEMA)
+    db.execute("INSERT INTO repos VALUES (1, 'alice', 'kept', 1, '2026-01-01T00:00:00.000Z')")
+    db.execute("INSERT INTO commits VALUES (?, 1, NULL, 'initial commit', '', 'alice', '2026-01-01T00:00:00.000Z')", ("c" * 40,))
+    db.execute("INSERT INTO tree_entries VALUES (?, '.gitattributes', ?, ?, ?, 0)",
+               ("c" * 40, hashlib.sha256(GITATTRIBUTES).hexdigest(), len(GITATTRIBUTES), git_blob_sha1(GITATTRIBUTES)))
+    db.execute("INSERT INTO refs VALUES (1, 'branch', 'main', ?)", ("c" * 40,))
+    db.execute("INSERT INTO tokens VALUES (?, 'cli', 'alice', 'write', '2026-01-01T00:00:00.000Z')",
+               (hashlib.sha256(token.encode()).hexdigest(),))
+    db.commit()
+    db.close()
+
+    server = RegistryProcess(root, tmp_path / "server.log").start()
+    try:
+        from hub.client import hub_api
+
+        alice = hub_api(server.url, token)
+        assert alice.model_info("alice/kept").sha == "c" * 40 and alice.model_info("alice/kept").private
+        alice.upload_file(path_or_fileobj=b"new", path_in_repo="n.txt", repo_id="alice/kept")
+        alice.create_repo("alice/kept", repo_type="dataset")
+        assert status_of(lambda: hub_api(server.url, None).model_info("alice/kept")) == 404
+    finally:
+        server.stop()

@@ -75,15 +75,27 @@ def writable_repo(registry: Registry, kind: str, namespace: str, name: str, who:
     return repo
 
 
-def paginate(items: list, request: Request) -> JSONResponse:
-    """One page of `items` from `?cursor=` (an offset) and `?limit=`, with an absolute `Link` to
-    the next page that keeps every other query parameter."""
+def page_bounds(request: Request) -> tuple[int, int]:
+    """(offset, size) of the page `?cursor=` (an offset) and `?limit=` ask for; size at most PAGE."""
     start, limit = request.query_params.get("cursor", "0"), request.query_params.get("limit", str(PAGE))
-    if not (start.isascii() and start.isdigit() and limit.isascii() and limit.isdigit()):
+    if not (start.isascii() and start.isdigit() and limit.isascii() and limit.isdigit() and len(start) < 16):
         raise errors.BadRequest(f"cursor and limit must be whole numbers, got {start!r} and {limit!r}")
-    start, limit = int(start), min(max(int(limit), 1), PAGE)
-    response = JSONResponse(items[start:start + limit])
-    if start + limit < len(items):
+    return int(start), min(max(int(limit), 1), PAGE)
+
+
+def paginate(items: list, request: Request) -> JSONResponse:
+    """One page of `items` (`page_bounds`), with an absolute `Link` to the next page that keeps
+    every other query parameter."""
+    start, limit = page_bounds(request)
+    return page(items[start:start + limit + 1], request)
+
+
+def page(items: list, request: Request) -> JSONResponse:
+    """The page of `page_bounds(request)` from `items`, the rows from its offset on (one more than
+    it holds, when there is a next page: how a query with a LIMIT tells)."""
+    start, limit = page_bounds(request)
+    response = JSONResponse(items[:limit])
+    if len(items) > limit:
         params = [(k, v) for k, v in request.query_params.multi_items() if k != "cursor"] + [("cursor", str(start + limit))]
         query = "&".join(f"{quote(k)}={quote(v)}" for k, v in params)
         response.headers["Link"] = f'<{base_url(request)}{request.url.path}?{query}>; rel="next"'

@@ -9,7 +9,8 @@ from fastapi import APIRouter, Request
 from hub import errors, views
 from hub.accounts import Caller
 from hub.cards import repo_tags
-from hub.routes.deps import BaseUrlDep, CallerDep, RegistryDep, error_response, paginate, repo_of, writable_repo
+from hub.routes.deps import (BaseUrlDep, CallerDep, RegistryDep, error_response, page, page_bounds, paginate, repo_of,
+                             writable_repo)
 from hub.schemas import CreateRepo, DeleteRepo, MoveRepo, RepoSettings
 from hub.storage import Registry
 
@@ -56,28 +57,30 @@ def update_settings(kind: str, namespace: str, name: str, body: RepoSettings, re
     return {"private": updated.private, "visibility": "private" if updated.private else "public"}
 
 
-def listing(kind: str, request: Request, registry: Registry, who: Caller | None) -> list[dict]:
+def listing(kind: str, request: Request, registry: Registry, who: Caller | None):
+    """A page of the repos of `kind` the caller may see. Without a tag filter the query itself
+    pages (LIMIT/OFFSET); a filter reads each visible repo's card (cached by its blob)."""
     params = request.query_params
-    wanted = params.getlist("filter")
+    wanted, start, limit = params.getlist("filter"), *page_bounds(request)
+    order = "created" if params.get("sort") == "createdAt" else "modified"
+    window = {} if wanted else {"offset": start, "limit": limit + 1}
     items = []
-    for listed in registry.list_repos(who, kind, params.get("search", ""), params.get("author", "")):
+    for listed in registry.list_repos(who, kind, params.get("search", ""), params.get("author", ""), order, **window):
         card = registry.card_of(listed.readme)
         tags = repo_tags(card)
         if all(f in tags for f in wanted):
             items.append(views.model_info(listed.repo, listed.head, None, card, tags))
-    if params.get("sort") == "createdAt":
-        items.sort(key=lambda m: m["createdAt"], reverse=True)
-    return items
+    return page(items, request) if not wanted else paginate(items, request)
 
 
 @router.get("/api/models")
 def list_models(request: Request, registry: RegistryDep, who: CallerDep):
-    return paginate(listing("model", request, registry, who), request)
+    return listing("model", request, registry, who)
 
 
 @router.get("/api/datasets")
 def list_datasets(request: Request, registry: RegistryDep, who: CallerDep):
-    return paginate(listing("dataset", request, registry, who), request)
+    return listing("dataset", request, registry, who)
 
 
 def info(registry: Registry, kind: str, namespace: str, name: str, revision: str, request: Request,
