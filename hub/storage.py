@@ -656,7 +656,9 @@ class Registry:
 
 def _migrate(db) -> None:
     """Bring a registry made by an earlier loradock up to this schema, in the open transaction:
-    repos get a type (all were models), and the users its tokens and repos name become users."""
+    repos get a type (all were models); the users its tokens name become users; a namespace of
+    repos that no token's user owns becomes an organisation with every one of those users a
+    `write` member, as every write token could write there before (a token's read-only role stays)."""
     fresh = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'namespaces'").fetchone() is None
     had_repos = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'repos'").fetchone() is not None
     if had_repos and "type" not in {row["name"] for row in db.execute("PRAGMA table_info(repos)")}:
@@ -671,7 +673,11 @@ def _migrate(db) -> None:
     if fresh:
         db.execute(NAMESPACES)
         db.execute("INSERT OR IGNORE INTO namespaces SELECT DISTINCT user, 'user', ? FROM tokens", (now(),))
-        db.execute("INSERT OR IGNORE INTO namespaces SELECT DISTINCT namespace, 'user', ? FROM repos", (now(),))
+        orgs = [row[0] for row in db.execute("SELECT DISTINCT namespace FROM repos WHERE namespace NOT IN "
+                                             "(SELECT name FROM namespaces)")]
+        db.executemany("INSERT INTO namespaces VALUES (?, 'org', ?)", [(org, now()) for org in orgs])
+        db.executemany("INSERT INTO members SELECT ?, name, 'write' FROM namespaces WHERE kind = 'user'",
+                       [(org,) for org in orgs])
 
 
 def _kind(db, name: str) -> str | None:

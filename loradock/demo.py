@@ -34,7 +34,7 @@ from typing import TextIO
 
 from loradock.errors import LoradockError
 from loradock.home import DEFAULT_BASE_MODEL, default_base_dir, home
-from loradock.procs import Service, StepsInLog, create_token, free_port, loradock_command, run_loradock, start_registry
+from loradock.procs import Service, StepsInLog, add_org_member, create_token, free_port, loradock_command, run_loradock, start_registry
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = ("reverse", "commas")
@@ -189,6 +189,8 @@ def base_and_registry(line: Line, demo: Demo, services: ExitStack) -> tuple[tupl
     registry_log = demo.logs / "demo-registry.log"
     services.enter_context(start_registry(demo.root / "registry", demo.registry_port, registry_log))
     token = registry_token(demo)
+    # The base model's namespace is an organisation; the demo's user pushes there as a member.
+    add_org_member(demo.root / "registry", DEFAULT_BASE_MODEL.split("/")[0], NAMESPACE)
     _, pushed = publish(demo, base_dir, DEFAULT_BASE_MODEL, token, model=True)
     base_sha = json.loads((base_dir / BUILD_INFO).read_text())["weights_sha256"]
     return (token, base_sha), (f"{demo.shown(base_dir)} ({built}); registry {demo.registry_url}, log "

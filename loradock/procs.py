@@ -160,6 +160,17 @@ def create_token(root: Path, user: str, read_only: bool = False, name: str | Non
     return created.stdout.strip()
 
 
+def add_org_member(root: Path, org: str, user: str, role: str = "write") -> None:
+    """`user` made a `role` member of organisation `org` (added when missing) in the registry at
+    `root` (`loradock hub org add`)."""
+    added = subprocess.run(loradock_command("hub", "org", "add", org, "--member", f"{user}:{role}", "--root", root),
+                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if added.returncode:
+        raise LoradockError(f"`loradock hub org add {org} --member {user}:{role} --root {root}` failed "
+                            f"(exit {added.returncode}):\n{added.stderr.strip()[-2000:]}",
+                            "check that the registry's --root is right and writable")
+
+
 def start_registry(root: Path, port: int, log: Path, *args, append: bool = False, timeout: float = 60) -> Service:
     """`loradock hub serve --root ROOT --port PORT ARGS` on 127.0.0.1, returned once it answers."""
     registry = Service("the registry", loradock_command("hub", "serve", "--root", root, "--port", port, *args), log,

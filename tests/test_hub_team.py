@@ -526,7 +526,8 @@ CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 
 
 def test_a_registry_of_the_previous_schema_opens_with_its_repos_and_tokens(tmp_path):
-    """Repos without a type become model repos; the users its tokens and repos name become users."""
+    """Repos without a type become model repos; the users its tokens name become users, and the
+    namespaces no user owns organisations of those users."""
     import sqlite3
 
     from hub.objects import git_blob_sha1
@@ -543,6 +544,11 @@ def test_a_registry_of_the_previous_schema_opens_with_its_repos_and_tokens(tmp_p
     db.execute("INSERT INTO tree_entries VALUES (?, '.gitattributes', ?, ?, ?, 0)",
                ("c" * 40, hashlib.sha256(GITATTRIBUTES).hexdigest(), len(GITATTRIBUTES), git_blob_sha1(GITATTRIBUTES)))
     db.execute("INSERT INTO refs VALUES (1, 'branch', 'main', ?)", ("c" * 40,))
+    db.execute("INSERT INTO repos VALUES (2, 'loradock', 'base', 0, '2026-01-01T00:00:00.000Z')")
+    db.execute("INSERT INTO commits VALUES (?, 2, NULL, 'initial commit', '', 'alice', '2026-01-01T00:00:00.000Z')", ("d" * 40,))
+    db.execute("INSERT INTO tree_entries VALUES (?, '.gitattributes', ?, ?, ?, 0)",
+               ("d" * 40, hashlib.sha256(GITATTRIBUTES).hexdigest(), len(GITATTRIBUTES), git_blob_sha1(GITATTRIBUTES)))
+    db.execute("INSERT INTO refs VALUES (2, 'branch', 'main', ?)", ("d" * 40,))
     db.execute("INSERT INTO tokens VALUES (?, 'cli', 'alice', 'write', '2026-01-01T00:00:00.000Z')",
                (hashlib.sha256(token.encode()).hexdigest(),))
     db.commit()
@@ -556,6 +562,9 @@ def test_a_registry_of_the_previous_schema_opens_with_its_repos_and_tokens(tmp_p
         assert alice.model_info("alice/kept").sha == "c" * 40 and alice.model_info("alice/kept").private
         alice.upload_file(path_or_fileobj=b"new", path_in_repo="n.txt", repo_id="alice/kept")
         alice.create_repo("alice/kept", repo_type="dataset")
+        # A namespace no user owned is an organisation its old users write to, as they did before.
+        alice.upload_file(path_or_fileobj=b"w", path_in_repo="w.txt", repo_id="loradock/base")
+        assert [(o["name"], o["roleInOrg"]) for o in alice.whoami()["orgs"]] == [("loradock", "write")]
         assert status_of(lambda: hub_api(server.url, None).model_info("alice/kept")) == 404
     finally:
         server.stop()
