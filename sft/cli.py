@@ -202,7 +202,8 @@ def run_data_check(args) -> int:
     if getattr(args, "print_config", False):
         return print_config(config)
     tokenizer = load_tokenizer(resolve_base_model(config.base_model), config.chat_template)
-    report = check_data(config.file, tokenizer, tokenizer.chat_template, config.max_length, parse_columns(config.columns))
+    report = check_data(config.file, tokenizer, tokenizer.chat_template, config.max_length,
+                        parse_columns(config.columns), keep=False)  # only the figures: memory stays a chunk's
     print(report.render())
     enforce(report, config.max_bad_fraction, flag=config.file)
     print("ok: training would accept this data")

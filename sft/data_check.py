@@ -3,16 +3,26 @@
 The report a user reads before training, and the token ids training then uses: every row is
 rendered with the chat template it will be trained with and tokenized once, here, so the lengths,
 the dropped rows and the trained (unmasked) tokens shown are exactly what the trainer gets.
+
+The rows stream through in chunks and the figures accumulate (token lengths as a histogram, at
+most --max-length entries), so the check alone holds one chunk; only training keeps the kept rows.
+A row whose text is longer than --max-length tokens could cover is dropped before tokenizing.
 """
 
-import statistics
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 
 from loradock.errors import LoradockError
-from sft.data import REASONS, RowProblem, dataset_sha256, read_rows, to_messages
+from sft.data import FIXES, REASONS, Row, RowProblem, dataset_sha256, iter_rows, to_messages
 
 SHOWN_ROW_NUMBERS = 5  # first few row numbers listed per drop reason
 MARK_OPEN, MARK_CLOSE = "⟦", "⟧"  # around trained tokens in the rendered example
+CHUNK_ROWS = 2000  # rows converted and tokenized together: memory is bounded by a chunk, not the file
+# A row whose text holds more characters than max_length tokens of the longest vocabulary entry
+# could cover, twice over for the normalizer, is over max length without being tokenized.
+CHARS_MARGIN = 2
 
 
 @dataclass
@@ -25,13 +35,20 @@ class Example:
 
 @dataclass
 class DataReport:
+    """The check's figures, accumulated a chunk at a time; `kept` holds the kept rows only when asked."""
+
     path: str
     sha256: str
     max_length: int
     rows_read: int = 0
+    rows_kept: int = 0
+    tokens: int = 0
+    trained_tokens: int = 0
+    lengths: Counter = field(default_factory=Counter)  # tokens per kept row -> rows (at most max_length keys)
     kept: list[Example] = field(default_factory=list)
     dropped: dict[str, list[tuple[int, str]]] = field(default_factory=dict)  # reason -> [(row, detail)]
     example: str = ""
+    example_row: int = 0
 
     @property
     def n_dropped(self) -> int:
@@ -41,18 +58,30 @@ class DataReport:
     def bad_fraction(self) -> float:
         return self.n_dropped / self.rows_read if self.rows_read else 1.0
 
-    @property
-    def tokens(self) -> int:
-        return sum(len(e.input_ids) for e in self.kept)
+    def drop(self, reason: str, number: int, detail: str) -> None:
+        self.dropped.setdefault(reason, []).append((number, detail))
 
-    @property
-    def trained_tokens(self) -> int:
-        return sum(sum(e.assistant_masks) for e in self.kept)
+    def keep(self, example: Example, store: bool) -> None:
+        self.rows_kept += 1
+        self.tokens += len(example.input_ids)
+        self.trained_tokens += sum(example.assistant_masks)
+        self.lengths[len(example.input_ids)] += 1
+        if store:
+            self.kept.append(example)
+
+    def length_at(self, rank: int) -> int:
+        """The token length of the kept row at this 0-based rank in length order."""
+        seen = 0
+        for length in sorted(self.lengths):
+            seen += self.lengths[length]
+            if seen > rank:
+                return length
+        raise IndexError(rank)
 
     def summary(self) -> dict:
         """The figures that go into metrics.json."""
         return {
-            "path": self.path, "sha256": self.sha256, "rows_read": self.rows_read, "rows_kept": len(self.kept),
+            "path": self.path, "sha256": self.sha256, "rows_read": self.rows_read, "rows_kept": self.rows_kept,
             "rows_dropped": {reason: len(rows) for reason, rows in self.dropped.items()},
             "tokens": self.tokens, "trained_tokens": self.trained_tokens,
         }
@@ -60,53 +89,106 @@ class DataReport:
     def render(self) -> str:
         lines = [f"data check: {self.path}  (sha256 {self.sha256[:12]})",
                  f"  rows read      {self.rows_read}",
-                 f"  rows kept      {len(self.kept)}",
+                 f"  rows kept      {self.rows_kept}",
                  f"  rows dropped   {self.n_dropped} ({self.bad_fraction:.1%})"]
         for reason, rows in self.dropped.items():
             shown = ", ".join(str(n) for n, _ in rows[:SHOWN_ROW_NUMBERS]) + (", ..." if len(rows) > SHOWN_ROW_NUMBERS else "")
             lines.append(f"    {REASONS[reason]:<16} {len(rows):>5}  rows {shown}  (row {rows[0][0]}: {rows[0][1]})")
-        lengths = sorted(len(e.input_ids) for e in self.kept)
-        if lengths:
-            p95 = lengths[min(len(lengths) - 1, int(0.95 * len(lengths)))]
-            lines.append(f"  tokens per row min {lengths[0]}  mean {statistics.fmean(lengths):.1f}  "
-                         f"p50 {statistics.median_low(lengths)}  p95 {p95}  max {lengths[-1]}  "
-                         f"(max length {self.max_length})")
+            lines.append(f"      fix: {FIXES[reason]}")
+        if self.rows_kept:
+            n = self.rows_kept
+            lines.append(f"  tokens per row min {min(self.lengths)}  mean {self.tokens / n:.1f}  "
+                         f"p50 {self.length_at((n - 1) // 2)}  p95 {self.length_at(min(n - 1, int(0.95 * n)))}  "
+                         f"max {max(self.lengths)}  (max length {self.max_length})")
             lines.append(f"  trained tokens {self.trained_tokens} of {self.tokens} "
                          f"({self.trained_tokens / max(self.tokens, 1):.1%})")
         if self.example:
-            lines += [f"  example (row {self.kept[0].number}), trained tokens between {MARK_OPEN} {MARK_CLOSE}:",
+            lines += [f"  example (row {self.example_row}), trained tokens between {MARK_OPEN} {MARK_CLOSE}:",
                       "    " + self.example.replace("\n", "\n    ")]
         return "\n".join(lines)
 
 
-def check_data(path, tokenizer, chat_template: str, max_length: int, columns: dict | None = None) -> DataReport:
-    """Read, convert, render and tokenize every row; nothing is raised for bad rows."""
-    rows = read_rows(path)  # first: it names a missing or unreadable file
-    report = DataReport(path=str(path), sha256=dataset_sha256(path), max_length=max_length, rows_read=len(rows))
-    chats = []
-    for row in rows:
-        try:
-            chats.append((row.number, to_messages(row.data, columns)))
-        except RowProblem as problem:
-            report.dropped.setdefault(problem.reason, []).append((row.number, problem.detail))
-    if chats:
-        encoded = tokenizer.apply_chat_template(
-            [messages for _, messages in chats], chat_template=chat_template, tokenize=True,
-            return_dict=True, return_assistant_tokens_mask=True,
-        )
-        for (number, messages), ids, mask in zip(chats, encoded["input_ids"], encoded["assistant_masks"]):
+def check_data(path, tokenizer, chat_template: str, max_length: int, columns: dict | None = None,
+               keep: bool = True, chunk_rows: int = CHUNK_ROWS) -> DataReport:
+    """Read, convert, render and tokenize every row, a chunk of rows at a time; nothing is raised
+    for bad rows.
+
+    Args:
+        keep: hold every kept row's tokens in `report.kept` (training needs them; the check alone does not).
+        chunk_rows: rows tokenized together; memory grows with a chunk, not with the file.
+    """
+    rows = iter_rows(path)  # first: it names a missing or unreadable file
+    report = DataReport(path=str(path), sha256=dataset_sha256(path), max_length=max_length)
+    max_chars = max_length * longest_token_chars(tokenizer) * CHARS_MARGIN
+    for chunk in _chunks(rows, chunk_rows):
+        report.rows_read += len(chunk)
+        chats = []
+        for row in chunk:
+            try:
+                messages = to_messages(row.data, columns)
+            except RowProblem as problem:
+                report.drop(problem.reason, row.number, problem.detail)
+                continue
+            chars = sum(len(m["content"].strip()) for m in messages)
+            if chars > max_chars:
+                report.drop("too_long", row.number, f"{chars:,} characters, more than --max-length {max_length} "
+                                                    f"tokens can hold")
+            else:
+                chats.append((row.number, messages))
+        for number, messages, ids, mask in _tokenize(tokenizer, chat_template, chats, report):
             if len(ids) > max_length:
-                detail = f"{len(ids)} tokens > --max-length {max_length}"
-                report.dropped.setdefault("too_long", []).append((number, detail))
+                report.drop("too_long", number, f"{len(ids)} tokens > --max-length {max_length}")
             elif not any(mask):  # TRL would drop it silently; say so
                 detail = "no assistant token is inside the template's {% generation %} markers"
-                report.dropped.setdefault("untrained", []).append((number, detail))
+                report.drop("untrained", number, detail)
             else:
-                report.kept.append(Example(number, messages, list(ids), list(mask)))
+                example = Example(number, messages, list(ids), list(mask))
+                if not report.example:
+                    report.example, report.example_row = mark_trained(tokenizer, chat_template, example), number
+                report.keep(example, keep)
     report.dropped = {reason: sorted(report.dropped[reason]) for reason in REASONS if reason in report.dropped}
-    if report.kept:
-        report.example = mark_trained(tokenizer, chat_template, report.kept[0])
     return report
+
+
+def longest_token_chars(tokenizer) -> int:
+    """The most characters one token of this tokenizer stands for (its longest vocabulary entry)."""
+    return max(map(len, tokenizer.get_vocab()), default=1)
+
+
+def _chunks(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
+    rows = iter(rows)
+    while chunk := list(islice(rows, size)):
+        yield chunk
+
+
+def _tokenize(tokenizer, chat_template: str, chats: list[tuple[int, list[dict]]], report: DataReport):
+    """(number, messages, input_ids, assistant_masks) of each chat. If the tokenizer fails on the
+    chunk, each chat is tried alone and the ones it fails on are dropped with its error; an error
+    that every chat of the chunk hits is not about the rows, and is raised."""
+    if not chats:
+        return []
+
+    def encode(conversations):
+        encoded = tokenizer.apply_chat_template(conversations, chat_template=chat_template, tokenize=True,
+                                                return_dict=True, return_assistant_tokens_mask=True)
+        return encoded["input_ids"], encoded["assistant_masks"]
+
+    try:
+        ids, masks = encode([messages for _, messages in chats])
+        return [(n, m, i, k) for (n, m), i, k in zip(chats, ids, masks)]
+    except Exception as chunk_error:  # noqa: BLE001 (tokenizers and templates raise many types)
+        out, failed = [], []
+        for number, messages in chats:
+            try:
+                (one_ids,), (one_mask,) = encode([messages])
+                out.append((number, messages, one_ids, one_mask))
+            except Exception as e:  # noqa: BLE001
+                failed.append((number, f"{type(e).__name__}: {e}"[:200]))
+        if not out:
+            raise chunk_error
+        for number, detail in failed:
+            report.drop("untokenizable", number, detail)
+        return out
 
 
 def mark_trained(tokenizer, chat_template: str, example: Example) -> str:
@@ -128,14 +210,14 @@ def enforce(report: DataReport, max_bad_fraction: float, flag: str = "--data") -
         raise LoradockError(
             f"{report.n_dropped} of {report.rows_read} rows of {report.path} ({report.bad_fraction:.1%}) are bad, "
             f"more than --max-bad-fraction {max_bad_fraction}",
-            f"fix the rows listed below (or raise --max-bad-fraction to train on the {len(report.kept)} good rows)",
+            f"fix the rows listed below (or raise --max-bad-fraction to train on the {report.rows_kept} good rows)",
             report.render(),
         )
     if report.trained_tokens == 0:
         raise LoradockError(
             f"no trainable token remains in {report.path} ({flag}): "
-            + ("every row was dropped" if not report.kept else "no assistant token is inside {% generation %}"),
-            "check the rows listed below" if not report.kept else
+            + ("every row was dropped" if not report.rows_kept else "no assistant token is inside {% generation %}"),
+            "check the rows listed below" if not report.rows_kept else
             "use a chat template whose {% generation %} markers cover the assistant answers",
             report.render(),
         )
