@@ -1,5 +1,6 @@
 """Every parser of the registry is bounded: a README's front matter, validate-yaml, request bodies,
-paths and the error header.
+paths and the error header. And a sweep of bad input at every route: each answer a 4xx in the
+Hub's shape on a connection that stays open, nothing committed, the registry up afterwards.
 
     flock /tmp/loradock-heavy.lock .venv/bin/python -m pytest -q tests/test_hub_limits.py
 
@@ -9,8 +10,10 @@ Requests a well-behaved client would not send go through `Connection`, a raw soc
 import hashlib
 import json
 import socket
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Self
+from urllib.parse import quote
 
 import httpx2
 import pytest
@@ -320,3 +323,310 @@ def test_paths_that_are_not_utf8_are_a_400(hub_env):
             assert hub_error_problem(reply) is None and reply.status == 400, (bad, reply)
             assert "not UTF-8" in reply.json()["error"]
         assert conn.request("GET", "/health").status == 200
+
+
+# --- 6. the sweep ---------------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """One bad request. `by_server`: the HTTP server itself refuses it (a plain-text 400 and the
+    connection closed) before the registry sees it; only the status is checked then."""
+
+    method: str
+    target: str
+    body: bytes | list[bytes] = b""
+    headers: dict = field(default_factory=dict)
+    chunked: bool = False
+    by_server: bool = False
+
+    def __str__(self) -> str:
+        body = self.body if isinstance(self.body, bytes) else b"<chunked %d bytes>" % sum(map(len, self.body))
+        shown = body[:300] + (b"... (%d bytes)" % len(body) if len(body) > 300 else b"")
+        extra = {k: v for k, v in self.headers.items() if k.lower() != "authorization"}
+        return f"{self.method} {self.target} {extra or ''} {shown!r}"
+
+
+@dataclass
+class Failure:
+    """A case the registry got wrong: what was wrong, its answer, and what the registry logged meanwhile."""
+
+    case: Case
+    problem: str
+    status: int | None
+    answer: bytes
+    traceback: str
+
+    def __str__(self) -> str:
+        return (f"{self.case}\n  -> {self.problem} (status {self.status}): {self.answer[:300]!r}"
+                + (f"\n  registry log:\n{self.traceback}" if self.traceback else ""))
+
+
+def sweep(registry, cases: list[Case], token: str | None = None, state=None) -> list[Failure]:
+    """Sends each case (with `token`, when given, unless it sets its own Authorization) on a kept
+    connection and returns what went wrong, with the registry's log of it: an answer that is not a
+    whole 4xx in the Hub's error shape, a connection that drops (each answer is followed by a
+    `/health` on the same connection, unless the server said it closes it), and, with `state` (a
+    function returning what must not change), a request other than GET or HEAD that changed it."""
+    failures, conn, before = [], Connection(registry), state() if state else None
+    try:
+        for case in cases:
+            offset = registry.log.stat().st_size
+            headers = dict(case.headers)
+            if token and not any(k.lower() == "authorization" for k in headers):
+                headers["authorization"] = f"Bearer {token}"
+            reply = conn.request(case.method, case.target, headers, case.body, case.chunked)
+            problem = answer_problem(case, reply)
+            if reply is not None and reply.headers.get("connection") == "close":
+                conn.sock.close()
+                conn = Connection(registry)
+            elif conn.request("GET", "/health") is None:
+                problem = problem or "the connection dropped after the answer"
+                conn = Connection(registry)
+            if state and case.method not in ("GET", "HEAD") and (after := state()) != before:
+                problem, before = problem or f"it changed the registry: {changes(before, after)}", after
+            if problem:
+                time.sleep(0.2)  # the server logs its traceback after the answer
+                failures.append(Failure(case, problem, reply and reply.status, reply.body if reply else b"",
+                                        logged_since(registry, offset)))
+    finally:
+        conn.sock.close()
+    return failures
+
+
+def answer_problem(case: Case, reply: Reply | None) -> str | None:
+    """What is wrong with the answer to one case, or None (see hub_error_problem)."""
+    if case.by_server:
+        return None if reply is not None and reply.status == 400 else "not refused with a 400"
+    if reply is not None and reply.headers.get("connection") == "close":
+        return hub_error_problem(reply, case.method) or "the server closed the connection after answering"
+    return hub_error_problem(reply, case.method)
+
+
+def logged_since(registry, offset: int) -> str:
+    """The registry's log from `offset`, where it holds an error (a traceback, an exception)."""
+    with registry.log.open("rb") as log:
+        log.seek(offset)
+        logged = log.read().decode("utf-8", "replace")
+    return logged if "Traceback" in logged or "Error" in logged else ""
+
+
+def changes(before: dict, after: dict) -> str:
+    keys = sorted(set(before) | set(after), key=repr)
+    return "; ".join(f"{key!r}: {before.get(key, '(none)')!r:.200} -> {after.get(key, '(none)')!r:.200}"
+                     for key in keys if before.get(key) != after.get(key))
+
+
+BAD_SEGMENTS = ["%00", "%0a", "%0d", "%ff", "%c0%af"]
+UNICODE_DIGITS = ["%C2%B2", "%D9%A3", "%EF%BC%91"]  # '²', Arabic-Indic 3, fullwidth 1
+OID = "ab" * 32
+NOT_A_STRING = [5, 1.5, True, [], ["x"], {}, {"a": 1}, 10**30]
+NOT_A_SIZE = ["1", "big", 1.5, -1, 10**30, True, [], {}, None]
+NOT_A_BOOL = [5, "true", [], {}]
+NOT_A_LIST = [5, 1.5, True, "x", {}, {"a": 1}, None, [5], [None], [[]]]
+
+
+def json_case(method: str, target: str, body) -> Case:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return Case(method, target, raw, {"content-type": "application/json"})
+
+
+def spoiled(valid: dict, spoils: dict[str, list]) -> list:
+    """`valid` with one field at a time (a dotted path, `files.0.size`) set to each bad value."""
+    out = []
+    for path, values in spoils.items():
+        for value in values:
+            body = json.loads(json.dumps(valid))
+            *parents, last = path.split(".")
+            target = body
+            for key in parents:
+                target = target[int(key) if key.isdigit() else key]
+            target[int(last) if last.isdigit() else last] = value
+            out.append(body)
+    return out
+
+
+def ndjson(*lines) -> bytes:
+    return b"".join((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n" for line in lines)
+
+
+def sweep_cases(ns: str, name: str) -> list[Case]:
+    """Bad input for every route of hub/routes, aimed at the repo `ns/name` (which has a.txt,
+    dir/b.txt and a tag v1): nothing here may answer other than a 4xx, or change anything."""
+    repo, api = f"{ns}/{name}", f"/api/models/{ns}/{name}"
+    header = {"key": "header", "value": {"summary": "sweep"}}
+    add = {"key": "file", "value": {"path": "swept.txt", "content": "eA==", "encoding": "base64"}}
+    batch = {"operation": "upload", "objects": [{"oid": OID, "size": 1}]}
+    preupload = {"files": [{"path": "swept.txt", "size": 1, "sample": ""}]}
+    upload = f"/lfs/upload/{OID}?size=1&expires=9999999999&user=alice&sig=x"
+    cases = []
+
+    # Control characters and bytes that are not UTF-8 in namespace, name, revision and file path.
+    for bad in BAD_SEGMENTS:
+        cases += [Case("GET", f"/api/models/{ns}{bad}/{name}"), Case("GET", f"{api}{bad}"),
+                  Case("GET", f"{api}/revision/main{bad}"), Case("GET", f"{api}/tree/main{bad}"),
+                  Case("GET", f"{api}/tree/main/dir{bad}"), Case("GET", f"/{repo}/resolve/main{bad}/a.txt"),
+                  Case("GET", f"/{repo}/resolve/main/a.txt{bad}"), Case("HEAD", f"/{repo}/resolve/main/a.txt{bad}"),
+                  Case("GET", f"{api}{bad}/refs"), Case("GET", f"{api}/commits/main{bad}"),
+                  json_case("POST", f"{api}/tag/main{bad}", {"tag": "swept"}), Case("DELETE", f"{api}/tag/v1{bad}"),
+                  json_case("POST", f"{api}/branch/swept{bad}", {}), Case("DELETE", f"{api}/branch/main{bad}"),
+                  json_case("POST", f"{api}/preupload/main{bad}", preupload),
+                  Case("POST", f"{api}/paths-info/main{bad}", b"paths=a.txt",
+                       {"content-type": "application/x-www-form-urlencoded"}),
+                  json_case("POST", f"/{repo}{bad}.git/info/lfs/objects/batch", batch),
+                  Case("PUT", f"/lfs/upload/{OID}{bad}?size=1&expires=9999999999&user=alice&sig=x", b"x"),
+                  json_case("POST", f"/lfs/verify/{repo}/{OID}{bad}", {"size": 1}),
+                  Case("POST", f"{api}/commit/main{bad}", ndjson(header, add)),
+                  json_case("PUT", f"{api}{bad}/settings", {"private": False})]
+    for path in ("c\u0000.txt", "c\n.txt", "c\r.txt", "dir/\u0000", "../x", "", "x" * 100_000):
+        cases += [Case("POST", f"{api}/commit/main", ndjson(header, {"key": "file", "value": {
+                      "path": path, "content": "eA==", "encoding": "base64"}})),
+                  json_case("POST", f"{api}/preupload/main", {"files": [{"path": path, "size": 1}]})]
+
+    # The same routes under their dataset spelling, and the listings of a namespace's repos.
+    for bad in ("%00", "%ff"):
+        cases += [Case("GET", f"/api/datasets/{ns}/{name}{bad}"), Case("GET", f"/datasets/{repo}/resolve/main/a{bad}"),
+                  json_case("POST", f"/datasets/{repo}{bad}.git/info/lfs/objects/batch", batch),
+                  Case("GET", f"/api/organizations/{ns}{bad}/settings/repositories")]
+    cases += [json_case("POST", f"/datasets/{repo}.git/info/lfs/objects/batch", {"operation": 5}),
+              json_case("POST", f"/lfs/verify/datasets/{repo}/{OID}", {"size": "1"})]
+
+    # Numbers spelled in other digits, and other bad numbers, in the query.
+    for digits in UNICODE_DIGITS + ["-1", "1e3", "%00", "%ff", "0x10"]:
+        cases += [Case("GET", f"/api/settings/repositories?limit={digits}"),
+                  Case("GET", f"/api/models?cursor={digits}"), Case("GET", f"/api/models?limit={digits}"),
+                  Case("GET", f"/api/datasets?limit={digits}"), Case("GET", f"{api}/tree/main?cursor={digits}"),
+                  Case("GET", f"{api}/commits/main?limit={digits}"),
+                  Case("PUT", f"/lfs/upload/{OID}?size={digits}&expires=9999999999&user=alice&sig=x", b"x"),
+                  Case("PUT", f"/lfs/upload/{OID}?size=1&expires={digits}&user=alice&sig=x", b"x")]
+    cases += [Case("PUT", f"/lfs/upload/{OID}?size={10**30}&expires=9999999999&user=alice&sig=x", b"x"),
+              Case("PUT", f"/lfs/upload/{OID}?size=1&expires={10**30}&user=alice&sig=x", b"x"),
+              Case("PUT", f"/lfs/upload/{OID}?size=1&expires=9999999999&user=%00&sig=%0a", b"x"),
+              Case("PUT", upload, b"x")]  # a signature that does not match
+
+    # Content-Length that is not ASCII digits: the HTTP server refuses it before the registry.
+    for length in ("\u00b2", "\u0663", "\uff11", "1_0", "+1", "-1", "0x10"):
+        cases.append(Case("POST", "/api/repos/create", b"", {"content-length": length.encode()}, by_server=True))
+
+    # Wrong types, nulls, lists and huge values for every field of every JSON body.
+    long = "x" * 1_000_000
+    bodies = {
+        ("POST", "/api/repos/create"): ({"name": "swept-new"}, {
+            "name": NOT_A_STRING + [None, long, "a\u0000b", "a\nb", "swept-new\n", "../x", "a/b", ""],
+            "organization": NOT_A_STRING + [long, "alice\u0000", "alice\n", "../x"],
+            "visibility": [5, "secret", [], {}], "private": NOT_A_BOOL, "type": NOT_A_STRING + ["space\n"]}),
+        ("DELETE", "/api/repos/delete"): ({"name": name}, {
+            "name": NOT_A_STRING + [None, f"{name}\u0000", f"{name}\n", long],
+            "organization": NOT_A_STRING + [f"{ns}\n", long], "type": NOT_A_STRING}),
+        ("POST", "/api/repos/move"): ({"fromRepo": repo, "toRepo": f"{repo}-moved"}, {
+            "fromRepo": NOT_A_STRING + [None, f"{repo}\u0000", long], "toRepo": NOT_A_STRING + [None, f"{repo}\n", long],
+            "type": NOT_A_STRING}),
+        ("PUT", f"{api}/settings"): ({"private": False}, {
+            "private": NOT_A_BOOL, "visibility": [5, "secret", [], {}], "gated": [5, "yes", [], {}, True]}),
+        ("POST", f"{api}/tag/main"): ({"tag": "swept"}, {
+            "tag": NOT_A_STRING + [None, long, "v\u00001", "v\n1", "swept\n", ""], "message": NOT_A_STRING}),
+        ("POST", f"{api}/branch/swept"): ({"startingPoint": "main"}, {
+            "startingPoint": NOT_A_STRING + ["main\u0000", "main\n", long], "emptyBranch": NOT_A_BOOL}),
+        ("POST", f"{api}/super-squash/main"): ({"message": "swept"}, {"message": NOT_A_STRING + [None]}),
+        ("POST", f"{api}/preupload/main"): (preupload, {
+            "files": NOT_A_LIST, "files.0.path": NOT_A_STRING + [None],
+            "files.0.size": NOT_A_SIZE, "files.0.sample": NOT_A_STRING, "gitIgnore": NOT_A_STRING}),
+        ("POST", f"/{repo}.git/info/lfs/objects/batch"): (batch, {
+            "operation": NOT_A_STRING + [None, "download"], "objects": NOT_A_LIST,
+            "objects.0.oid": NOT_A_STRING + [None, "zz", OID + "ab", OID + "\n"], "objects.0.size": NOT_A_SIZE,
+            "transfers": [5, "basic", [5], {}], "hash_algo": [5, [], {}], "ref": [5, "main", []]}),
+        ("POST", f"/lfs/verify/{repo}/{OID}"): ({"size": 1}, {"size": NOT_A_SIZE}),
+        ("POST", "/api/validate-yaml"): ({"content": "---\na: 1\n---\n"}, {"content": NOT_A_STRING + [None]}),
+    }
+    for (method, target), (valid, spoils) in bodies.items():
+        cases += [json_case(method, target, body) for body in spoiled(valid, spoils)]
+        cases += [json_case(method, target, raw) for raw in (
+            b"[" * 100_000, b'{"a": ' * 100_000, b"[]", b"5", b'"x"', b"null", b"{not json", b'{"name": "\xff"}')]
+        cases.append(Case(method, target, b"", {"content-type": "application/json"}))
+
+    # The NDJSON commit: bad lines, headers and operations of every kind.
+    lines = [5, [], "x", None, {}, {"key": 5, "value": {}}, {"key": ["file"], "value": {}}, {"key": "file"},
+             {"key": "file", "value": []}, {"key": "header", "value": ["summary"]}, {"key": "header", "value": "x"},
+             {"key": "copy", "value": {"path": "a.txt"}}, b"[" * 100_000, b'{"key": "header", "value": ' * 50_000,
+             b"\xff\xfe", b"{not json"]
+    cases += [Case("POST", f"{api}/commit/main", ndjson(header, line)) for line in lines]
+    cases += [Case("POST", f"{api}/commit/main", ndjson(line, add)) for line in lines[:12]]
+    for body in spoiled(header, {"value.summary": NOT_A_STRING, "value.description": NOT_A_STRING,
+                                 "value.parentCommit": NOT_A_STRING + [long, "0" * 40]}):
+        cases.append(Case("POST", f"{api}/commit/main", ndjson(body, add)))
+    operations = {
+        "file": ({"path": "swept.txt", "content": "eA==", "encoding": "base64"},
+                 {"path": NOT_A_STRING + [None], "content": NOT_A_STRING + [None, "not base64!", "eA"],
+                  "encoding": NOT_A_STRING + ["utf-8"]}),
+        "lfsFile": ({"path": "swept.bin", "algo": "sha256", "oid": OID, "size": 1},
+                    {"path": NOT_A_STRING + [None], "oid": NOT_A_STRING + [None, "short", OID + "ab", OID + "\n"],
+                     "size": NOT_A_SIZE}),
+        "deletedFile": ({"path": "a.txt"}, {"path": NOT_A_STRING + [None, "a.txt\u0000", "a.txt\n"]}),
+        "deletedFolder": ({"path": "dir"}, {"path": NOT_A_STRING + [None, "dir\u0000"]}),
+    }
+    for key, (valid, spoils) in operations.items():
+        for value in spoiled(valid, spoils):
+            if key.startswith("deleted"):
+                cases.append(Case("POST", f"{api}/commit/main", ndjson(header, {"key": key, "value": value})))
+            else:  # and alone: a valid file beside it must not land either
+                cases.append(Case("POST", f"{api}/commit/main", ndjson(header, add, {"key": key, "value": value})))
+
+    # Credentials a client would not send, and bodies over the cap (one chunked, one announced).
+    cases += [Case("GET", "/api/whoami-v2", headers={"authorization": b"Bearer \xe9\xff"}),
+              Case("GET", "/api/whoami-v2", headers={"authorization": "Bearer " + "x" * 10_000}),
+              Case("GET", "/api/whoami-v2", headers={"authorization": "Basic x"}),
+              Case("GET", "/api/whoami-v2", headers={"authorization": "Bearer"}),
+              Case("GET", "/api/whoami-v2", headers={"authorization": b"Bearer \x01x"}, by_server=True),
+              Case("POST", "/api/repos/create", [b" " * MiB] * 65, {"content-type": "application/json"}, chunked=True),
+              Case("POST", f"{api}/commit/main", [ndjson(header, add)] + [b"\n" * MiB] * 65, chunked=True),
+              Case("POST", f"{api}/commit/main", b"\n" * (65 * MiB))]  # refused on its Content-Length
+    # Last, what would take the target away if it got through: later cases still find it.
+    return sorted(cases, key=lambda case: case.target in ("/api/repos/move", "/api/repos/delete",
+                                                          f"{api}/super-squash/main"))
+
+
+@pytest.fixture
+def sweep_target(hub_env):
+    """alice/limits-sweep with a.txt, dir/b.txt and the tag v1; returns (repo id, what it looks like)."""
+    from huggingface_hub import CommitOperationAdd
+
+    api = api_for(hub_env, hub_env.write_token)
+    repo_id = "alice/limits-sweep"
+    if not api.repo_exists(repo_id):
+        api.create_repo(repo_id)
+        api.create_commit(repo_id, [CommitOperationAdd("a.txt", b"a"), CommitOperationAdd("dir/b.txt", b"b")],
+                          commit_message="sweep target")
+        api.create_tag(repo_id, tag="v1")
+    return repo_id, registry_state(hub_env)
+
+
+def registry_state(registry, repo_id: str | None = None, client: httpx2.Client | None = None) -> dict:
+    """What a sweep must not change: the repos alice sees, and for each (or only `repo_id`) its head,
+    privacy, refs, files and history (read over plain HTTP: a repo id the sweep got in may be one
+    the client refuses). A `client` kept between calls makes each a few milliseconds."""
+    auth = {"authorization": f"Bearer {registry.write_token}"}
+
+    def get(path: str):
+        return (client or httpx2).get(f"{registry.url}{path}", headers=auth, timeout=60).json()
+    listed = get("/api/models?author=alice")
+    state = {"repos": sorted(model["id"] for model in listed)}
+    for model in listed:
+        if repo_id in (None, model["id"]):
+            api = "/api/models/" + "/".join(quote(part, safe="") for part in model["id"].split("/", 1))
+            state[model["id"]] = (model["sha"], model["private"], get(f"{api}/refs"),
+                                  get(f"{api}/tree/main?recursive=true"), get(f"{api}/commits/main"))
+    return state
+
+
+def test_the_sweep_of_bad_input_at_every_route(hub_env, sweep_target):
+    repo_id, before = sweep_target
+    cases = sweep_cases(*repo_id.split("/"))
+    with httpx2.Client() as client:
+        def target() -> dict:
+            return registry_state(hub_env, repo_id, client)
+        failures = sweep(hub_env, cases, hub_env.write_token, state=target)
+        failures += sweep(hub_env, [c for c in cases if c.method != "GET"][:200], state=target)  # and anonymous
+    assert healthy(hub_env)
+    after = registry_state(hub_env)
+    assert not failures and after == before, (
+        f"{len(failures)} of {len(cases) + 200} bad requests were not answered with a clean 4xx, or changed the "
+        f"registry:\n\n" + "\n\n".join(map(str, failures)) + f"\n\nchanged in all: {changes(before, after)}")
