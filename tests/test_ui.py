@@ -18,7 +18,7 @@ import pytest
 from openai import OpenAI
 from streamlit.testing.v1 import AppTest
 
-from loradock.procs import free_port
+from loradock.procs import free_port, loradock_command
 from tests.conftest import REPO, ServeProcess, run_loradock, variant
 from ui import ENDPOINT_ENV, REGISTRY_ENV, VOTES_ENV
 from ui.view import DIFF_MARK
@@ -26,6 +26,18 @@ from ui.view import DIFF_MARK
 BASE = "loradock/tiny-chat"
 APP = str(REPO / "ui" / "app.py")
 PROMPT = "Reverse the words: red green blue"
+
+
+def to_rank_32(weights: dict) -> dict:
+    """The same adapter at rank 32: lora_A (r, in) gains zero rows, lora_B (out, r) zero columns."""
+    import torch
+
+    def padded(name, w):
+        if "lora_A" in name:
+            return torch.cat([w, w.new_zeros(32 - w.shape[0], w.shape[1])], 0)
+        return torch.cat([w, w.new_zeros(w.shape[0], 32 - w.shape[1])], 1) if "lora_B" in name else w
+
+    return {name: padded(name, w).contiguous() for name, w in weights.items()}
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +51,11 @@ def served(registry, trained_adapters, tmp_path_factory):
     templated = variant(good, tmp / "templated")
     (templated / "chat_template.jinja").write_text("{{- '<|system|>Reverse carefully.<|end|>' -}}"
                                                    + (good / "chat_template.jinja").read_text())
+    # The adapters live in an organisation alice writes to (the registry refuses a namespace nobody owns).
+    subprocess.run(loradock_command("hub", "org", "add", "ui", "--member", "alice:write", "--root", registry.root),
+                   check=True, capture_output=True)
     commits = {}
-    for name, folder in (("reverse", good), ("templated", templated), ("rank-32", variant(good, tmp / "r32", {"r": 32}))):
+    for name, folder in (("reverse", good), ("templated", templated), ("rank-32", variant(good, tmp / "r32", {"r": 32}, to_rank_32))):
         commits[f"ui/{name}"] = push(str(folder), f"ui/{name}", tag="v1", endpoint=registry.url,
                                      token=registry.write_token).commit
     env = {**os.environ, "HF_HUB_DISABLE_XET": "1"}
@@ -129,14 +144,14 @@ def test_endpoint_down_is_said_in_place_and_the_next_turn_retries(served, app_en
     assert "The endpoint is not answering" in at.error[0].value and at.sidebar.error[0].value == "endpoint down"
     send(at, "hello?")
     assert any("No model to ask" in e.value for e in at.error)
-    at.sidebar.text_input[0].set_value(f"{served.url}/v1").run()
+    monkeypatch.setenv(ENDPOINT_ENV, f"{served.url}/v1")  # the endpoint comes up (AppTest runs the app in-process)
     send(at, PROMPT)
     assert at.sidebar.success and sum("tok/s" in c.value for c in at.caption) == 2
-    at.sidebar.text_input[0].set_value(dead).run()  # down mid-conversation: the last models seen stay listed
+    monkeypatch.setenv(ENDPOINT_ENV, dead)  # down mid-conversation: the last models seen stay listed
     send(at, "are you there?")
     errors = [e.value for e in at.error]
     assert sum("did not answer" in e and "retried on the next turn" in e for e in errors) == 2, errors
-    at.sidebar.text_input[0].set_value(f"{served.url}/v1").run()
+    monkeypatch.setenv(ENDPOINT_ENV, f"{served.url}/v1")
     send(at, "Reverse the words: one two")
     assert sum("tok/s" in c.value for c in at.caption) == 4
     turns = at.session_state["turns"]
@@ -304,3 +319,198 @@ def test_a_real_browser_compares_and_votes(served, tmp_path):
         ui.terminate()
         ui.wait(timeout=30)
 
+
+
+# --- where the serving key goes, and who may use the screen -------------------------------------
+
+KEY, HUB_TOKEN, PASSWORD = "serving-key-5f2c", "hub-token-9d1e", "correct horse battery"
+
+
+class Recorder(BaseHTTPRequestHandler):
+    """A tiny OpenAI-compatible endpoint that keeps every request it receives as (path, Authorization)."""
+    seen: list[tuple[str, str | None]]
+
+    def do_GET(self):
+        self.seen.append((self.path, self.headers.get("authorization")))
+        self.reply("application/json", {"object": "list", "data": [{"id": BASE, "parent": None}]})
+
+    def do_POST(self):
+        self.seen.append((self.path, self.headers.get("authorization")))
+        self.rfile.read(int(self.headers["content-length"]))
+        if self.path.endswith("/detokenize"):
+            return self.reply("application/json", {"prompt": "<|user|> hello<|end|><|assistant|>"})
+        chunk = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": BASE, "prompt_token_ids": [1, 2],
+                 "choices": [{"index": 0, "delta": {"content": "recorded answer"}}]}
+        usage = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": BASE, "choices": [],
+                 "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}}
+        self.reply("text/event-stream", f"data: {json.dumps(chunk)}\n\ndata: {json.dumps(usage)}\n\ndata: [DONE]\n\n")
+
+    def reply(self, kind: str, body):
+        data = (body if isinstance(body, str) else json.dumps(body)).encode()
+        self.send_response(200)
+        self.send_header("content-type", kind)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def listener():
+    """start() -> (URL, the requests it received): a real local HTTP server that records what reaches it."""
+    servers = []
+
+    def start() -> tuple[str, list]:
+        seen = []
+        server = ThreadingHTTPServer(("127.0.0.1", 0), type("Recorded", (Recorder,), {"seen": seen}))
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_port}", seen
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def launch_settings(monkeypatch, tmp_path, endpoint: str, password: str | None = None) -> None:
+    """What `loradock ui --endpoint ENDPOINT [--password ...]` hands the app, with a serving key and a Hub token."""
+    monkeypatch.setenv(ENDPOINT_ENV, f"{endpoint}/v1")
+    monkeypatch.setenv(REGISTRY_ENV, f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv(VOTES_ENV, str(tmp_path / "votes.sqlite"))
+    monkeypatch.setenv("LORADOCK_API_KEY", KEY)
+    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    if password:
+        monkeypatch.setenv("LORADOCK_UI_PASSWORD", password)
+    else:
+        monkeypatch.delenv("LORADOCK_UI_PASSWORD", raising=False)
+
+
+def point_everything_at(at: AppTest, url: str) -> AppTest:
+    """Everything a visitor can set from the page: every text field, the query string, the session state."""
+    for box in at.text_input:
+        box.set_value(url)
+    for name in ("endpoint", "registry", "url", "base_url", "endpoint_url"):
+        at.query_params[name] = url
+        at.session_state[name] = url
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_the_serving_key_goes_only_to_the_launch_endpoint_whatever_the_visitor_sets(listener, monkeypatch, tmp_path):
+    launch, received = listener()
+    elsewhere, stolen = listener()
+    launch_settings(monkeypatch, tmp_path, launch)
+    at = point_everything_at(app(), f"{elsewhere}/v1")
+    assert any(f"{launch}/v1" in t for t in texts(at.sidebar)), "the endpoint is shown (read-only)"
+    send(at, "hello")
+    at.toggle(key=next(t.key for t in at.toggle if t.key and t.key.startswith("prompt-"))).set_value(True).run()
+    point_everything_at(at, f"{elsewhere}/v1")
+    send(at, "again")
+    assert not stolen, f"the visitor's URL received {stolen}"
+    assert {"/v1/models", "/v1/chat/completions", "/detokenize"} <= {path for path, _ in received}
+    assert {auth for _, auth in received} == {f"Bearer {KEY}"}
+    assert "recorded answer" in texts(at)
+
+
+def test_without_the_password_nothing_is_sent_and_no_model_is_shown(listener, monkeypatch, tmp_path):
+    launch, received = listener()
+    launch_settings(monkeypatch, tmp_path, launch, password=PASSWORD)
+    at = app()
+    assert not received and not at.selectbox and not at.multiselect and not at.chat_input and not at.tabs
+    [box] = at.text_input
+    box.set_value(PASSWORD[:-1])
+    at.form_submit_button[0].click().run()
+    assert any("wrong password" in e.value for e in at.error) and not received and not at.selectbox
+    point_everything_at(at, PASSWORD)  # a query string or a session value is not the password
+    assert not received and not at.selectbox
+    at.text_input[0].set_value(PASSWORD)
+    at.form_submit_button[0].click().run()
+    assert at.selectbox[0].options == [BASE] and "endpoint up" in at.sidebar.success[0].value
+    send(at, "hello")
+    assert "recorded answer" in texts(at)
+    assert {auth for _, auth in received} == {f"Bearer {KEY}"}
+
+
+def test_listening_beyond_localhost_without_a_password_is_refused_with_the_fix(run_cli, monkeypatch):
+    started = []
+    monkeypatch.delenv("LORADOCK_UI_PASSWORD", raising=False)
+    monkeypatch.setattr("loradock.procs.Service", lambda *args, **kwargs: started.append(args) or pytest.fail(
+        "Streamlit was started on 0.0.0.0 with no password"))
+    result = run_cli("ui", "--host", "0.0.0.0", "--port", free_port())
+    assert result.code == 2 and not started
+    assert "0.0.0.0" in result.err and "--password" in result.err and "LORADOCK_UI_PASSWORD" in result.err, result.err
+    assert "--insecure-no-password" in result.err
+
+
+def start_up_message(ui: subprocess.Popen, timeout: float = 120) -> str:
+    """What `loradock ui` printed up to its access line (or until it exits, or `timeout` s): never blocks on a
+    line that does not come."""
+    lines = []
+
+    def read():
+        for line in ui.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.time() + timeout
+    while time.time() < deadline and reader.is_alive() and not any("listening on" in line for line in lines):
+        time.sleep(0.2)
+    return "".join(lines)
+
+
+def test_beyond_localhost_the_start_up_says_access_needs_the_password_and_the_browser_asks_for_it(listener, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    launch, received = listener()
+    port = free_port()
+    env = {**os.environ, "LORADOCK_API_KEY": KEY, "LORADOCK_UI_PASSWORD": PASSWORD}
+    ui = subprocess.Popen([sys.executable, "-m", "loradock.cli", "ui", "--host", "0.0.0.0", "--port", str(port),
+                           "--endpoint", f"{launch}/v1", "--registry", f"http://127.0.0.1:{free_port()}",
+                           "--votes", str(tmp_path / "votes.sqlite")], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=(tmp_path / "ui.log").open("w"), text=True, env=env)
+    browser = None
+    try:
+        started = start_up_message(ui)
+        assert f"0.0.0.0:{port}" in started and "password" in started and "LORADOCK_UI_PASSWORD" in started, started
+        assert PASSWORD not in started
+        browser = chromium()
+        wait = WebDriverWait(browser, 90)
+        browser.get(f"http://127.0.0.1:{port}")
+        box = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, 'input[type="password"]'))
+        time.sleep(2)  # had the page asked the endpoint anything, it would have by now
+        assert not received and "endpoint up" not in browser.page_source
+        box.send_keys(PASSWORD)
+        next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text == "Open").click()
+        wait.until(lambda b: "endpoint up" in b.page_source)
+        assert {auth for _, auth in received} == {f"Bearer {KEY}"}
+    finally:
+        if browser:
+            browser.quit()
+        ui.terminate()
+        ui.wait(timeout=30)
+
+
+VOTER = """
+import sys
+from pathlib import Path
+from ui import votes
+for n in range(300):
+    votes.record(Path(sys.argv[1]), votes.Vote(f"process-{sys.argv[2]}", f"turn-{n}", "", "p", "a", "b", "AB"[n % 2],
+                                               "base", "org/adapter", "sha", "A"))
+"""
+
+
+def test_votes_from_four_concurrent_processes_all_land(tmp_path):
+    db = tmp_path / "votes.sqlite"
+    voters = [subprocess.Popen([sys.executable, "-c", VOTER, str(db), str(i)], cwd=REPO) for i in range(4)]
+    assert [v.wait(timeout=300) for v in voters] == [0] * 4
+    assert sqlite3.connect(db).execute("SELECT COUNT(*), COUNT(DISTINCT session_id) FROM votes").fetchone() == (1200, 4)
+    from ui.votes import win_rates
+
+    assert [(r["votes"], r["wins"]) for r in win_rates(db)] == [(1200, 600)]

@@ -7,8 +7,13 @@ side by side, with their timings. Blind A/B mode hides which answer is whose and
 SQLite (ui/votes.py); the registry supplies hot-loadable adapters and their cards (ui/registry.py).
 
 Everything a browser session has (its conversation, its id for votes) lives in st.session_state.
+The endpoint and the registry come from the launch settings only and are shown read-only: the
+serving key (LORADOCK_API_KEY) and the Hub token go to them and nowhere a visitor could name.
+Started with a password (LORADOCK_UI_PASSWORD), a session sees the sign-in form and nothing else,
+and asks nothing of the endpoint or the registry, until it has typed it.
 """
 
+import hmac
 import os
 import queue
 import random
@@ -22,7 +27,7 @@ import streamlit as st
 
 from hub.adapter import AdapterRef
 from loradock.errors import LoradockError, NotFound, Unreachable
-from ui import ENDPOINT_ENV, REGISTRY_ENV, VOTES_ENV, view, votes
+from ui import ENDPOINT_ENV, PASSWORD_ENV, REGISTRY_ENV, VOTES_ENV, view, votes
 from ui.client import Answer, Endpoint, EndpointDown, Sampling
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
@@ -41,7 +46,13 @@ class Choice:
     sources: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # model -> (repo id, commit)
 
 
+def endpoint_url() -> str:
+    """The endpoint `loradock ui --endpoint` was started with: the only place the serving key goes."""
+    return os.environ.get(ENDPOINT_ENV, DEFAULT_ENDPOINT)
+
+
 def registry_url() -> str:
+    """The registry `loradock ui --registry` was started with: the only place the Hub token goes."""
     from hub.client import endpoint_url
 
     return endpoint_url(os.environ.get(REGISTRY_ENV))
@@ -76,15 +87,16 @@ def adapter_card(repo_id: str, commit: str, registry: str):
 def sidebar(state) -> Choice:
     bar = st.sidebar
     bar.title("loradock compare")
-    url = bar.text_input("Endpoint (OpenAI-compatible)", value=os.environ.get(ENDPOINT_ENV, DEFAULT_ENDPOINT))
+    url = endpoint_url()
+    bar.text(f"Endpoint: {url}\nRegistry: {registry_url()}")  # read-only: set with `loradock ui --endpoint/--registry`
     choice = Choice(Endpoint(url, api_key=os.environ.get("LORADOCK_API_KEY")))
     try:
         state.cards = choice.endpoint.models()
         bar.success(f"endpoint up: {len(state.cards)} model(s)")
     except EndpointDown as e:  # keep the last models seen, so the selection survives; retried on every rerun
         bar.error("endpoint down")
-        st.error(view.escape_markdown(f"The endpoint is not answering: {e}. Start it with `loradock serve` or fix "
-                                      "the Endpoint field; your next message tries again."))
+        st.error(view.escape_markdown(f"The endpoint is not answering: {e}. Start it with `loradock serve`, or restart "
+                                      "this screen with `loradock ui --endpoint URL`; your next message tries again."))
     cards = state.get("cards", [])
     bases = [c.id for c in cards if not c.parent]
     choice.base = bar.selectbox("Base model", bases, help="the model every adapter is compared with")
@@ -281,9 +293,31 @@ def votes_tab(state) -> None:
             st.download_button(target.name, target.read_bytes(), file_name=target.name, mime="application/jsonl")
 
 
+def signed_in(state) -> bool:
+    """Whether this browser session may use the screen: always when `loradock ui` has no password;
+    otherwise once the session has typed it (compared in constant time). Until then only the
+    sign-in form is drawn."""
+    expected = os.environ.get(PASSWORD_ENV)
+    if not expected or state.get("signed_in"):
+        return True
+    st.title("loradock compare")
+    with st.form("sign-in", clear_on_submit=True):
+        typed = st.text_input("Password", type="password",
+                              help="the password `loradock ui` was started with (--password or LORADOCK_UI_PASSWORD)")
+        submitted = st.form_submit_button("Open")
+    if submitted:
+        if hmac.compare_digest(typed.encode(), expected.encode()):
+            state.signed_in = True
+            st.rerun()
+        st.error("wrong password: type the one `loradock ui` was started with (ask whoever started it)")
+    return False
+
+
 def main() -> None:
     st.set_page_config(page_title="loradock compare", layout="wide")
     state = st.session_state
+    if not signed_in(state):
+        return
     state.setdefault("session_id", uuid.uuid4().hex)
     state.setdefault("turns", [])
     choice = sidebar(state)
@@ -295,7 +329,7 @@ def main() -> None:
         for turn in list(state.turns):
             show_turn(turn, choice, state)
         if prompt and not choice.base:
-            st.error("No model to ask: the endpoint lists none yet. Check the Endpoint field, then send again.")
+            st.error("No model to ask: the endpoint lists none yet. Check that it is up, then send again.")
         elif prompt:
             show_turn(new_turn(state, choice, prompt), choice, state)
     with cards:

@@ -1,4 +1,9 @@
-"""The ui/ command: `loradock ui`, the Streamlit comparison screen (ui/app.py) in headless mode."""
+"""The ui/ command: `loradock ui`, the Streamlit comparison screen (ui/app.py) in headless mode.
+
+The endpoint and the registry are fixed here, at launch: the screen sends the serving key and the
+Hub token to them only. Listening beyond localhost needs a password (or an explicit
+--insecure-no-password), since whoever opens the page uses the endpoint with that key.
+"""
 
 from dataclasses import dataclass, field
 
@@ -15,9 +20,17 @@ class UIConfig:
         "help": "the OpenAI-compatible endpoint, e.g. `loradock serve`'s; an API key is read from LORADOCK_API_KEY"})
     registry: str | None = field(default=None, metadata={
         "help": "registry URL for hot-loadable adapters and their cards (none: $HF_ENDPOINT, else http://127.0.0.1:8090)"})
-    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address to listen on; beyond localhost (e.g. 0.0.0.0) it needs --password"})
     port: int = field(default=8501, metadata={"help": "port to listen on"})
     votes: str | None = field(default=None, metadata={"help": "the votes database (none: $LORADOCK_HOME/ui/votes.sqlite)"})
+    password: str | None = field(default=None, metadata={
+        "help": "every browser session must type it before the screen shows or sends anything "
+                "(none: $LORADOCK_UI_PASSWORD, else no sign-in, which only localhost allows); a flag shows in `ps`, "
+                "so prefer the variable", "secret": True})
+    insecure_no_password: bool = field(default=False, metadata={
+        "help": "listen beyond localhost with no password: only where something else guards the address "
+                "(a VPN, an authenticating proxy), since every visitor uses the endpoint with its API key"})
 
 
 def register(subparsers) -> None:
@@ -31,11 +44,29 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_ui)
 
 
+def is_local(host: str) -> bool:
+    """Whether `host` is reachable from this machine only (localhost, 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost, or an interface's address
+        return False
+
+
 def check_args(args: UIConfig) -> list[tuple[str, str]]:
     """Every problem with the flags, as (problem, fix)."""
     import socket
 
     problems = []
+    if not is_local(args.host) and not args.password and not args.insecure_no_password:
+        problems.append((f"--host {args.host} listens beyond this machine with no password, and whoever opens the "
+                         "screen would use the endpoint with its API key",
+                         "pass --password (or set LORADOCK_UI_PASSWORD) so each visitor must type it first; or "
+                         "listen on --host 127.0.0.1; or pass --insecure-no-password when something else guards "
+                         "the address"))
     if not args.endpoint.startswith(("http://", "https://")):
         problems.append((f"--endpoint {args.endpoint!r} is not an http(s) URL", f"pass e.g. --endpoint {DEFAULT_ENDPOINT}"))
     if args.registry and not args.registry.startswith(("http://", "https://")):
@@ -62,17 +93,21 @@ def run_ui(args) -> int:
     from loradock.errors import LoradockError
     from loradock.home import home
     from loradock.procs import Service
-    from ui import ENDPOINT_ENV, REGISTRY_ENV, VOTES_ENV
+    from ui import ENDPOINT_ENV, PASSWORD_ENV, REGISTRY_ENV, VOTES_ENV
 
     config = from_command_line(UIConfig, args, what="the UI configuration").args
     if getattr(args, "print_config", False):
         return print_config(config)
+    config.password = config.password or os.environ.get(PASSWORD_ENV) or None
     problems = check_args(config)
     if problems:
         raise LoradockError("; ".join(p for p, _ in problems), "; ".join(f for _, f in problems))
     endpoint = config.endpoint.rstrip("/")
     endpoint = endpoint if endpoint.endswith("/v1") else endpoint + "/v1"
     env = {**os.environ, ENDPOINT_ENV: endpoint, REGISTRY_ENV: endpoint_url(config.registry)}
+    env.pop(PASSWORD_ENV, None)
+    if config.password:
+        env[PASSWORD_ENV] = config.password
     if config.votes:
         env[VOTES_ENV] = str(Path(config.votes).resolve())
     url, log = f"http://{config.host}:{config.port}", home() / "logs" / f"ui-{config.port}.log"
@@ -88,6 +123,8 @@ def run_ui(args) -> int:
     try:
         app.wait_healthy(f"{url}/_stcore/health", timeout=120)
         print(f"loradock ui: {url}  (endpoint {endpoint}, registry {env[REGISTRY_ENV]}; log: {log})", flush=True)
+        if not is_local(config.host) or config.password:
+            print(access_line(config), flush=True)
         code = app.process.wait()
     except LoradockError:
         if stopping:
@@ -98,6 +135,15 @@ def run_ui(args) -> int:
     if stopping:
         return 0
     raise LoradockError(f"Streamlit exited with status {code}", f"see its log in {log}")
+
+
+def access_line(config: UIConfig) -> str:
+    """Who can open the screen, for the start-up message (never the password itself)."""
+    where = (f"listening on {config.host}:{config.port}, "
+             + ("this machine only" if is_local(config.host) else "reachable beyond this machine"))
+    if config.password:
+        return f"{where}: access needs the password (--password / LORADOCK_UI_PASSWORD), asked before anything is shown"
+    return f"{where}, with no password (--insecure-no-password): every visitor uses the endpoint and its API key"
 
 
 def streamlit_command(host: str, port: int) -> list[str]:
