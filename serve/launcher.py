@@ -56,8 +56,9 @@ def vllm_command(config: ServeConfig, on_gpu: bool, vllm_config: Path | None) ->
         "--model", config.base_path, "--served-model-name", config.base_model, "--host", config.host,
         "--port", str(config.port), "--enable-lora", "--max-loras", str(config.max_loras),
         "--max-lora-rank", str(config.max_lora_rank), "--middleware", "serve.middleware.LoradockMiddleware",
-        # Needed for the middleware to render adapters with their own template; it refuses
-        # templates sent by clients, so the server alone chooses them.
+        # Needed for the middleware to render adapters with their own template (vLLM 0.32 has no
+        # per-adapter template); the middleware refuses any request body holding a template of the
+        # client's (`serve.middleware.client_template`), so the server alone chooses them.
         "--trust-request-chat-template",
         # Prompt-tuning adapters reach vLLM as `prompt_embeds`. Its price, paid by every request once
         # it is on: the embedding lookup runs outside the compiled model (on a GPU, outside the

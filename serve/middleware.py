@@ -8,7 +8,9 @@ It runs before vLLM's own middleware, on every request:
   resolver then loads), so a refusal is a 400 naming the problem rather than a 500 from vLLM's
   worker; loradock's other errors get their status from one table (`STATUS`);
 - a request to an adapter whose chat template differs from the base model's is rendered with the
-  adapter's template (the one it was trained with); clients cannot send templates of their own;
+  adapter's template (the one it was trained with); clients cannot send templates of their own: a
+  request body holding a `chat_template` anywhere (`client_template`) is refused with a 400 on every
+  route, whatever its path;
 - an unload waits for the requests already using that adapter and holds new ones back until it is
   done (vLLM checks a request's model name, then looks the adapter up again later: an unload in
   between would turn an accepted request into a 404);
@@ -34,6 +36,8 @@ from serve import runtime, soft_prompt
 
 OPEN_ROUTES = {"/health"}
 GENERATION = {"/v1/chat/completions", "/v1/completions"}
+# The field vLLM renders a Jinja template from: at the top of a body, and inside chat_template_kwargs.
+TEMPLATE_FIELD = "chat_template"
 
 # loradock's errors as HTTP statuses, the one place they are decided (by type, most specific first).
 STATUS = ((AdapterRefused, 400), (InvalidRequest, 400), (NotFound, 404), (Unreachable, 503), (RegistryRefused, 502),
@@ -55,6 +59,36 @@ async def respond(send, status: int, body: bytes, content_type: bytes = b"applic
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
+
+
+def client_template(body) -> str | None:
+    """Where a request body sets a chat template: "chat_template", "chat_template_kwargs.chat_template",
+    "metadata.x[0].chat_template"...; None when it sets none (a null one is unset to vLLM too).
+
+    `loradock serve` starts vLLM with --trust-request-chat-template, the only way vLLM 0.32 lets a
+    request be rendered with another template than the server's: the middleware sets each adapter's
+    own on chat requests, so every client-sent one must stop here. vLLM reads the field on /v1/chat/
+    completions, /invocations, /tokenize, /v1/responses, /v1/messages, the render and batch routes, and
+    any route it adds later; a template renders in a sandbox, but a nested loop outlives the render
+    timeout. So it is refused at any depth of any JSON body, not per route: a wrapper route or a new
+    field nesting it deeper cannot carry one past.
+    """
+    stack = [("", body)]  # a loop, not recursion: a body may nest deeper than Python's stack
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, dict):
+            if value.get(TEMPLATE_FIELD) is not None:
+                return f"{where}.{TEMPLATE_FIELD}" if where else TEMPLATE_FIELD
+            stack += [(f"{where}.{key}" if where else str(key), item) for key, item in value.items()]
+        elif isinstance(value, list):
+            stack += [(f"{where}[{i}]", item) for i, item in enumerate(value)]
+    return None
+
+
+def has_body(scope) -> bool:
+    """HTTP/1.1: a request has a body only with a Content-Length above 0 or a Transfer-Encoding."""
+    headers = dict(scope["headers"])
+    return b"transfer-encoding" in headers or headers.get(b"content-length", b"0").strip() not in (b"0", b"")
 
 
 async def read_body(receive) -> bytes:
@@ -134,6 +168,11 @@ class LoradockMiddleware:
             return await self.with_body(scope, receive, send, path)
         if method == "GET" and path == "/v1/models":
             return await self.app(scope, receive, self.annotate_models(send))
+        if has_body(scope):  # any other route, any method: only the template check
+            raw = await read_body(receive)
+            if (refused := template_refusal(raw)) is not None:
+                return await respond(send, 400, refused)  # InvalidRequest's status
+            return await self.app(scope, replay(raw, receive), send)
         return await self.app(scope, receive, send)
 
     @staticmethod
@@ -145,16 +184,19 @@ class LoradockMiddleware:
         raw = await read_body(receive)
         try:
             body = json.loads(raw)
-        except ValueError:
-            body = None  # vLLM answers malformed JSON itself
+        except (ValueError, RecursionError):
+            body = None  # vLLM answers malformed JSON itself (and template_refusal too deep a one)
         adapter = None
+        if (refused := template_refusal(raw, body)) is not None:
+            return await respond(send, 400, refused)
         if isinstance(body, dict):
             try:
                 if path in GENERATION:
                     adapter = await self.adapter_for(body)
                     body = self.with_template(body, path, adapter)
                 elif path == "/v1/load_lora_adapter" and body.get("lora_path"):
-                    config = check_folder(body["lora_path"], runtime.served_base())
+                    # Off the event loop: the first check of a weights file reads all of it.
+                    config = await asyncio.to_thread(check_folder, body["lora_path"], runtime.served_base())
                     if method_of(config).served_by == "prompt-embeds":
                         return await self.load_soft_prompt(send, body)
                 elif path == "/v1/unload_lora_adapter" and getattr(runtime.known(str(body.get("lora_name"))),
@@ -178,9 +220,6 @@ class LoradockMiddleware:
         """The adapter a generation request names, fetched from the registry on its first request
         (before vLLM's resolver, so the check, the template and soft prompts apply); None for the
         base model or a name vLLM may still know."""
-        if "chat_template" in body or "chat_template" in (body.get("chat_template_kwargs") or {}):
-            raise InvalidRequest("chat_template cannot be set by the client: each model is served with the "
-                                 "template it was trained with")
         name = body.get("model")
         if not isinstance(name, str) or name == runtime.config().base_model:
             return None
@@ -301,6 +340,24 @@ class LoradockMiddleware:
             await send({"type": "http.response.body", "body": body})
 
         return wrapped
+
+
+def template_refusal(raw: bytes, body=None) -> bytes | None:
+    """The 400 body for a request that sets a chat template (`client_template`); None otherwise. A body
+    that is not JSON passes: vLLM parses it with the same json module, and refuses it."""
+    if body is None:
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            return None
+        except RecursionError:  # nested past what json parses: it cannot be checked, so it does not pass
+            return error_body(400, "the request body nests JSON too deeply to be checked; flatten it")
+    field = client_template(body)
+    if field is None:
+        return None
+    refused = InvalidRequest(f"{field} cannot be set by the client: each model is served with the chat template it "
+                             f"was trained with, which loradock serve chooses; remove {field} from the request")
+    return error_body(status_of(refused), refused.problem, field)
 
 
 def soft_prompt_cards(cards: list[dict]) -> list[dict]:

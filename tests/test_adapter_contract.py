@@ -115,3 +115,128 @@ def test_methods_the_server_cannot_hot_swap_are_refused_with_the_way_they_can_ru
     fix = {"PREFIX_TUNING": "loradock eval", "ADAPTION_PROMPT": "loradock eval", "LORA": "loradock merge",
            "IA3": "loradock merge", "VERA": "it knows"}[peft_type]
     assert fix in e.value.problem
+
+
+# --- broken weights: refused before serving and before publishing -------------------------------
+
+Q, V = "base_model.model.model.layers.0.self_attn.q_proj", "base_model.model.model.layers.0.mlp.down_proj"
+
+
+def tiny_lora(folder, base_model_dir, spoil=lambda tensors, config: None):
+    """A valid rank-8 LoRA of the tiny base on two layers (q_proj 128->128, down_proj 384->128), with
+    `spoil(tensors, config)` changing one thing in place first."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    tensors = {f"{Q}.lora_A.weight": torch.randn(8, 128), f"{Q}.lora_B.weight": torch.randn(128, 8),
+               f"{V}.lora_A.weight": torch.randn(8, 384), f"{V}.lora_B.weight": torch.randn(128, 8)}
+    config = {"base_model_name_or_path": "loradock/tiny-chat", "peft_type": "LORA", "r": 8, "lora_alpha": 16,
+              "target_modules": ["q_proj", "down_proj"]}
+    changed = spoil(tensors, config)
+    config = config if changed is None or isinstance(changed, torch.Tensor) else changed
+    folder.mkdir(parents=True)
+    save_file(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _set(tensors, name, value):
+    tensors[name] = value
+
+
+BROKEN = {  # case: (spoil, words every refusal must contain)
+    "nan": (lambda t, c: t[f"{Q}.lora_B.weight"].__setitem__((3, 1), float("nan")),
+            f"{Q}.lora_B.weight holds 1 NaN value"),
+    "inf": (lambda t, c: t[f"{V}.lora_A.weight"][0].fill_(float("-inf")), f"{V}.lora_A.weight holds 384 infinite values"),
+    "f64": (lambda t, c: _set(t, f"{Q}.lora_A.weight", t[f"{Q}.lora_A.weight"].double()),
+            f"{Q}.lora_A.weight is F64"),
+    "i8": (lambda t, c: _set(t, f"{V}.lora_B.weight", t[f"{V}.lora_B.weight"].to(__import__("torch").int8)),
+           f"{V}.lora_B.weight is I8"),
+    "a-b-ranks-disagree": (lambda t, c: _set(t, f"{Q}.lora_B.weight", t[f"{Q}.lora_B.weight"][:, :4].clone()),
+                           f"{Q}.lora_A.weight has rank 8 but {Q}.lora_B.weight has rank 4"),
+    "ranks-disagree-with-r": (lambda t, c: {**c, "r": 16}, f"{Q}.lora_A.weight has rank 8 but adapter_config.json says r 16"),
+    "rank-4096-under-r-8": (lambda t, c: t.update({f"{V}.lora_A.weight": __import__("torch").randn(4096, 384),
+                                                   f"{V}.lora_B.weight": __import__("torch").randn(128, 4096)}),
+                            f"{V}.lora_A.weight has rank 4096 but adapter_config.json says r 8"),
+    "three-d": (lambda t, c: _set(t, f"{Q}.lora_A.weight", t[f"{Q}.lora_A.weight"].reshape(8, 8, 16)),
+                f"{Q}.lora_A.weight has shape [8, 8, 16]: a LoRA matrix is 2-D"),
+    "lone-a": (lambda t, c: t.pop(f"{V}.lora_B.weight"), f"{V}.lora_A.weight has no lora_B"),
+    "zero-r": (lambda t, c: {**c, "r": 0}, "r 0 in adapter_config.json is not a LoRA rank: it must be a positive integer"),
+    "negative-r": (lambda t, c: {**c, "r": -8}, "r -8 in adapter_config.json is not a LoRA rank"),
+    "string-r": (lambda t, c: {**c, "r": "8"}, "r '8' in adapter_config.json is not a LoRA rank"),
+    "bad-rank-pattern": (lambda t, c: {**c, "rank_pattern": {"q_proj": 0}},
+                         "rank_pattern['q_proj'] 0 in adapter_config.json is not a LoRA rank"),
+    "config-is-a-list": (lambda t, c: [c], "adapter_config.json holds a JSON list, not an object"),
+    "config-is-a-string": (lambda t, c: "LORA", "adapter_config.json holds a JSON string, not an object"),
+}
+
+
+@pytest.fixture
+def tiny_base(base_model_dir):
+    return ServedBase("loradock/tiny-chat", str(base_model_dir), max_lora_rank=16)
+
+
+def test_a_tiny_valid_lora_passes_both_checks_and_per_module_ranks_are_read(tmp_path, base_model_dir, tiny_base):
+    from hub.adapter.checks import check_publishable
+
+    assert check_folder(tiny_lora(tmp_path / "ok", base_model_dir), tiny_base)["r"] == 8
+    patterned = tiny_lora(tmp_path / "patterned", base_model_dir, lambda t, c: (
+        t.update({f"{V}.lora_A.weight": t[f"{V}.lora_A.weight"][:4].clone(),
+                  f"{V}.lora_B.weight": t[f"{V}.lora_B.weight"][:, :4].clone()}), {**c, "rank_pattern": {"down_proj": 4}})[1])
+    assert check_folder(patterned, tiny_base)["rank_pattern"] == {"down_proj": 4}
+    assert [rel for rel, _ in check_publishable(patterned, 2**30)] == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_broken_weights_and_configs_are_refused_before_serving_naming_the_tensor(tmp_path, base_model_dir, tiny_base,
+                                                                                 case):
+    spoil, words = BROKEN[case]
+    folder = tiny_lora(tmp_path / case, base_model_dir, spoil)
+    with pytest.raises(AdapterRefused) as e:
+        check_folder(folder, tiny_base)
+    assert words in e.value.problem, e.value.problem
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_loradock_push_refuses_the_same_before_uploading(tmp_path, base_model_dir, case):
+    """`hub.client.push` checks the folder before it opens a connection: the endpoint here answers nothing."""
+    from hub.client import push
+
+    spoil, words = BROKEN[case]
+    folder = tiny_lora(tmp_path / case, base_model_dir, spoil)
+    with pytest.raises(LoradockError) as e:
+        push(str(folder), "alice/broken", endpoint="http://127.0.0.1:9", token="unused")
+    assert words in e.value.problem and e.value.fix, e.value.message
+    assert "nothing was pushed" in e.value.fix
+
+
+def test_the_finiteness_scan_reads_each_version_of_a_file_once(tmp_path, base_model_dir, tiny_base, monkeypatch):
+    import safetensors
+
+    from hub.adapter import checks
+
+    folder = tiny_lora(tmp_path / "a", base_model_dir)
+    opened, real = [], safetensors.safe_open
+
+    def counting(path, *args, **kwargs):
+        opened.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", counting)
+    check_folder(folder, tiny_base)
+    reads = len(opened)
+    check_folder(folder, tiny_base)
+    check_folder(folder, tiny_base)
+    assert reads >= 1 and len(opened) == reads + 2  # the header again each time, the tensors never again
+    spoiled = tiny_lora(tmp_path / "b", base_model_dir, BROKEN["nan"][0])
+    (folder / "adapter_model.safetensors").write_bytes((spoiled / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(AdapterRefused, match="NaN"):  # rewritten in place: a new version, scanned again
+        check_folder(folder, tiny_base)
+    assert checks.nonfinite_tensors.cache_info().hits >= 2
+
+
+def test_a_weights_file_that_is_not_safetensors_is_refused_by_name(tmp_path, tiny_base):
+    folder = adapter_folder(tmp_path / "junk")  # random bytes where the weights should be
+    with pytest.raises(AdapterRefused, match="adapter_model.safetensors is not a readable safetensors file"):
+        check_folder(folder, tiny_base)

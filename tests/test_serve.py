@@ -5,6 +5,7 @@ import asyncio
 import itertools
 import json
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
+from loradock.procs import loradock_command
 from tests.conftest import ASSETS, ServeProcess, run_loradock, variant
 
 BASE = "loradock/tiny-chat"
@@ -28,6 +30,7 @@ def bad_adapters(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
     (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
     missing = variant(good, tmp / "missing")
     (missing / "adapter_model.safetensors").unlink()
+    a, b = first_lora_pair(good)
     return {
         "other-base": (variant(good, tmp / "other", {"base_model_name_or_path": "someone/other-model"}),
                        "trained on base model 'someone/other-model'"),
@@ -42,7 +45,20 @@ def bad_adapters(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
             "base_model.model.model.embed_tokens.lora_B.weight": torch.zeros(128, 16)}), "embedding/lm_head LoRA"),
         "wrong-size": (variant(good, tmp / "size", weights=lambda w: {
             k: torch.zeros(v.shape[0], 256) if "lora_A" in k else v for k, v in w.items()}), "a model of another size"),
+        "nan": (variant(good, tmp / "nan", weights=lambda w: {**w, b: w[b].index_fill(0, torch.tensor([0]), float("nan"))}),
+                f"{b} holds 16 NaN values"),  # row 0 of B (out x rank 16)
+        "rank-mismatch": (variant(good, tmp / "rank", weights=lambda w: {**w, a: w[a][:8].clone()}),
+                          f"{a} has rank 8 but {b} has rank 16"),
     }
+
+
+def first_lora_pair(folder: Path) -> tuple[str, str]:
+    """The names of the first LoRA A/B pair of a trained adapter."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as f:
+        a = sorted(name for name in f.keys() if ".lora_A." in name)[0]
+    return a, a.replace(".lora_A.", ".lora_B.")
 
 
 @pytest.fixture(scope="module")
@@ -56,15 +72,19 @@ def served(registry, trained_adapters, tmp_path_factory):
     commits = {task: push(str(folder), f"alice/{task}", tag="v1", endpoint=registry.url, token=registry.write_token).commit
                for task, folder in trained_adapters.items()}
     api = HfApi(endpoint=registry.url, token=registry.write_token)
+    # The bad adapters live in an organisation alice writes to (the registry refuses a namespace nobody owns).
+    subprocess.run(loradock_command("hub", "org", "add", "bad", "--member", "alice:write", "--root", registry.root),
+                   check=True, capture_output=True)
     bad = bad_adapters(trained_adapters["reverse"], tmp)
+    bad_commits = {}
     for name, (folder, _) in bad.items():  # as a careless third party would: no loradock push checks
         api.create_repo(f"bad/{name}", exist_ok=True)
-        api.upload_folder(folder_path=folder, repo_id=f"bad/{name}")
+        bad_commits[name] = api.upload_folder(folder_path=folder, repo_id=f"bad/{name}").oid
     env = {**os.environ, "HF_HUB_DISABLE_XET": "1"}
     server = ServeProcess(["--adapter", "alice/reverse@v1", "--registry", registry.url, "--token", registry.write_token,
                            "--max-lora-rank", "16", "--max-model-len", "256", "--max-loras", "2"], tmp / "serve.log",
                           env).start()  # two slots: two adapters in flight fill them, the last one included
-    server.commits, server.bad, server.env, server.registry = commits, bad, env, registry
+    server.commits, server.bad, server.bad_commits, server.env, server.registry = commits, bad, bad_commits, env, registry
     yield server
     server.stop()
 
@@ -184,6 +204,76 @@ def test_an_adapter_is_served_with_its_own_chat_template(served, trained_adapter
     assert own["prompt_token_ids"][:len(preamble)] == preamble and plain["prompt_token_ids"][:len(preamble)] != preamble
     sneaky = chat(served.url, BASE, "hi", chat_template="{{ 'pwned' }}")
     assert sneaky["status"] == 400 and "chat_template cannot be set by the client" in sneaky["error"]["message"]
+
+
+CLIENT_TEMPLATE = "{{ '<|user|>client template<|end|><|assistant|>' }}"
+MESSAGES = [{"role": "user", "content": "Reverse the words: a b"}]
+# Every route of vLLM's server that renders a chat template, with a body it answers 200 without one.
+TEMPLATED_ROUTES = {
+    "/v1/chat/completions": {"model": BASE, "messages": MESSAGES, "max_tokens": 2},
+    "/v1/completions": {"model": BASE, "prompt": "hi", "max_tokens": 2},
+    "/invocations": {"model": BASE, "messages": MESSAGES, "max_tokens": 2},
+    "/tokenize": {"model": BASE, "messages": MESSAGES},
+    "/v1/responses": {"model": BASE, "input": "Reverse the words: a b", "max_output_tokens": 2},
+    "/v1/chat/completions/render": {"model": BASE, "messages": MESSAGES},
+    "/v1/messages": {"model": BASE, "messages": MESSAGES, "max_tokens": 2},
+    "/v1/chat/completions/batch": {"model": BASE, "messages": [MESSAGES, MESSAGES], "max_tokens": 2},
+}
+
+
+@pytest.mark.parametrize("path", TEMPLATED_ROUTES)
+def test_no_route_takes_a_chat_template_from_the_client(served, path):
+    """The server trusts request templates (the middleware sets each adapter's own); a client's own
+    is refused on every route, in the body itself or inside chat_template_kwargs."""
+    body = TEMPLATED_ROUTES[path]
+    plain = httpx2.post(served.url + path, json=body, timeout=120)
+    # The render routes answer only with vLLM's --enable-scale-out; the refusal comes before that.
+    off = path.endswith("/render") and plain.status_code == 403 and "--enable-scale-out" in plain.text
+    assert plain.status_code == 200 or off, (path, plain.text[:300])
+    for field, sent in (("chat_template", {**body, "chat_template": CLIENT_TEMPLATE}),
+                        ("chat_template_kwargs.chat_template", {**body, "chat_template_kwargs": {
+                            "chat_template": CLIENT_TEMPLATE, "add_generation_prompt": True}})):
+        answer = httpx2.post(served.url + path, json=sent, timeout=120)
+        assert answer.status_code == 400, (path, field, answer.status_code, answer.text[:300])
+        error = answer.json()["error"]
+        assert (error["type"], error["code"], error["param"]) == ("BadRequestError", 400, field), (path, error)
+        assert f"{field} cannot be set by the client" in error["message"], (path, error)
+
+
+def test_a_template_is_refused_wherever_it_is_nested_and_a_null_one_passes(served):
+    nested = {**TEMPLATED_ROUTES["/invocations"], "metadata": {"wrapped": [{"chat_template": CLIENT_TEMPLATE}]}}
+    answer = httpx2.post(f"{served.url}/invocations", json=nested, timeout=120)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "metadata.wrapped[0].chat_template"
+    unset = httpx2.post(f"{served.url}/v1/chat/completions", timeout=120,
+                        json={**TEMPLATED_ROUTES["/v1/chat/completions"], "chat_template": None})
+    assert unset.status_code == 200, unset.text
+
+
+def test_broken_weights_are_refused_on_hot_load_naming_the_tensor(served):
+    """NaN weights and a LoRA pair whose ranks disagree: a 400 naming the tensor, by registry name at a
+    commit and by path, before vLLM sees them; the server keeps serving."""
+    for name in ("nan", "rank-mismatch"):
+        folder, words = served.bad[name]
+        answer = chat(served.url, f"bad/{name}@{served.bad_commits[name]}", "Reverse the words: a b")
+        assert answer["status"] == 400 and words in answer["error"]["message"], (name, answer)
+        loaded = httpx2.post(f"{served.url}/v1/load_lora_adapter", json={"lora_name": f"path-{name}",
+                                                                          "lora_path": str(folder)})
+        assert loaded.status_code == 400 and words in loaded.json()["error"]["message"], (name, loaded.text)
+    listed = [m["id"] for m in httpx2.get(f"{served.url}/v1/models").json()["data"]]
+    assert not [m for m in listed if "nan" in m or "rank-mismatch" in m], listed
+    assert chat(served.url, "alice/reverse@v1", PROMPTS["reverse"][0])["status"] == 200
+
+
+def test_a_broken_adapter_named_at_start_up_is_a_start_up_error(served):
+    from loradock.procs import free_port
+
+    _, words = served.bad["nan"]
+    result = run_loradock("serve", "--port", free_port(), "--adapter", f"bad/nan@{served.bad_commits['nan']}",
+                          "--registry", served.registry.url, "--token", served.registry.write_token,
+                          env=served.env, timeout=300)
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert words in result.stderr and "drop this --adapter" in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
 
 
 def served_tokens(text: str) -> list[int]:
@@ -326,3 +416,14 @@ def test_an_unload_waits_for_the_requests_using_the_adapter_and_holds_new_ones()
     events = asyncio.run(scenario())
     assert events.index("first end") < events.index("unload a") < events.index("late start")
     assert events.index("other end") < events.index("first end")  # another adapter is not held back
+
+
+def test_a_client_template_is_found_at_any_depth_of_a_body():
+    from serve.middleware import client_template
+
+    assert client_template({"model": BASE, "messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": True}}) is None
+    assert client_template({"chat_template": None, "chat_template_kwargs": {"chat_template": None}}) is None
+    assert client_template({"chat_template": ""}) == "chat_template"
+    assert client_template({"chat_template_kwargs": {"chat_template": "x"}}) == "chat_template_kwargs.chat_template"
+    assert client_template([{"requests": [{}, {"chat_template": "x"}]}]) == "[0].requests[1].chat_template"
+    assert client_template("chat_template") is None and client_template(None) is None
