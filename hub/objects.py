@@ -5,8 +5,8 @@ lines and no library the client uses exposes them."""
 import hashlib
 import re
 
-SHA1_HEX = re.compile(r"^[0-9a-f]{40}$")
-SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+SHA1_HEX = re.compile(r"^[0-9a-f]{40}\Z")
+SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def is_repo_path(path: str, folder: bool = False) -> bool:

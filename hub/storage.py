@@ -60,8 +60,8 @@ NAMESPACES = "CREATE TABLE namespaces (name TEXT PRIMARY KEY, kind TEXT NOT NULL
 
 REPO_TYPES = ("model", "dataset")
 RESERVED_NAMES = {"api", "datasets", "models", "spaces", "lfs", "organizations", "settings", "health", "buckets"}
-NAME = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}$")
-REF_NAME = re.compile(r"^[\w.\-/]{1,200}$")
+NAME = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}\Z")
+REF_NAME = re.compile(r"^[\w.\-/]{1,200}\Z")
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
 DATASET_GITATTRIBUTES = GITATTRIBUTES + b"*.parquet filter=lfs diff=lfs merge=lfs -text\n*.arrow filter=lfs diff=lfs merge=lfs -text\n"
 

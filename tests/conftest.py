@@ -137,14 +137,16 @@ class RegistryProcess(OnAFreePort):
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory):
     """One registry for the session, with alice's write and read-only tokens, and its log file. alice
-    may also write to the organisation `loradock`, where the tests' base model lives."""
+    may also write to the organisations `loradock`, where the tests' base model lives, and `bad`,
+    where the serving tests put the adapters a careless third party would push."""
     tmp = tmp_path_factory.mktemp("registry")
     server = RegistryProcess(tmp / "root", tmp / "server.log")
     server.root.mkdir()
     server.start()
     server.write_token, server.read_token = server.token("alice"), server.token("alice", read_only=True)
-    subprocess.run(loradock_command("hub", "org", "add", "loradock", "--member", "alice:write", "--root", server.root),
-                   check=True, capture_output=True)
+    for org in ("loradock", "bad"):
+        subprocess.run(loradock_command("hub", "org", "add", org, "--member", "alice:write", "--root", server.root),
+                       check=True, capture_output=True)
     yield server
     server.stop()
 

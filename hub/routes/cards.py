@@ -28,7 +28,9 @@ async def card_request(request: Request, who: CallerDep) -> bytes:
         TooLarge: the body is over MAX_CARD_REQUEST bytes.
     """
     if who is None:
-        raise errors.Unauthorized("validate-yaml needs a token: log in with `loradock hub login` (or set HF_TOKEN)")
+        raise errors.Unauthorized("validate-yaml needs a token on this registry: huggingface_hub's RepoCard.validate "
+                                  "and ModelCard.push_to_hub send none, so upload the README with HfApi.upload_file "
+                                  "(it checks the card with your token) or `loradock push`")
     body = await request.body()
     if len(body) > MAX_CARD_REQUEST:
         raise errors.TooLarge(f"a validate-yaml request of {len(body)} bytes is over the {MAX_CARD_REQUEST} byte "
