@@ -139,11 +139,17 @@ def check_path(path: str) -> str:
     return path
 
 
+def is_name(part) -> bool:
+    """Whether `part` is a valid namespace or repo name: ASCII letters, digits, '-', '_', '.', at
+    most 96 characters, no '--' or '..', not ending in '.git'."""
+    return (isinstance(part, str) and bool(NAME.match(part)) and part.isascii() and "--" not in part
+            and ".." not in part and not part.endswith(".git"))
+
+
 def check_name(name: str, what: str) -> str:
-    """A user or organisation name: letters, digits, '-', '_', '.', at most 96 characters, and not
-    a word the registry's URLs use (`datasets/alice/x` must stay a dataset)."""
-    if (not isinstance(name, str) or not NAME.match(name) or not name.isascii() or "--" in name or ".." in name
-            or name.endswith(".git")):
+    """A user or organisation name (`is_name`), and not a word the registry's URLs use
+    (`datasets/alice/x` must stay a dataset)."""
+    if not is_name(name):
         raise BadRequest(f"invalid {what} {name!r}: use letters, digits, '-', '_' and '.' (at most 96, no '--' or '..')")
     if name.lower() in RESERVED_NAMES:
         raise BadRequest(f"{name!r} is reserved by the registry's URLs; choose another {what}")
@@ -151,10 +157,8 @@ def check_name(name: str, what: str) -> str:
 
 
 def check_repo_name(namespace: str, name: str) -> None:
-    for part in (namespace, name):
-        if not isinstance(part, str) or not NAME.match(part) or not part.isascii() or "--" in part or ".." in part \
-                or part.endswith(".git"):
-            raise BadRequest(f"invalid repo id {namespace}/{name!s}: use namespace/name with letters, digits, '-', '_', '.'")
+    if not (is_name(namespace) and is_name(name)):
+        raise BadRequest(f"invalid repo id {namespace}/{name!s}: use namespace/name with letters, digits, '-', '_', '.'")
 
 
 def check_ref_name(name: str, kind: str) -> str:
