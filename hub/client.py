@@ -16,7 +16,7 @@ import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
-from hub.adapter import CARD, PULL_MARKER, AdapterRef, check_repo_id
+from hub.adapter import CARD, CONFIG, PULL_MARKER, AdapterRef, check_repo_id, read_json
 from hub.adapter.card import CardInfo, build_card
 from hub.adapter.checks import check_publishable, folder_files
 from loradock.errors import LoradockError, RegistryRefused, RepoNotFound, RevisionNotFound, Unreachable
@@ -143,6 +143,8 @@ def push(folder: str, repo_id: str, tag: str | None = None, private: bool = Fals
     check_repo_id(repo_id)
     files = (check_model_folder if model else check_publishable)(folder_path, max_file_size)
     api = hub_api(endpoint, token_for(endpoint, token))
+    if not model:
+        check_parent_base(folder_path, endpoint, token)
     operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(path)) for rel, path in files
                   if model or rel != CARD]
     if not model:
@@ -163,6 +165,63 @@ def push(folder: str, repo_id: str, tag: str | None = None, private: bool = Fals
         if tag:
             api.create_tag(repo_id, tag=tag, revision=info.oid)
     return PushResult(repo_id, info.oid, tag, url)
+
+
+def check_parent_base(folder: Path, endpoint: str, token: str | None = None) -> None:
+    """Refuse an adapter continued from a parent (`parent` in its run_config.yaml) whose base model
+    differs from the parent's: the parent's own adapter_config.json in the registry at the recorded
+    commit when the parent is a registry adapter, else the base recorded for it at training time.
+
+    Raises:
+        LoradockError: naming both bases; nothing is pushed.
+    """
+    info = CardInfo.from_folder(folder)
+    parent = info.parent if isinstance(info.parent, dict) else None
+    if not parent:
+        return
+    parent_base, where = parent.get("base_model"), "recorded for it in run_config.yaml"
+    if parent.get("repo_id") and parent.get("commit"):
+        found = download_files(parent["repo_id"], parent["commit"], (CONFIG,), endpoint, token)
+        if found is None:
+            raise LoradockError(f"{folder} names its parent {parent['repo_id']}@{parent['commit']}, which has no "
+                                f"{CONFIG} at {endpoint}; nothing was pushed",
+                                "push to the registry that holds the parent, or train the adapter again from a "
+                                "parent in this registry (--init-adapter)")
+        parent_base = read_json(found / CONFIG).get("base_model_name_or_path")
+        where = f"in {parent['repo_id']}@{parent['commit'][:12]}'s {CONFIG}"
+    if parent_base and parent_base != info.base_model:
+        parent_name = parent.get("repo_id") or "its local parent"
+        raise LoradockError(f"{folder} is for base model {info.base_model!r} but its parent {parent_name} is for "
+                            f"{parent_base!r} ({where}); an adapter continued from another base's weights is not "
+                            "that parent's child; nothing was pushed",
+                            "train the child from a parent of the same base (loradock train --init-adapter "
+                            "PARENT --base-model BASE), or push it as a fresh adapter trained without --init-adapter")
+
+
+def download_dataset_file(repo_id: str, revision: str, filename: str, endpoint: str | None = None,
+                          token: str | None = None) -> tuple[Path, str]:
+    """One file of a registry dataset repo, pinned: (its copy in the Hub cache, the commit it was read at).
+
+    Raises:
+        LoradockError: (typed as `hub_errors` types them) no such repo, revision or file, or an
+            answer whose commit is not a sha.
+    """
+    from huggingface_hub import hf_hub_download
+
+    from hub.objects import SHA1_HEX
+
+    check_repo_id(repo_id)
+    endpoint = endpoint_url(endpoint)
+    token = token_for(endpoint, token)
+    api = hub_api(endpoint, token)
+    with hub_errors(endpoint, f"datasets/{repo_id}", revision):
+        sha = api.dataset_info(repo_id, revision=revision).sha
+        if not isinstance(sha, str) or not SHA1_HEX.match(sha):
+            raise LoradockError(f"the registry at {endpoint} answered that datasets/{repo_id}@{revision} is commit "
+                                f"{sha!r}, not a 40-character commit sha", _DISTRUST_FIX)
+        path = hf_hub_download(repo_id, filename, repo_type="dataset", revision=sha, endpoint=endpoint,
+                               token=token or False)
+    return Path(path), sha
 
 
 # --- pull -------------------------------------------------------------------------------------

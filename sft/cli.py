@@ -45,12 +45,16 @@ def register(subparsers) -> None:
 
 def add_train(subparsers) -> None:
     p = subparsers.add_parser(
-        "train", help="instruction-tune an adapter (TRL SFTTrainer + a PEFT method, LoRA by default)",
-        description="Train a PEFT adapter on (prompt, response) data. Settings come from --config YAML, then "
+        "train", help="instruction-tune an adapter (TRL SFTTrainer + a PEFT method, LoRA by default), or "
+                      "preference-tune one (--objective dpo)",
+        description="Train a PEFT adapter on (prompt, response) data, or with --objective dpo and --init-adapter "
+                    "tune an existing adapter on preference pairs (TRL DPOTrainer, the parent as reference). "
+                    "Settings come from --config YAML, then "
                     "flags; --peft METHOD chooses the method, --peft.KEY VALUE and --training.KEY VALUE set any "
                     "field of its PEFT config (LoraConfig, IA3Config, PromptTuningConfig, ...) and of trl.SFTConfig "
                     "(--lora.KEY is read as --peft.KEY).",
-        epilog="example: loradock train --config sft/configs/reverse.yaml --peft ia3 --max-steps 100",
+        epilog="examples: loradock train --config sft/configs/reverse.yaml --peft ia3 --max-steps 100; "
+               "loradock train --objective dpo --init-adapter alice/reverse@v1 --data prefs.jsonl --output v2",
     )
     add_config_flags(p, TrainArgs, example="sft/configs/reverse.yaml")
     for alias in ALIASES:
@@ -184,7 +188,9 @@ def add_data(subparsers) -> None:
     check = sub.add_parser(
         "check", help="report what training would read, drop and learn from a data file",
         description="Rows read, kept and dropped by reason (with row numbers), token lengths, and one rendered "
-                    "example with the trained tokens marked. Exits 2 when training would refuse the data.",
+                    "example with the trained tokens marked. Exits 2 when training would refuse the data. "
+                    "--objective dpo checks preference pairs ({prompt, chosen, rejected}, or chosen/rejected "
+                    "conversations sharing their prompt turns).",
     )
     add_config_flags(check, DataCheckArgs, example="data-check.yaml")
     check.set_defaults(func=run_data_check)
@@ -195,6 +201,7 @@ def run_data_check(args) -> int:
     from sft.commands import check_data_check
     from sft.data import parse_columns
     from sft.data_check import check_data, enforce
+    from sft.preference_data import check_preferences
     from sft.train import load_tokenizer
 
     config = from_command_line(DataCheckArgs, args, what="the data check",
@@ -202,8 +209,9 @@ def run_data_check(args) -> int:
     if getattr(args, "print_config", False):
         return print_config(config)
     tokenizer = load_tokenizer(resolve_base_model(config.base_model), config.chat_template)
-    report = check_data(config.file, tokenizer, tokenizer.chat_template, config.max_length,
-                        parse_columns(config.columns), keep=False)  # only the figures: memory stays a chunk's
+    check = check_preferences if config.objective == "dpo" else check_data
+    report = check(config.file, tokenizer, tokenizer.chat_template, config.max_length,
+                   parse_columns(config.columns), keep=False)  # only the figures: memory stays a chunk's
     print(report.render())
     enforce(report, config.max_bad_fraction, flag=config.file)
     print("ok: training would accept this data")

@@ -41,6 +41,9 @@ class DataCheckArgs:
     columns: str | None = field(default=None, metadata={"help": "rename fields, ours=theirs: prompt=question,response=answer"})
     chat_template: str | None = field(default=None, metadata={"help": "a .jinja chat template with {% generation %} markers"})
     max_bad_fraction: float = field(default=0.05, metadata={"help": "the share of bad rows training accepts"})
+    objective: str = field(default="sft", metadata={
+        "help": "sft: (prompt, response) rows; dpo: preference pairs (prompt, chosen, rejected), as `loradock train "
+                "--objective dpo` reads them"})
 
 
 @dataclass
@@ -72,4 +75,6 @@ def check_data_check(args: DataCheckArgs) -> list[str]:
         problems.append(f"--max-length {args.max_length} must be a whole number of tokens >= 8")
     if not 0.0 <= args.max_bad_fraction <= 1.0:
         problems.append(f"--max-bad-fraction {args.max_bad_fraction} must be between 0 and 1")
+    if args.objective not in ("sft", "dpo"):
+        problems.append(f"--objective {args.objective!r} is not sft or dpo: pass --objective sft or --objective dpo")
     return problems

@@ -8,7 +8,7 @@ A YAML config has three parts, and every command-line flag lands in one of them:
       method: lora                      # PEFT config class (LoraConfig for lora, IA3Config for ia3, ...)
       r: 16
     training:                           # any field of trl.SFTConfig / transformers.TrainingArguments
-      learning_rate: 2.0e-3
+      learning_rate: 2.0e-3             # (of trl.DPOConfig with `objective: dpo`)
 
 `--peft METHOD`, `--peft.KEY VALUE` and `--training.KEY VALUE` set them from the command line; the
 short flags (`--lr`, `--lora-r`, ...) are aliases for the common ones. A `lora:` section (and
@@ -34,8 +34,9 @@ class TrainArgs:
     base_model: str = field(default=DEFAULT_BASE_MODEL, metadata={
         "help": "base model: a Hub id (Qwen/Qwen2.5-0.5B-Instruct), a local folder, or the built-in tiny model"})
     data: str | None = field(default=None, metadata={
-        "help": "training data: .jsonl, .json, .csv, .parquet or a saved datasets folder"})
-    eval_data: str | None = field(default=None, metadata={"help": "held-out data, in the same formats"})
+        "help": "training data: .jsonl, .json, .csv, .parquet or a saved datasets folder, or a file of a registry "
+                "dataset repo as datasets/ORG/NAME@REVISION/FILE (downloaded, pinned to its commit)"})
+    eval_data: str | None = field(default=None, metadata={"help": "held-out data, in the same forms"})
     eval_split: float = field(default=0.0, metadata={
         "help": "fraction of --data held out for evaluation when there is no --eval-data (e.g. 0.1)"})
     output: str | None = field(default=None, metadata={"help": "folder the finished adapter is written to"})
@@ -50,6 +51,12 @@ class TrainArgs:
     overwrite: bool = field(default=False, metadata={"help": "replace an existing adapter in --output"})
     eval_generations: int = field(default=32, metadata={
         "help": "held-out prompts answered (greedy) at each evaluation for exact match and ROUGE-L; 0: loss only"})
+    objective: str = field(default="sft", metadata={
+        "help": "sft (instruction tuning, TRL SFTTrainer) or dpo (preference tuning of --init-adapter, TRL "
+                "DPOTrainer; `training:` then sets DPOConfig)"})
+    init_adapter: str | None = field(default=None, metadata={
+        "help": "start from this adapter's weights instead of a fresh one: a registry adapter REPO@REVISION "
+                "(pulled, pinned to its commit) or a local adapter folder; its method, shapes and base must match"})
 
 
 # Short flags for the most used upstream fields: flag -> (section, field).
@@ -68,6 +75,11 @@ ALIASES = {
     "packing": ("training", "packing"),
     "seed": ("training", "seed"),
 }
+
+OBJECTIVES = {"sft": "SFTConfig", "dpo": "DPOConfig"}  # --objective -> the TRL config `training:` passes to
+# What training records in run_config.yaml beside the settings (the parent and data it resolved);
+# read back with --config, they are not settings and are left out.
+RECORDED = ("parent", "dataset", "eval_dataset")
 
 # loradock's defaults where they differ from TRL's (each method's PEFT defaults are in its METHODS entry).
 DEFAULT_MAX_LENGTH = 1024  # SFTConfig's
@@ -143,6 +155,12 @@ def upstream_section(name: str, module: str, class_name: str, defaults: dict) ->
 
 
 SECTIONS = (Section("peft", check_peft), upstream_section("training", "trl", "SFTConfig", TRAINING_DEFAULTS))
+DPO_SECTIONS = (Section("peft", check_peft), upstream_section("training", "trl", "DPOConfig", TRAINING_DEFAULTS))
+
+
+def sections_for(objective) -> tuple[Section, ...]:
+    """`training:` is checked against the objective's TRL config (an unknown objective is reported by `validate`)."""
+    return DPO_SECTIONS if objective == "dpo" else SECTIONS
 
 
 @dataclass
@@ -191,7 +209,9 @@ def resolve(file_values: dict, cli_values: dict) -> ResolvedConfig:
             names or `peft.KEY` / `lora.KEY` / `training.KEY`; values may be strings to be converted.
     """
     file_values, cli_values = legacy_lora(file_values, cli_values)
-    resolved = settings.resolve(TrainArgs, file_values, cli_values, SECTIONS, ALIASES, what="the training configuration",
+    file_values = {k: v for k, v in file_values.items() if k not in RECORDED}
+    objective = cli_values.get("objective", file_values.get("objective", "sft"))
+    resolved = settings.resolve(TrainArgs, file_values, cli_values, sections_for(objective), ALIASES, what="the training configuration",
                                 validate=lambda r: validate(ResolvedConfig(r.args, r.sections["peft"], r.sections["training"])))
     return ResolvedConfig(resolved.args, resolved.sections["peft"], resolved.sections["training"])
 
@@ -212,6 +232,7 @@ def validate(config: ResolvedConfig) -> list[str]:
         problems.append("--eval-data and --eval-split both given: pass only one")
     if not 0.0 <= args.max_bad_fraction <= 1.0:
         problems.append(f"--max-bad-fraction {args.max_bad_fraction} must be between 0 and 1")
+    problems += objective_problems(config)
     if args.eval_generations < 0:
         problems.append(f"--eval-generations {args.eval_generations} must be 0 (loss only) or more")
     if config.peft.get("method") not in METHODS:
@@ -224,6 +245,25 @@ def validate(config: ResolvedConfig) -> list[str]:
         value = config.training.get(name)
         if isinstance(value, int) and value < 1:
             problems.append(f"--training.{name} {value} must be at least 1")
+    return problems
+
+
+def objective_problems(config: ResolvedConfig) -> list[str]:
+    args = config.args
+    if args.objective not in OBJECTIVES:
+        close = difflib.get_close_matches(str(args.objective), list(OBJECTIVES), n=1)
+        return [f"--objective {args.objective!r} is not one loradock trains" + (f"; did you mean {close[0]!r}?" if close
+                else "") + f" (objectives: {', '.join(OBJECTIVES)})"]
+    if args.objective != "dpo":
+        return []
+    problems = []
+    if not args.init_adapter:
+        problems.append("--objective dpo tunes an existing adapter against itself, and none was given: pass "
+                        "--init-adapter REPO@REVISION (or an adapter folder), e.g. the SFT adapter to improve")
+    method = METHODS.get(config.peft.get("method"))
+    if method is not None and method.prompt_learning:
+        problems.append(f"--objective dpo does not train {method.name} adapters here (TRL's reference copy of a "
+                        "soft prompt is not supported by loradock); use a LoRA-family or ia3 parent")
     return problems
 
 

@@ -40,6 +40,10 @@ REASONS = {
     "too_long": "over max length",
     "untokenizable": "tokenizer failed",
     "untrained": "no trained token",  # the template marks no token of the row for training
+    # preference rows (`--objective dpo`, sft.preference_data)
+    "empty_side": "empty chosen/rejected",
+    "same_answers": "chosen = rejected",
+    "no_prompt": "no shared prompt",
 }
 
 # What the user does about each reason, printed under it in the report.
@@ -56,6 +60,10 @@ FIXES = {
     "too_long": "shorten the row, or raise --max-length",
     "untokenizable": "fix the text the tokenizer names, or remove the row",
     "untrained": "use a chat template whose {% generation %} markers cover the assistant answers",
+    "empty_side": "write both answers, the preferred (chosen) and the other (rejected), or remove the row",
+    "same_answers": "a pair teaches a preference only when its answers differ: fix or remove the row",
+    "no_prompt": "give the row a prompt (\"prompt\": text or messages), or chosen and rejected conversations "
+                 "that share their turns up to the answer",
 }
 
 BOM = b"\xef\xbb\xbf"
@@ -279,11 +287,26 @@ def parse_columns(spec: str | dict | None) -> dict[str, str]:
             raise LoradockError(f"--columns {spec!r} is not a list of ours=theirs pairs",
                                 "write it as --columns prompt=question,response=answer")
         ours, theirs = (part.strip() for part in pair)
-        if ours not in ("prompt", "response", "completion", "instruction", "input", "output", "messages", "system"):
+        if ours not in ("prompt", "response", "completion", "instruction", "input", "output", "messages", "system",
+                        "chosen", "rejected"):
             raise LoradockError(f"--columns names an unknown field {ours!r}",
-                                "map to prompt, response, system, instruction, input, output or messages")
+                                "map to prompt, response, system, instruction, input, output, messages, "
+                                "chosen or rejected")
         mapping[theirs] = ours
     return mapping
+
+
+def renamed(record: object, columns: dict[str, str] | None) -> dict:
+    """The record as an object with our field names.
+
+    Raises:
+        RowProblem: the line was unreadable, or the record is not an object.
+    """
+    if isinstance(record, RowProblem):
+        raise record
+    if not isinstance(record, dict):
+        raise RowProblem("wrong_type", f"a row must be an object, got {type(record).__name__}")
+    return {columns.get(key, key): value for key, value in record.items()} if columns else record
 
 
 def to_messages(record: object, columns: dict[str, str] | None = None) -> list[dict]:
@@ -292,12 +315,7 @@ def to_messages(record: object, columns: dict[str, str] | None = None) -> list[d
     Raises:
         RowProblem: the record cannot be trained on, with the reason.
     """
-    if isinstance(record, RowProblem):
-        raise record
-    if not isinstance(record, dict):
-        raise RowProblem("wrong_type", f"a row must be an object, got {type(record).__name__}")
-    if columns:
-        record = {columns.get(key, key): value for key, value in record.items()}
+    record = renamed(record, columns)
     if "messages" in record:
         return _check_messages(record["messages"])
     if "instruction" in record or "output" in record:
@@ -327,8 +345,19 @@ def _require(*fields: tuple[str, object]) -> None:
 
 
 def _check_messages(messages: object) -> list[dict]:
+    clean = check_turns(messages)
+    answers = [m for m in clean if m["role"] == "assistant"]
+    if not answers:
+        raise RowProblem("missing_field", "no assistant message to learn")
+    if any(not m["content"].strip() for m in answers):
+        raise RowProblem("empty_response", "an assistant answer is empty")
+    return clean
+
+
+def check_turns(messages: object, field: str = "messages") -> list[dict]:
+    """A list of {"role", "content"} messages, each checked, as plain dicts."""
     if not isinstance(messages, list) or not messages:
-        raise RowProblem("wrong_type", "'messages' must be a non-empty list")
+        raise RowProblem("wrong_type", f"{field!r} must be a non-empty list")
     clean = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
@@ -341,11 +370,6 @@ def _check_messages(messages: object) -> list[dict]:
         if not content.isascii():
             _refuse_surrogates(i, content)
         clean.append({"role": role, "content": content})
-    answers = [m for m in clean if m["role"] == "assistant"]
-    if not answers:
-        raise RowProblem("missing_field", "no assistant message to learn")
-    if any(not m["content"].strip() for m in answers):
-        raise RowProblem("empty_response", "an assistant answer is empty")
     return clean
 
 

@@ -10,7 +10,7 @@ A row whose text is longer than --max-length tokens could cover is dropped befor
 """
 
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -117,11 +117,7 @@ def check_data(path, tokenizer, chat_template: str, max_length: int, columns: di
         keep: hold every kept row's tokens in `report.kept` (training needs them; the check alone does not).
         chunk_rows: rows tokenized together; memory grows with a chunk, not with the file.
     """
-    rows = iter_rows(path)  # first: it names a missing or unreadable file
-    report = DataReport(path=str(path), sha256=dataset_sha256(path), max_length=max_length)
-    max_chars = max_length * longest_token_chars(tokenizer) * CHARS_MARGIN
-    for chunk in _chunks(rows, chunk_rows):
-        report.rows_read += len(chunk)
+    def check_chunk(chunk: list[Row], report: DataReport, max_chars: int) -> None:
         chats = []
         for row in chunk:
             try:
@@ -146,6 +142,20 @@ def check_data(path, tokenizer, chat_template: str, max_length: int, columns: di
                 if not report.example:
                     report.example, report.example_row = mark_trained(tokenizer, chat_template, example), number
                 report.keep(example, keep)
+
+    return scan(path, tokenizer, max_length, chunk_rows, check_chunk)
+
+
+def scan(path, tokenizer, max_length: int, chunk_rows: int,
+         check_chunk: Callable[[list[Row], DataReport, int], None]) -> DataReport:
+    """The report of `check_chunk(rows, report, max_chars)` run on each chunk of the file's rows;
+    `max_chars` is the text length past which a row is over --max-length without tokenizing it."""
+    rows = iter_rows(path)  # first: it names a missing or unreadable file
+    report = DataReport(path=str(path), sha256=dataset_sha256(path), max_length=max_length)
+    max_chars = max_length * longest_token_chars(tokenizer) * CHARS_MARGIN
+    for chunk in _chunks(rows, chunk_rows):
+        report.rows_read += len(chunk)
+        check_chunk(chunk, report, max_chars)
     report.dropped = {reason: sorted(report.dropped[reason]) for reason in REASONS if reason in report.dropped}
     return report
 

@@ -1,8 +1,11 @@
 """loradock train --config sft/configs/NAME.yaml [--key value ...]
 
-Runs one instruction-tuning job with a PEFT method (`--peft`, LoRA by default): check the data,
-train with TRL's SFTTrainer, evaluate (held-out loss, and exact match / ROUGE-L on a sample of
-held-out prompts), check the saved weights, and publish the adapter folder atomically.
+Runs one training job with a PEFT method (`--peft`, LoRA by default): check the data, train with
+TRL's SFTTrainer (`--objective sft`, instruction tuning) or DPOTrainer (`--objective dpo`,
+preference tuning of `--init-adapter` against a frozen copy of itself), evaluate (held-out loss,
+and exact match / ROUGE-L on a sample of held-out prompts), check the saved weights, and publish
+the adapter folder atomically. `--init-adapter REPO@REVISION|DIR` starts from an existing
+adapter's weights (`sft.lineage`), which run_config.yaml and the card record as its `parent`.
 
 Work happens in a hidden sibling of --output (`.NAME.loradock-run/`, holding the checkpoints that
 --resume continues from); the finished folder is assembled there and renamed into place in one
@@ -27,8 +30,10 @@ from sft.base_model import BUILD_INFO, resolve_base_model
 from sft.chat_format import training_chat_template
 from sft.config import DEFAULT_MAX_LENGTH, ResolvedConfig
 from sft.data import parse_columns
-from sft.data_check import check_for_training, to_dataset
+from sft.data_check import check_data, enforce, to_dataset
 from sft.evaluate import METRICS as METRIC_NAMES
+from sft.lineage import DataSource, Parent, base_linear_names, parent_problems, resolve_data, resolve_parent
+from sft.preference_data import check_preferences, to_preference_dataset
 
 
 @dataclasses.dataclass
@@ -108,17 +113,21 @@ def row_length_limit(config: ResolvedConfig) -> int:
     return max_length - config.peft["num_virtual_tokens"] if config.method.soft_prompt else max_length
 
 
-def check_datasets(config: ResolvedConfig, tokenizer):
+def check_datasets(config: ResolvedConfig, tokenizer, data: DataSource, held: DataSource | None):
     """The data checks that gate training; returns (train report, train rows, eval rows, eval summary)."""
     args, max_length = config.args, row_length_limit(config)
     columns = parse_columns(args.columns)
-    train = check_for_training(args.data, tokenizer, tokenizer.chat_template, max_length, columns,
-                               args.max_bad_fraction, "--data")
-    print(train.render(), flush=True)
-    if args.eval_data:
-        held_out = check_for_training(args.eval_data, tokenizer, tokenizer.chat_template, max_length, columns,
-                                      args.max_bad_fraction, "--eval-data")
-        print(held_out.render(), flush=True)
+    check = check_preferences if args.objective == "dpo" else check_data
+
+    def checked(source: DataSource, flag: str):
+        report = check(source.path, tokenizer, tokenizer.chat_template, max_length, columns)
+        enforce(report, args.max_bad_fraction, flag)
+        print(report.render(), flush=True)
+        return report
+
+    train = checked(data, "--data")
+    if held:
+        held_out = checked(held, "--eval-data")
         return train, train.kept, held_out.kept, held_out.summary()
     if args.eval_split:
         shuffled = train.kept[:]
@@ -129,6 +138,28 @@ def check_datasets(config: ResolvedConfig, tokenizer):
                                 "use a smaller --eval-split or pass --eval-data")
         return train, shuffled[n_eval:], shuffled[:n_eval], {"split_of": args.data, "rows": n_eval}
     return train, train.kept, [], None
+
+
+def check_parent(config: ResolvedConfig, base_path: str) -> Parent:
+    """The --init-adapter parent, downloaded if need be, refused unless this run can continue it."""
+    parent = resolve_parent(config.args.init_adapter)
+    problems = parent_problems(parent, config.method, config.peft_settings, config.args.base_model,
+                               lambda: base_linear_names(base_path))
+    if problems:
+        raise LoradockError(f"--init-adapter {config.args.init_adapter} cannot be continued by this run",
+                            "change the flags named below: a continued adapter keeps its parent's base model, method "
+                            "and shapes; nothing was written", "\n".join(f"  - {p}" for p in problems))
+    return parent
+
+
+def lineage(config: ResolvedConfig, parent: Parent | None, data: DataSource, held: DataSource | None) -> dict:
+    """What run_config.yaml records beside the settings: the parent and the data, pinned to commits."""
+    args = config.args
+    record = {"init_adapter": parent.pinned() if parent else None, "data": data.pinned(args.data),
+              "parent": parent.record() if parent else None, "dataset": data.dataset}
+    if held:
+        record.update(eval_data=held.pinned(args.eval_data), eval_dataset=held.dataset)
+    return record
 
 
 def apply_device_defaults(config: ResolvedConfig) -> None:
@@ -142,12 +173,14 @@ def apply_device_defaults(config: ResolvedConfig) -> None:
 
 
 def training_arguments(config: ResolvedConfig, paths: RunPaths, has_eval: bool):
-    """TRL's SFTConfig from the resolved settings."""
-    from trl import SFTConfig
+    """TRL's SFTConfig (DPOConfig for --objective dpo) from the resolved settings."""
+    from trl import DPOConfig, SFTConfig
 
     training = dict(config.training)
     if not has_eval:
         training["eval_strategy"] = "no"
+    if config.args.objective == "dpo":
+        return DPOConfig(output_dir=str(paths.checkpoints), **training)
     # The data check has tokenized the rows and built the response-only masks with the chat
     # template's {% generation %} markers, so TRL takes them as they are.
     return SFTConfig(output_dir=str(paths.checkpoints), assistant_only_loss=False, **training)
@@ -208,7 +241,9 @@ def held_out_sample(eval_rows: list, n: int, seed: int) -> list[tuple[list[dict]
 
     rows = eval_rows[:]
     random.Random(seed).shuffle(rows)
-    return [prompt_and_reference(row.messages) for row in rows[:n]]
+    # a preference pair's reference is its chosen answer
+    return [(row.prompt, row.chosen) if hasattr(row, "chosen") else prompt_and_reference(row.messages)
+            for row in rows[:n]]
 
 
 def generation_scores(figures: dict) -> dict | None:
@@ -241,30 +276,43 @@ def run(config: ResolvedConfig) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sft.trainer import LoradockSFTTrainer
+    from peft import PeftModel
+
+    from sft.trainer import LoradockDPOTrainer, LoradockSFTTrainer
 
     args = config.args
     apply_device_defaults(config)
     paths, checkpoint = prepare_output(config)
     base_path = resolve_base_model(args.base_model)
     check_base_supports(config, base_path)
+    parent = check_parent(config, base_path) if args.init_adapter else None
+    data, held = resolve_data(args.data), resolve_data(args.eval_data, "--eval-data")
     tokenizer = load_tokenizer(base_path, args.chat_template)
-    train_report, train_rows, eval_rows, eval_summary = check_datasets(config, tokenizer)
-    sft_config = training_arguments(config, paths, has_eval=bool(eval_rows))
+    train_report, train_rows, eval_rows, eval_summary = check_datasets(config, tokenizer, data, held)
+    trainer_args = training_arguments(config, paths, has_eval=bool(eval_rows))
 
     if not args.resume and paths.work.exists():
         shutil.rmtree(paths.work)  # the leftovers of an interrupted run that is not being resumed
     paths.work.mkdir(parents=True, exist_ok=True)
     (paths.work / RUN_CONFIG).write_text(yaml.safe_dump(comparable(config), sort_keys=True))
 
-    dtype = torch.bfloat16 if sft_config.bf16 else torch.float32
+    dtype = torch.bfloat16 if trainer_args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
-    trainer = LoradockSFTTrainer(
-        model=model, args=sft_config, train_dataset=to_dataset(train_rows),
-        eval_dataset=to_dataset(eval_rows) if eval_rows else None,
-        processing_class=tokenizer, peft_config=peft_config(config, base_path),
-        held_out=held_out_sample(eval_rows, args.eval_generations, config.training.get("seed", 42)),
-    )
+    if parent:
+        model = PeftModel.from_pretrained(model, str(parent.folder), is_trainable=True)
+    held_out = held_out_sample(eval_rows, args.eval_generations, config.training.get("seed", 42))
+    if args.objective == "dpo":
+        # The model holds the parent as its "default" adapter; TRL copies it into a frozen "ref"
+        # adapter and scores the reference with that one, so the reference is the parent, not the base.
+        trainer = LoradockDPOTrainer(
+            model=model, args=trainer_args, train_dataset=to_preference_dataset(train_rows),
+            eval_dataset=to_preference_dataset(eval_rows) if eval_rows else None, processing_class=tokenizer,
+            held_out=held_out)
+    else:
+        trainer = LoradockSFTTrainer(
+            model=model, args=trainer_args, train_dataset=to_dataset(train_rows),
+            eval_dataset=to_dataset(eval_rows) if eval_rows else None, processing_class=tokenizer,
+            peft_config=None if parent else peft_config(config, base_path), held_out=held_out)
     check_trainable(trainer.model)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     started = time.perf_counter()
@@ -272,7 +320,9 @@ def run(config: ResolvedConfig) -> Path:
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     after = final_evaluation(trainer) if eval_rows else {}
 
+    record = lineage(config, parent, data, held)
     metrics = {
+        "objective": args.objective, "parent": record["parent"], "dataset": record["dataset"],
         "base_model": args.base_model, "base_model_revision": base_revision(base_path, model),
         "dataset_sha256": train_report.sha256, "train_data": train_report.summary(), "eval_data": eval_summary,
         "method": config.method.name, "trainable_parameters": trainable, "base_parameters": total - trainable,
@@ -288,10 +338,10 @@ def run(config: ResolvedConfig) -> Path:
         "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else None,
         "log_history": trainer.state.log_history,
     }
-    return publish(trainer, config, paths, metrics)
+    return publish(trainer, config, paths, metrics, record)
 
 
-def publish(trainer, config: ResolvedConfig, paths: RunPaths, metrics: dict) -> Path:
+def publish(trainer, config: ResolvedConfig, paths: RunPaths, metrics: dict, record: dict | None = None) -> Path:
     """Assemble the adapter folder beside the checkpoints and rename it into place."""
     staging = paths.work / "adapter"
     if staging.exists():
@@ -302,14 +352,16 @@ def publish(trainer, config: ResolvedConfig, paths: RunPaths, metrics: dict) -> 
         saved_config.tokenizer_name_or_path = config.args.base_model
     # save_embedding_layers=False: no method here trains embeddings, and "auto" would look the base
     # model's name up on the Hub to find out.
-    trainer.model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False)
+    # selected_adapters: a DPO run's model also holds TRL's frozen "ref" copy of the parent.
+    trainer.model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False,
+                                  selected_adapters=["default"])
     problems = saved_weight_problems(staging / WEIGHTS) if (staging / WEIGHTS).exists() else []
     if problems:
         raise LoradockError(f"the saved adapter is broken: {'; '.join(problems)}",
                             "nothing was published; with sharded training (FSDP/DeepSpeed) save on the main process "
                             "with the full state dict gathered, then train again")
     trainer.processing_class.save_pretrained(staging)
-    (staging / RUN_CONFIG).write_text(run_config_yaml(config))
+    (staging / RUN_CONFIG).write_text(run_config_yaml(config, record))
     (staging / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     write_card(staging)
     missing = [name for name in REQUIRED_FILES if not (staging / name).exists()]
@@ -323,15 +375,17 @@ def publish(trainer, config: ResolvedConfig, paths: RunPaths, metrics: dict) -> 
     return paths.output
 
 
-def run_config_yaml(config: ResolvedConfig) -> str:
+def run_config_yaml(config: ResolvedConfig, record: dict | None = None) -> str:
     """The resolved configuration, loadable again with --config. Upstream fields that are not
-    listed keep the defaults of the library versions named in its header."""
+    listed keep the defaults of the library versions named in its header. `record` (`lineage`)
+    pins --init-adapter and --data to the commits read and adds `parent` and `dataset`."""
     import peft
     import transformers
     import trl
 
     body = config.to_yaml_dict()
     body["resume"] = body["overwrite"] = False
+    body.update({"parent": None, "dataset": None, **(record or {})})
     versions = f"# versions: trl {trl.__version__}, peft {peft.__version__}, transformers {transformers.__version__}\n"
     header = "# The resolved configuration of this adapter's training run.\n"
     header += f"# Re-run it: loradock train --config {RUN_CONFIG} --output NEW_DIR\n"

@@ -1,16 +1,17 @@
-"""TRL's SFTTrainer with the guards and figures loradock adds.
+"""TRL's SFTTrainer and DPOTrainer with the guards and figures loradock adds.
 
-One small subclass, because the checks belong to the loss computation itself: a batch whose
+One small subclass of each, because the checks belong to the loss computation itself: a batch whose
 labels are all masked or a loss that is NaN/Inf stops the run (TRL would clamp the first to a
 silent zero and log the second), and each step's trained-token fraction and tokens/s are logged.
 Each evaluation also answers a fixed sample of held-out prompts (greedy) and scores the answers
-with exact match and ROUGE-L, logged beside the loss as `eval_exact_match` and `eval_rouge_l`.
+with exact match and ROUGE-L, logged beside the loss as `eval_exact_match` and `eval_rouge_l`
+(`HeldOutGenerations`, shared by both trainers; for DPO the reference answer is the chosen one).
 """
 
 import time
 
 import torch
-from trl import SFTTrainer
+from trl import DPOTrainer, SFTTrainer
 
 from loradock.errors import LoradockError
 
@@ -21,16 +22,10 @@ class TrainingAborted(LoradockError):
     """The run cannot go on; no adapter is written."""
 
 
-class LoradockSFTTrainer(SFTTrainer):
-    def __init__(self, *args, held_out: list[tuple[list[dict], str]] = (), **kwargs):
-        super().__init__(*args, **kwargs)
-        self._window_start = (time.perf_counter(), 0)  # (time, cumulative tokens) at the last log
-        self.held_out = list(held_out)  # (conversation, reference) pairs answered at each evaluation
-        adapted = getattr(self.model, "base_model", None)
-        if type(adapted).__name__ == "AdaptionPromptModel":
-            # PEFT's llama-adapter keeps the model's forward as it was when wrapped, before TRL gave
-            # the model its fused LM head; point it at the current one.
-            adapted.forward = adapted.model.forward
+class HeldOutGenerations:
+    """Each evaluation also answers `held_out` (greedy) and scores the answers against the references."""
+
+    held_out: list[tuple[list[dict], str]]  # (conversation, reference) pairs answered at each evaluation
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
@@ -57,6 +52,42 @@ class LoradockSFTTrainer(SFTTrainer):
             tokenizer.padding_side = padding_side
         return score(answers, references, list(METRICS))
 
+
+def check_finite(loss, mode: str, step: int, learning_rate: float) -> None:
+    if not torch.isfinite(loss).all():
+        raise TrainingAborted(
+            f"the {mode} loss became {loss.item()} at step {step + 1}",
+            f"lower the learning rate (--lr, now {learning_rate:g}), or check the data for "
+            "extreme rows; no adapter was written",
+        )
+
+
+class LoradockDPOTrainer(HeldOutGenerations, DPOTrainer):
+    """DPO of a PEFT model that already holds the parent adapter: TRL copies it into a frozen adapter
+    named "ref" and computes the reference log-probabilities with that one active."""
+
+    def __init__(self, *args, held_out: list[tuple[list[dict], str]] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.held_out = list(held_out)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        check_finite(result[0] if return_outputs else result, "train" if self.model.training else "eval",
+                     self.state.global_step, self.args.learning_rate)
+        return result
+
+
+class LoradockSFTTrainer(HeldOutGenerations, SFTTrainer):
+    def __init__(self, *args, held_out: list[tuple[list[dict], str]] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self._window_start = (time.perf_counter(), 0)  # (time, cumulative tokens) at the last log
+        self.held_out = list(held_out)  # (conversation, reference) pairs answered at each evaluation
+        adapted = getattr(self.model, "base_model", None)
+        if type(adapted).__name__ == "AdaptionPromptModel":
+            # PEFT's llama-adapter keeps the model's forward as it was when wrapped, before TRL gave
+            # the model its fused LM head; point it at the current one.
+            adapted.forward = adapted.model.forward
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if self.model.training else "eval"
         labels = inputs["labels"]
@@ -68,13 +99,7 @@ class LoradockSFTTrainer(SFTTrainer):
                 "check that each row has a non-empty response that fits in --max-length (run `loradock data check`)",
             )
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = result[0] if return_outputs else result
-        if not torch.isfinite(loss).all():
-            raise TrainingAborted(
-                f"the {mode} loss became {loss.item()} at step {self.state.global_step + 1}",
-                f"lower the learning rate (--lr, now {self.args.learning_rate:g}), or check the data for "
-                "extreme rows; no adapter was written",
-            )
+        check_finite(result[0] if return_outputs else result, mode, self.state.global_step, self.args.learning_rate)
         if mode == "train":
             tokens = int(inputs["attention_mask"].sum()) if "attention_mask" in inputs else labels.numel()
             self._metrics[mode]["trained_token_fraction"].append(trained / max(tokens, 1))

@@ -29,6 +29,9 @@ class CardInfo:
     dataset_sha256: str | None = None
     training: dict | None = None
     chat_template: str | None = None
+    objective: str | None = None  # "sft" or "dpo"
+    parent: dict | None = None  # the adapter it started from: {repo_id, revision, commit, base_model}; None: fresh
+    dataset: dict | None = None  # the registry dataset its data came from: {repo_id, commit, file}; None: a local file
 
     @property
     def rank(self) -> int | None:
@@ -54,13 +57,21 @@ class CardInfo:
         if metrics.get("eval_loss") is not None:
             figures.append(Metric("loss", "eval loss", round(metrics["eval_loss"], 4)))
         figures += [Metric(k, k.replace("_", " "), v) for k, v in (metrics.get("eval_metrics") or {}).items()]
+        dataset = run_config.get("dataset")
+        if isinstance(dataset, dict) and dataset.get("repo_id"):
+            datasets = [dataset["repo_id"]]
+        else:
+            datasets = [Path(run_config["data"]).name] if run_config.get("data") else []
         return cls(
             base_model=adapter.get("base_model_name_or_path") or run_config.get("base_model"),
             method=method.name if method else None, settings=method.card_settings(adapter) if method else {},
-            datasets=[Path(run_config["data"]).name] if run_config.get("data") else [], metrics=figures,
+            datasets=datasets, metrics=figures,
             held_out=Path(run_config.get("eval_data") or run_config.get("data") or "held-out").name,
             base_model_revision=metrics.get("base_model_revision"), dataset_sha256=metrics.get("dataset_sha256"),
-            training=run_config.get("training"), chat_template=chat_template(folder))
+            training=run_config.get("training"), chat_template=chat_template(folder),
+            # a run_config without `objective` was written before there was a choice: instruction tuning
+            objective=run_config.get("objective") or ("sft" if run_config else None),
+            parent=run_config.get("parent"), dataset=dataset)
 
     @classmethod
     def from_card_data(cls, data) -> "CardInfo":
@@ -79,7 +90,8 @@ class CardInfo:
             metrics=[Metric(r.metric_type, r.metric_name or r.metric_type, r.metric_value) for r in results],
             held_out=results[0].dataset_name if results else None,
             base_model_revision=ours.get("base_model_revision"), dataset_sha256=ours.get("dataset_sha256"),
-            training=ours.get("training"), chat_template=ours.get("chat_template"))
+            training=ours.get("training"), chat_template=ours.get("chat_template"), objective=ours.get("objective"),
+            parent=ours.get("parent"), dataset=ours.get("dataset"))
 
     def card_data(self, name: str):
         """The Hub's `ModelCardData` for this adapter (with `model-index` from the metrics)."""
@@ -89,9 +101,10 @@ class CardInfo:
                               metric_type=m.type, metric_name=m.name, metric_value=m.value) for m in self.metrics]
         ours = {"method": self.method, "base_model_revision": self.base_model_revision,
                 "dataset_sha256": self.dataset_sha256, **({self.method: self.settings} if self.method else {}),
-                "training": self.training, "chat_template": self.chat_template}
+                "training": self.training, "chat_template": self.chat_template, "objective": self.objective,
+                "parent": self.parent, "dataset": self.dataset}
         return ModelCardData(base_model=self.base_model, library_name="peft",
-                             tags=["loradock", *([self.method] if self.method else []), "sft", "trl"],
+                             tags=["loradock", *([self.method] if self.method else []), self.objective or "sft", "trl"],
                              datasets=self.datasets or None, model_name=name if results else None,
                              eval_results=results or None, loradock=ours)
 
@@ -111,6 +124,16 @@ def write_card(folder: Path) -> None:
     (Path(folder) / CARD).write_text(str(build_card(folder)), encoding="utf-8")
 
 
+def parent_phrase(parent: dict | None) -> str:
+    """`, continued from `org/name` at commit abc123...` (empty for a fresh adapter)."""
+    if not parent:
+        return ""
+    if parent.get("repo_id"):
+        commit = f" at commit `{parent['commit']}`" if parent.get("commit") else ""
+        return f", continued from `{parent['repo_id']}`{commit}"
+    return ", continued from a local adapter"
+
+
 def card_body(name: str, info: CardInfo) -> str:
     loss = next((m.value for m in info.metrics if m.type == "loss"), None)
     settings = ", ".join(f"{k} {v}" for k, v in info.settings.items() if k in ("r", "alpha"))
@@ -118,11 +141,12 @@ def card_body(name: str, info: CardInfo) -> str:
     described = f" ({settings.replace('r ', 'rank ', 1)})" if settings else ""
     method = METHODS.get(info.method or "")
     served = f"\nHow `loradock serve` serves it: {SERVED_AS[method.served_by]}.\n" if method else ""
+    how = ("preference-tuned with\nloradock (TRL `DPOTrainer` + PEFT)" if info.objective == "dpo"
+           else "instruction-tuned with\nloradock (TRL `SFTTrainer` + PEFT)")
     return f"""
 # {name}
 
-{"An" if (info.method or "").startswith(("i", "a")) else "A"} {info.method or 'PEFT'} adapter{described} for `{info.base_model}`, instruction-tuned with
-loradock (TRL `SFTTrainer` + PEFT){trained_on}.
+{"An" if (info.method or "").startswith(("i", "a")) else "A"} {info.method or 'PEFT'} adapter{described} for `{info.base_model}`, {how}{trained_on}{parent_phrase(info.parent)}.
 {f"Held-out loss after training: {loss}." if loss is not None else ""}
 {served}
 The chat template it was trained with travels in this repo (`chat_template.jinja`,
