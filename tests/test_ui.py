@@ -502,15 +502,127 @@ from pathlib import Path
 from ui import votes
 for n in range(300):
     votes.record(Path(sys.argv[1]), votes.Vote(f"process-{sys.argv[2]}", f"turn-{n}", "", "p", "a", "b", "AB"[n % 2],
-                                               "base", "org/adapter", "sha", "A"))
+                                               votes.Side("base"), votes.Side("org/adapter@v1", "org/adapter", "sha")))
 """
+
+
+def four_voters(db: Path) -> None:
+    voters = [subprocess.Popen([sys.executable, "-c", VOTER, str(db), str(i)], cwd=REPO) for i in range(4)]
+    assert [v.wait(timeout=300) for v in voters] == [0] * 4
 
 
 def test_votes_from_four_concurrent_processes_all_land(tmp_path):
     db = tmp_path / "votes.sqlite"
-    voters = [subprocess.Popen([sys.executable, "-c", VOTER, str(db), str(i)], cwd=REPO) for i in range(4)]
-    assert [v.wait(timeout=300) for v in voters] == [0] * 4
+    four_voters(db)
     assert sqlite3.connect(db).execute("SELECT COUNT(*), COUNT(DISTINCT session_id) FROM votes").fetchone() == (1200, 4)
-    from ui.votes import win_rates
+    from ui import ratings, votes
 
-    assert [(r["votes"], r["wins"]) for r in win_rates(db)] == [(1200, 600)]
+    [pair] = ratings.pairs(votes.outcomes(db), resamples=10)
+    assert (pair["model_x"], pair["revision_x"], pair["revision_y"], pair["votes"], pair["wins"]) == (
+        "org/adapter@v1", "sha", "base", 1200, 600)
+
+
+# The first schema: base model against one adapter, on the side adapter_side.
+FIRST_SCHEMA = """CREATE TABLE votes (session_id TEXT NOT NULL, turn_id TEXT NOT NULL, created_at REAL NOT NULL,
+    system TEXT NOT NULL, prompt TEXT NOT NULL, answer_a TEXT NOT NULL, answer_b TEXT NOT NULL,
+    choice TEXT NOT NULL CHECK (choice IN ('A', 'B', 'tie', 'both_bad')), base_model TEXT NOT NULL,
+    adapter TEXT NOT NULL, adapter_revision TEXT NOT NULL, adapter_side TEXT NOT NULL CHECK (adapter_side IN ('A', 'B')),
+    PRIMARY KEY (session_id, turn_id))"""
+
+
+def first_schema_votes(db: Path, count: int = 10) -> None:
+    with sqlite3.connect(db) as old:
+        old.execute(FIRST_SCHEMA)
+        old.executemany("INSERT INTO votes VALUES (?, ?, ?, '', 'p', 'a', 'b', ?, 'base', 'org/adapter@v1', 'sha1', ?)",
+                        [("old", f"turn-{n}", n, "A", "AB"[n % 2]) for n in range(count)])
+
+
+def test_a_first_schema_database_is_migrated_in_place_under_four_concurrent_voters(tmp_path):
+    db = tmp_path / "votes.sqlite"
+    first_schema_votes(db)
+    four_voters(db)  # each process finds the old table; one migrates, the others wait for it and find it done
+    rows = sqlite3.connect(db).execute("SELECT turn_id, model_a, repo_a, revision_a, model_b, repo_b, revision_b "
+                                       "FROM votes WHERE session_id = 'old' ORDER BY created_at").fetchall()
+    assert rows[:2] == [("turn-0", "org/adapter@v1", "org/adapter", "sha1", "base", "", "base"),
+                        ("turn-1", "base", "", "base", "org/adapter@v1", "org/adapter", "sha1")]
+    assert len(rows) == 10
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM votes").fetchone() == (1210,)
+    columns = {r[1] for r in sqlite3.connect(db).execute("PRAGMA table_info(votes)")}
+    assert not columns & {"base_model", "adapter", "adapter_side"} and {"model_a", "revision_b"} <= columns
+
+
+# --- loradock votes report / export ---------------------------------------------------------------
+
+def some_votes(db: Path) -> None:
+    """alice/reverse@v1 against the base, alice/reverse@v2 against @v1, and ties that teach nothing."""
+    from ui import votes
+
+    base, v1 = votes.Side(BASE), votes.Side("alice/reverse@v1", "alice/reverse", "a" * 40)
+    v2 = votes.Side("alice/reverse@v2", "alice/reverse", "b" * 40)
+    table = [(base, v1, "B", "p1"), (v1, base, "A", "p2"), (v1, base, "tie", "p3"), (v2, v1, "A", "p4"),
+             (v1, v2, "B", "p5"), (v1, v2, "A", "p6"), (v2, v1, "both_bad", "p7")]
+    for n, (a, b, choice, prompt) in enumerate(table):
+        votes.record(db, votes.Vote("s", f"t{n}", "be brief" if n == 3 else "", prompt, f"{a.model} says {prompt}",
+                                    f"{b.model} says {prompt}", choice, a, b))
+
+
+def test_votes_report_prints_the_pairs_and_the_ranking(run_cli, tmp_path):
+    db = tmp_path / "votes.sqlite"
+    some_votes(db)
+    result = run_cli("votes", "report", "--votes", db, "--resamples", 50)
+    assert result.code == 0, result.err
+    assert "| alice/reverse@v2 | bbbbbbbbbbbb | alice/reverse@v1 | aaaaaaaaaaaa | 4 | 2 | 1 | 0 | 1 | 0.625 |" in result.out
+    assert "| alice/reverse@v1 | aaaaaaaaaaaa | loradock/tiny-chat | loradock/tiny-chat | 3 | 2 | 0 | 1 | 0 | 0.833 |" \
+        in result.out
+    assert "Bradley-Terry ranking" in result.out and "| 1 | alice/reverse@v2 |" in result.out
+    result = run_cli("votes", "report", "--votes", db, "--format", "json", "--output", tmp_path / "report.json",
+                     "--resamples", 50)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert result.code == 0 and [r["model"] for r in report["ranking"]] == ["alice/reverse@v2", "alice/reverse@v1", BASE]
+    assert {(r["model_x"], r["model_y"]) for r in report["pairs"]} == {("alice/reverse@v2", "alice/reverse@v1"),
+                                                                       ("alice/reverse@v1", BASE)}
+    missing = run_cli("votes", "report", "--votes", tmp_path / "none.sqlite")
+    assert missing.code == 2 and "no votes database at" in missing.err and "--votes" in missing.err
+    assert not (tmp_path / "none.sqlite").exists()
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_votes_export_selects_a_revision_and_pushes_both_files_in_one_dataset_commit(run_cli, registry, tmp_path):
+    from huggingface_hub import HfApi, hf_hub_download
+
+    db, out = tmp_path / "votes.sqlite", tmp_path / "export"
+    some_votes(db)
+    result = run_cli("votes", "export", "--votes", db, "--revision", "b" * 12, "--output", out, "--push",
+                     "alice/reverse-votes", "--registry", registry.url, "--token", registry.write_token)
+    assert result.code == 0, result.err
+    assert jsonl(out / "preferences.jsonl") == [  # v2 against v1, decided: p4, p5 (v2 won), p6 (v1 won)
+        {"prompt": "p4", "chosen": "alice/reverse@v2 says p4", "rejected": "alice/reverse@v1 says p4",
+         "system": "be brief"},
+        {"prompt": "p5", "chosen": "alice/reverse@v2 says p5", "rejected": "alice/reverse@v1 says p5"},
+        {"prompt": "p6", "chosen": "alice/reverse@v1 says p6", "rejected": "alice/reverse@v2 says p6"}]
+    assert jsonl(out / "sft.jsonl")[1] == {"prompt": "p5", "response": "alice/reverse@v2 says p5"}
+    commit = result.out.split("commit ")[-1].strip()
+    api = HfApi(endpoint=registry.url, token=registry.write_token)
+    [latest] = api.list_repo_commits("alice/reverse-votes", repo_type="dataset")[:1]
+    assert latest.commit_id == commit and len(commit) == 40
+    for name in ("preferences.jsonl", "sft.jsonl"):
+        pushed = hf_hub_download("alice/reverse-votes", name, repo_type="dataset", revision=commit,
+                                 endpoint=registry.url, token=registry.write_token)
+        assert Path(pushed).read_bytes() == (out / name).read_bytes()
+    everything = run_cli("votes", "export", "--votes", db, "--adapter", "alice/reverse", "--output", tmp_path / "all")
+    assert everything.code == 0 and len(jsonl(tmp_path / "all" / "sft.jsonl")) == 5  # every decided vote has it
+
+
+def test_votes_export_without_decided_votes_is_refused_and_writes_nothing(run_cli, tmp_path):
+    db, out = tmp_path / "votes.sqlite", tmp_path / "export"
+    some_votes(db)
+    for flags in (["--revision", "c" * 40], ["--adapter", "bob/other"], ["--revision", BASE, "--adapter", "alice/reverse@v2"]):
+        result = run_cli("votes", "export", "--votes", db, "--output", out, *flags)
+        assert result.code == 2 and "no decided votes" in result.err and flags[1] in result.err, result.err
+        assert "alice/reverse @ " + "b" * 40 in result.err  # what it could select instead
+        assert not out.exists()
+    bad = run_cli("votes", "export", "--votes", db, "--output", out, "--push", "no-namespace")
+    assert bad.code == 2 and "invalid repo id 'no-namespace'" in bad.err and not out.exists()

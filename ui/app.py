@@ -3,8 +3,10 @@
 The comparison screen (a Streamlit script; `loradock ui` runs it and hands its settings over in
 the environment). The same conversation goes to the base model and to one to three adapters
 through the OpenAI-compatible endpoint; each model keeps its own history and the answers stream
-side by side, with their timings. Blind A/B mode hides which answer is whose and stores votes in
-SQLite (ui/votes.py); the registry supplies hot-loadable adapters and their cards (ui/registry.py).
+side by side, with their timings. Blind A/B mode puts any two of them (the base, an adapter, another
+revision of it) as A and B in random order, hides which answer is whose, and stores each vote with
+both sides' repo and commit in SQLite (ui/votes.py); the Votes tab rates them (ui/ratings.py). The
+registry supplies hot-loadable adapters, by name and by tag, and their cards (ui/registry.py).
 
 Everything a browser session has (its conversation, its id for votes) lives in st.session_state.
 The endpoint and the registry come from the launch settings only and are shown read-only: the
@@ -17,6 +19,7 @@ import hmac
 import os
 import queue
 import random
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +30,7 @@ import streamlit as st
 
 from hub.adapter import AdapterRef
 from loradock.errors import LoradockError, NotFound, Unreachable
-from ui import ENDPOINT_ENV, PASSWORD_ENV, REGISTRY_ENV, VOTES_ENV, view, votes
+from ui import ENDPOINT_ENV, PASSWORD_ENV, REGISTRY_ENV, VOTES_ENV, ratings, view, votes
 from ui.client import Answer, Endpoint, EndpointDown, Sampling
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
@@ -43,6 +46,7 @@ class Choice:
     sampling: Sampling = field(default_factory=Sampling)
     system: str = ""
     blind: bool = False
+    pair: tuple[str, str] | None = None  # blind A/B's two models (None: no two different ones yet)
     sources: dict[str, tuple[str | None, str | None]] = field(default_factory=dict)  # model -> (repo id, commit)
 
 
@@ -112,6 +116,8 @@ def sidebar(state) -> Choice:
             bar.warning(view.escape_markdown(problem))
 
     def label(name: str) -> str:
+        if name not in choice.sources:
+            return f"{name} (base model)"
         commit = choice.sources[name][1]
         where = "served" if name in served else "registry, loads on first use"
         return f"{name} · {commit[:7] if commit else 'no sha'} ({where})"
@@ -119,8 +125,10 @@ def sidebar(state) -> Choice:
     default = [c.id for c in cards if c.parent][:1]  # the server's first adapter (a set's order varies by run)
     choice.adapters = bar.multiselect(f"Adapters (1 to {MAX_ADAPTERS})", list(choice.sources), default=default,
                                       format_func=label, max_selections=MAX_ADAPTERS)
-    choice.blind = bar.toggle("Blind A/B", help="the base and the first adapter, as A and B in random order; "
-                                                "vote on each turn (the Votes tab has the results)")
+    choice.blind = bar.toggle("Blind A/B", help="two of the models, as A and B in random order: the base, an adapter, "
+                                                "another revision of it; vote on each turn (the Votes tab rates them)")
+    if choice.blind:
+        choice.pair = blind_pair(bar, choice, label)
     bar.subheader("Sampling (every column)")
     choice.sampling = Sampling(
         temperature=bar.slider("Temperature", 0.0, 2.0, 0.0, 0.05), top_p=bar.slider("Top p", 0.05, 1.0, 1.0, 0.05),
@@ -129,13 +137,29 @@ def sidebar(state) -> Choice:
     return choice
 
 
+def blind_pair(bar, choice: Choice, label) -> tuple[str, str] | None:
+    """The two models blind A/B compares, picked from the base and every adapter and tag (first the
+    first adapter picked above, then the base); None while they are not two different models."""
+    models = [choice.base, *choice.sources] if choice.base else list(choice.sources)
+    if not models:
+        return None
+    first = models.index(choice.adapters[0]) if choice.adapters and choice.adapters[0] in models else len(models) - 1
+    pair = (bar.selectbox("Blind A/B: compare", models, index=first, format_func=label, key="blind-first"),
+            bar.selectbox("with", models, index=0, format_func=label, key="blind-second",
+                          help="e.g. alice/reverse@v2 with alice/reverse@v1, or an adapter with its base model"))
+    if pair[0] == pair[1]:
+        bar.warning("Blind A/B needs two different models: pick another one to compare with")
+        return None
+    return pair
+
+
 def new_turn(state, choice: Choice, user: str) -> dict:
-    blind = choice.blind and bool(choice.adapters)  # A/B needs an adapter against the base
-    models = [choice.base, *choice.adapters[:1 if blind else MAX_ADAPTERS]]
+    blind = choice.blind and choice.pair is not None
+    models = list(choice.pair) if blind else [choice.base, *choice.adapters[:MAX_ADAPTERS]]
     if blind:
         random.shuffle(models)
     return {"id": uuid.uuid4().hex, "user": user, "system": choice.system, "base": choice.base, "order": models,
-            "blind": blind, "answers": {}, "vote": None,
+            "blind": blind, "answers": {}, "vote": None, "sources": {m: choice.sources.get(m, (None, None)) for m in models},
             "histories": {m: history(state.turns, m, choice.system, user) for m in models}}
 
 
@@ -238,14 +262,19 @@ def vote_row(turn: dict, state) -> None:
         return
     for column, (vote, text) in zip(st.columns(len(view.VOTE_LABELS)), view.VOTE_LABELS.items()):
         if column.button(text, key=f"vote-{turn['id']}-{vote}"):
-            adapter = next(m for m in turn["order"] if m != turn["base"])
+            a, b = (voted_side(turn, m) for m in turn["order"])
             votes.record(votes_path(), votes.Vote(
                 session_id=state.session_id, turn_id=turn["id"], system=turn["system"], prompt=turn["user"],
-                answer_a=answers[0].text, answer_b=answers[1].text, choice=vote, base_model=turn["base"],
-                adapter=adapter, adapter_revision=(turn.get("commits") or {}).get(adapter) or adapter,
-                adapter_side="AB"[turn["order"].index(adapter)]))
+                answer_a=answers[0].text, answer_b=answers[1].text, choice=vote, a=a, b=b))
             turn["vote"] = vote
             st.rerun()
+
+
+def voted_side(turn: dict, model: str) -> votes.Side:
+    """A side as the vote records it: its repo, and the commit the endpoint served it from (the
+    registry's listing when the endpoint did not say; the name for a model with neither)."""
+    repo, listed = turn["sources"].get(model, (None, None))
+    return votes.Side(model, repo or "", (turn.get("commits") or {}).get(model) or listed or "")
 
 
 def prompt_panel(turn: dict, endpoint: Endpoint, names: dict) -> None:
@@ -280,13 +309,25 @@ def cards_tab(choice: Choice) -> None:
             st.warning(view.escape_markdown(f"{e.problem} ({e.fix})"))
 
 
+@st.cache_data(show_spinner=False, max_entries=8)  # the same votes, the same intervals (a fixed seed)
+def rated(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    return ratings.pairs(rows), ratings.bradley_terry(rows)
+
+
 def votes_tab(state) -> None:
     path = votes_path()
-    st.caption(f"win rate of each adapter revision against its base model, over every session's votes "
-               f"({len(votes.session_votes(path, state.session_id))} from this session)")
-    view.win_rates(votes.win_rates(path))
-    if st.button("Export", help="write the votes as a preference dataset and the preferred answers as an SFT dataset"):
-        preferences, sft, rows = votes.export(path, path.parent / "exports")
+    st.caption(f"every session's votes, per revision ({len(votes.session_votes(path, state.session_id))} from this "
+               "session); `loradock votes report` prints the same")
+    pair_rows, ranking = rated(votes.outcomes(path))
+    view.pairs(pair_rows)
+    view.ranking(ranking)
+    if st.button("Export", help="write the votes as a preference dataset and the preferred answers as an SFT dataset "
+                                "(`loradock votes export` can pick an adapter or a revision, and push them)"):
+        try:
+            preferences, sft, rows = votes.export(path, path.parent / "exports" / time.strftime("%Y%m%d-%H%M%S"))
+        except LoradockError as e:
+            st.warning(view.escape_markdown(f"{e.problem} ({e.fix})"))
+            return
         st.success(view.escape_markdown(f"{rows} rows: {preferences} (prompt, chosen, rejected) and {sft} "
                                         "(prompt, response; check it with `loradock data check`)"))
         for target in (preferences, sft):
@@ -324,8 +365,8 @@ def main() -> None:
     chat, cards, ballots = st.tabs(["Chat", "Adapter cards", "Votes"])
     prompt = st.chat_input("Message every model")
     with chat:
-        if choice.blind and len(choice.adapters) > 1:
-            st.caption(f"Blind A/B compares the base with the first adapter only: {choice.adapters[0]}")
+        if choice.pair:
+            st.caption("Blind A/B: the two models picked in the sidebar, as A and B in random order")
         for turn in list(state.turns):
             show_turn(turn, choice, state)
         if prompt and not choice.base:

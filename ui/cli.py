@@ -1,4 +1,5 @@
-"""The ui/ command: `loradock ui`, the Streamlit comparison screen (ui/app.py) in headless mode.
+"""The ui/ commands: `loradock ui`, the Streamlit comparison screen (ui/app.py) in headless mode;
+`loradock votes report|export`, its blind votes as a ranking and as training data.
 
 The endpoint and the registry are fixed here, at launch: the screen sends the serving key and the
 Hub token to them only. Listening beyond localhost needs a password (or an explicit
@@ -42,6 +43,99 @@ def register(subparsers) -> None:
     )
     add_config_flags(p, UIConfig, example="ui.yaml")
     p.set_defaults(func=run_ui)
+    register_votes(subparsers)
+
+
+def register_votes(subparsers) -> None:
+    votes = subparsers.add_parser("votes", help="the blind A/B votes: win rates and a ranking, or training data")
+    sub = votes.add_subparsers(dest="votes_command", metavar="SUBCOMMAND", required=True)
+    report = sub.add_parser("report", help="win rate per pair of revisions and a Bradley-Terry ranking, with 95%% intervals",
+                            description="Every pair of revisions that met in Blind A/B (ties and 'both bad' count "
+                                        "half a win each way), and all of them ranked on Chatbot Arena's scale "
+                                        "(400 * log10 strength, mean 1000), with percentile-bootstrap intervals.")
+    add_votes_flag(report)
+    report.add_argument("--format", choices=("markdown", "json"), default="markdown", help="markdown tables or JSON")
+    report.add_argument("--output", metavar="FILE", help="write the report here (default: print it)")
+    report.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for the intervals")
+    report.add_argument("--seed", type=int, default=0, help="the bootstrap's seed (the same seed, the same intervals)")
+    report.set_defaults(func=run_report)
+    export = sub.add_parser("export", help="the decided votes as preferences.jsonl and sft.jsonl, optionally pushed",
+                            description="Write preferences.jsonl (prompt, chosen, rejected, system when set) and "
+                                        "sft.jsonl (prompt, response) from the votes that picked a side, optionally "
+                                        "only those with an adapter or a revision on either side; with --push, "
+                                        "commit both to a dataset repo of the registry in one commit.")
+    add_votes_flag(export)
+    export.add_argument("--adapter", metavar="REPO", help="only votes with this adapter repo on either side")
+    export.add_argument("--revision", metavar="SHA", help="only votes with this commit sha (or a prefix of 7 or more "
+                                                          "characters) on either side")
+    export.add_argument("--output", metavar="DIR", help="the folder to write (default: $LORADOCK_HOME/ui/exports/TIME "
+                                                        "beside the default votes)")
+    export.add_argument("--push", metavar="REPO_ID", help="commit both files to this dataset repo of the registry")
+    export.add_argument("--registry", help="registry URL (default: $HF_ENDPOINT, else http://127.0.0.1:8090)")
+    export.add_argument("--token", help="token for the registry (default: HF_TOKEN, else `loradock hub login`'s)")
+    export.set_defaults(func=run_export)
+
+
+def add_votes_flag(p) -> None:
+    p.add_argument("--votes", metavar="PATH", help="the votes database (default: $LORADOCK_UI_VOTES, else "
+                                                   "$LORADOCK_HOME/ui/votes.sqlite)")
+
+
+def votes_database(flag: str | None):
+    """The votes database a command reads; it must exist (reading would create an empty one)."""
+    import os
+    from pathlib import Path
+
+    from loradock.errors import LoradockError
+    from ui import VOTES_ENV, votes
+
+    path = Path(flag or os.environ.get(VOTES_ENV) or votes.default_path())
+    if not path.is_file():
+        raise LoradockError(f"no votes database at {path}",
+                            "pass --votes PATH (the --votes of `loradock ui`), or vote in `loradock ui` (Blind A/B) first")
+    return path
+
+
+def run_report(args) -> int:
+    import json
+    from pathlib import Path
+
+    from ui import ratings, votes
+
+    rows = votes.outcomes(votes_database(args.votes))
+    pair_rows = ratings.pairs(rows, resamples=args.resamples, seed=args.seed)
+    ranking = ratings.bradley_terry(rows, resamples=args.resamples, seed=args.seed)
+    text = (json.dumps({"pairs": pair_rows, "ranking": ranking}, indent=2) + "\n" if args.format == "json"
+            else ratings.as_markdown(pair_rows, ranking))
+    if args.output:
+        votes.write_atomically(Path(args.output), text)
+        print(f"wrote {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def run_export(args) -> int:
+    import time
+    from pathlib import Path
+
+    from hub.adapter import check_repo_id
+    from ui import votes
+
+    path = votes_database(args.votes)
+    if args.push:
+        check_repo_id(args.push)  # before anything is written
+    folder = Path(args.output) if args.output else path.parent / "exports" / time.strftime("%Y%m%d-%H%M%S")
+    selection = votes.Selection(args.adapter, args.revision)
+    preferences, sft, rows = votes.export(path, folder, selection)
+    print(f"{rows} decided votes ({selection.words()}): {preferences} (prompt, chosen, rejected) and {sft} "
+          "(prompt, response)")
+    if args.push:
+        commit = votes.push([preferences, sft], args.push, args.registry, args.token,
+                            message=f"loradock votes export: {rows} decided votes ({selection.words()})")
+        print(f"pushed to dataset {args.push}")
+        print(f"commit {commit}")
+    return 0
 
 
 def is_local(host: str) -> bool:

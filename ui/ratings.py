@@ -49,13 +49,14 @@ class Model:
 
 def comparisons(votes: list[dict]) -> tuple[list[Model], np.ndarray, np.ndarray, np.ndarray, list[dict]]:
     """(models, a, b, score, counted votes): counted vote k put model a[k] (side A) against model
-    b[k] and scored `score[k]` for side A. Models are ordered by name, then revision."""
+    b[k] and scored `score[k]` for side A. Models are ordered: those not from the registry (a base
+    model) first, then by name, then by revision."""
     counted = [v for v in votes if v["revision_a"] != v["revision_b"]]
     seen = {}
     for v in counted:
         for side in "ab":
             seen[v[f"revision_{side}"]] = Model(v[f"revision_{side}"], v[f"model_{side}"], v.get(f"repo_{side}") or "")
-    models = sorted(seen.values(), key=lambda m: (m.name, m.revision))
+    models = sorted(seen.values(), key=lambda m: (bool(m.repo), m.name, m.revision))
     index = {m.revision: k for k, m in enumerate(models)}
     a = np.array([index[v["revision_a"]] for v in counted], dtype=int)
     b = np.array([index[v["revision_b"]] for v in counted], dtype=int)
@@ -71,8 +72,9 @@ def percentile_interval(statistic, n: int, resamples: int, seed: int) -> tuple[n
 
 
 def pairs(votes: list[dict], resamples: int = RESAMPLES, seed: int = SEED) -> list[dict]:
-    """One row per pair of revisions that met: X is the one with the later (name, revision), so an
-    adapter comes before its base model and alice/reverse@v2 before alice/reverse@v1.
+    """One row per pair of revisions that met: X is the one from the registry, else the one with the
+    later (name, revision), so an adapter comes before its base model and alice/reverse@v2 before
+    alice/reverse@v1.
 
     Returns:
         rows with model_x, revision_x, model_y, revision_y, votes, wins / losses (of X), ties,
@@ -157,3 +159,26 @@ def bradley_terry(votes: list[dict], resamples: int = RESAMPLES, seed: int = SEE
              "low": float(lo), "high": float(hi), "votes": int(n)}
             for model, r, lo, hi, n in zip(models, to_ratings(theta), low, high, played)]
     return sorted(rows, key=lambda r: -r["rating"])
+
+
+def short(revision: str, length: int = 12) -> str:
+    """A commit sha cut to `length` characters; a name (a model without a commit) whole."""
+    is_sha = len(revision) == 40 and all(c in "0123456789abcdef" for c in revision)
+    return revision[:length] if is_sha else revision
+
+
+def as_markdown(pair_rows: list[dict], ranking: list[dict]) -> str:
+    """The pair table and the ranking as two markdown tables (commit shas cut to 12 characters)."""
+    if not pair_rows:
+        return "no votes that compare two different revisions yet\n"
+    lines = ["## Pairs (win rate of X over Y; ties and both bad count half; 95% bootstrap interval)", "",
+             "| X | revision | Y | revision | votes | wins | losses | ties | both bad | win rate | 95% interval |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {r['model_x']} | {short(r['revision_x'])} | {r['model_y']} | {short(r['revision_y'])} | {r['votes']} "
+              f"| {r['wins']} | {r['losses']} | {r['ties']} | {r['both_bad']} | {r['win_rate']:.3f} "
+              f"| {r['low']:.3f} to {r['high']:.3f} |" for r in pair_rows]
+    lines += ["", f"## Bradley-Terry ranking (400 * log10 strength, mean {CENTRE:.0f}; 95% bootstrap interval)", "",
+              "| rank | model | revision | rating | 95% interval | votes |", "|---:|---|---|---:|---|---:|"]
+    lines += [f"| {k} | {r['model']} | {short(r['revision'])} | {r['rating']:.0f} | {r['low']:.0f} to {r['high']:.0f} "
+              f"| {r['votes']} |" for k, r in enumerate(ranking, 1)]
+    return "\n".join(lines) + "\n"

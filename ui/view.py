@@ -1,5 +1,5 @@
 """Drawing the comparison screen's pieces: answers, their timings, the prompts each model read,
-adapter cards, the vote buttons and the win-rate table. Everything a model or a server wrote is
+adapter cards, the vote buttons, the pair table and the ranking. Everything a model or a server wrote is
 drawn with `st.text` (or escaped before markdown): model output is shown as text, never as HTML
 or markdown.
 """
@@ -9,6 +9,7 @@ import re
 import streamlit as st
 
 from ui.client import Answer
+from ui.ratings import short
 
 DIFF_MARK = "⟦▶ differs from the base model's prompt from here⟧"
 VOTE_LABELS = {"A": "A is better", "B": "B is better", "tie": "Tie", "both_bad": "Both bad"}
@@ -83,12 +84,36 @@ def card(c) -> None:
             st.code(c.run_config_yaml, language="yaml")
 
 
-def win_rates(rows: list[dict]) -> None:
+def pairs(rows: list[dict]) -> None:
+    """The win rate of each pair of revisions that met (ui.ratings.pairs)."""
     import pandas as pd
 
     if not rows:
-        st.caption("no votes yet: turn on Blind A/B in the sidebar and vote")
+        st.caption("no votes yet: turn on Blind A/B in the sidebar, pick two models and vote")
         return
     table = pd.DataFrame(rows)
-    table["revision"] = table["revision"].str[:12]
+    for column in ("revision_x", "revision_y"):
+        table[column] = table[column].map(short)
+    table[["win_rate", "low", "high"]] = table[["win_rate", "low", "high"]].round(3)
+    st.caption("win rate of X over Y (ties and both bad count half), with its 95% bootstrap interval low to high")
     st.dataframe(table, hide_index=True, width="stretch")
+
+
+def ranking(rows: list[dict]) -> None:
+    """The Bradley-Terry ranking (ui.ratings.bradley_terry) as a table and a chart with its intervals."""
+    import altair as alt
+    import pandas as pd
+
+    if not rows:
+        return
+    table = pd.DataFrame(rows)[["model", "revision", "rating", "low", "high", "votes"]]
+    table["label"] = [r["model"] if short(r["revision"]) == r["revision"] else f"{r['model']} · {short(r['revision'], 7)}"
+                      for r in rows]  # the chart's: one model's names may differ by revision only
+    table["revision"] = table["revision"].map(short)
+    table[["rating", "low", "high"]] = table[["rating", "low", "high"]].round(0)
+    st.caption("Bradley-Terry ranking on Chatbot Arena's scale (400 * log10 strength, mean 1000), 95% bootstrap interval")
+    st.dataframe(table.drop(columns="label"), hide_index=True, width="stretch")
+    y = alt.Y("label:N", sort=None, title=None)
+    points = alt.Chart(table).mark_circle(size=80).encode(x=alt.X("rating:Q", scale=alt.Scale(zero=False)), y=y)
+    whiskers = alt.Chart(table).mark_rule(color="black").encode(x="low:Q", x2="high:Q", y=y)
+    st.altair_chart(points + whiskers, width="stretch")
