@@ -41,8 +41,8 @@ REASONS = {
     "untokenizable": "tokenizer failed",
     "untrained": "no trained token",  # the template marks no token of the row for training
     # preference rows (`--objective dpo`, sft.preference_data)
-    "empty_side": "empty chosen/rejected",
-    "same_answers": "chosen = rejected",
+    "empty_side": "empty side",
+    "same_answers": "same answers",
     "no_prompt": "no shared prompt",
 }
 
