@@ -385,7 +385,7 @@ def run_config_yaml(config: ResolvedConfig, record: dict | None = None) -> str:
 
     body = config.to_yaml_dict()
     body["resume"] = body["overwrite"] = False
-    body.update({"parent": None, "dataset": None, **(record or {})})
+    body.update(record or {})
     versions = f"# versions: trl {trl.__version__}, peft {peft.__version__}, transformers {transformers.__version__}\n"
     header = "# The resolved configuration of this adapter's training run.\n"
     header += f"# Re-run it: loradock train --config {RUN_CONFIG} --output NEW_DIR\n"
