@@ -99,6 +99,20 @@ def parent_problems(parent: Parent, method, peft_settings: dict, base_model: str
     return problems
 
 
+def adopt_parent_settings(parent: Parent, method, peft: dict) -> list[str]:
+    """Take the parent's values of the method's other card settings (LoRA's alpha and dropout) into
+    the run's `peft` settings, so run_config.yaml says what the loaded adapter is; returns a note
+    for each value of the run's that is not used."""
+    notes = []
+    for source in method.card_fields.values():
+        if source in SHAPE_FIELDS or source not in parent.config or source not in peft:
+            continue
+        if peft[source] != parent.config[source]:
+            notes.append(f"{source} {parent.config[source]} is the parent's (this run's {peft[source]} is not used)")
+            peft[source] = parent.config[source]
+    return notes
+
+
 def _comparable(value):
     return sorted(value) if isinstance(value, (list, tuple, set)) else value
 

@@ -32,7 +32,8 @@ from sft.config import DEFAULT_MAX_LENGTH, ResolvedConfig
 from sft.data import parse_columns
 from sft.data_check import check_data, enforce, to_dataset
 from sft.evaluate import METRICS as METRIC_NAMES
-from sft.lineage import DataSource, Parent, base_linear_names, parent_problems, resolve_data, resolve_parent
+from sft.lineage import (DataSource, Parent, adopt_parent_settings, base_linear_names, parent_problems, resolve_data,
+                         resolve_parent)
 from sft.preference_data import check_preferences, to_preference_dataset
 
 
@@ -149,6 +150,8 @@ def check_parent(config: ResolvedConfig, base_path: str) -> Parent:
         raise LoradockError(f"--init-adapter {config.args.init_adapter} cannot be continued by this run",
                             "change the flags named below: a continued adapter keeps its parent's base model, method "
                             "and shapes; nothing was written", "\n".join(f"  - {p}" for p in problems))
+    for note in adopt_parent_settings(parent, config.method, config.peft):
+        print(f"--init-adapter: {note}", flush=True)
     return parent
 
 
@@ -282,10 +285,10 @@ def run(config: ResolvedConfig) -> Path:
 
     args = config.args
     apply_device_defaults(config)
-    paths, checkpoint = prepare_output(config)
     base_path = resolve_base_model(args.base_model)
     check_base_supports(config, base_path)
-    parent = check_parent(config, base_path) if args.init_adapter else None
+    parent = check_parent(config, base_path) if args.init_adapter else None  # first: it settles config.peft
+    paths, checkpoint = prepare_output(config)
     data, held = resolve_data(args.data), resolve_data(args.eval_data, "--eval-data")
     tokenizer = load_tokenizer(base_path, args.chat_template)
     train_report, train_rows, eval_rows, eval_summary = check_datasets(config, tokenizer, data, held)

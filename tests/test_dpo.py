@@ -208,18 +208,23 @@ def test_dpo_refuses_unusable_pairs_before_training(cli, parent, tmp_path, bad, 
 
 @pytest.mark.slow
 def test_sft_continues_a_local_folder(cli, parent, tmp_path):
+    local = variant_of(parent, tmp_path / "parent", lora_alpha=32, lora_dropout=0.0)
     output = tmp_path / "child"
     with pytest.MonkeyPatch.context() as patch:
         seen = lora_weights_at_start(patch)
-        result = cli("train", "--init-adapter", parent, "--data", write_jsonl(tmp_path / "t.jsonl", reverse_rows(32)),
+        result = cli("train", "--init-adapter", local, "--data", write_jsonl(tmp_path / "t.jsonl", reverse_rows(32)),
                      "--output", output, *QUICK)
     assert result.code == 0, result.text
-    assert_starts_from(seen, parent)
+    assert_starts_from(seen, local)
+    assert "--init-adapter: lora_alpha 32 is the parent's (this run's 16 is not used)" in result.out
     run_config = yaml.safe_load((output / "run_config.yaml").read_text())
-    assert run_config["objective"] == "sft" and run_config["init_adapter"] == str(parent)
+    assert run_config["objective"] == "sft" and run_config["init_adapter"] == str(local)
     assert run_config["parent"] == {"repo_id": None, "revision": None, "commit": None, "base_model": "loradock/tiny-chat"}
+    assert run_config["peft"]["lora_alpha"] == 32 and run_config["peft"]["lora_dropout"] == 0.0
+    assert json.loads((output / "adapter_config.json").read_text())["lora_alpha"] == 32
     ours = front_matter(output)["loradock"]
     assert ours["objective"] == "sft" and ours["parent"]["base_model"] == "loradock/tiny-chat"
+    assert ours["lora"]["alpha"] == 32
 
 
 @pytest.mark.slow
