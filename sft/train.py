@@ -274,14 +274,30 @@ def check_trainable(model) -> None:
                             "settings; nothing was written")
 
 
+def build_trainer(config: ResolvedConfig, model, trainer_args, train_rows, eval_rows, tokenizer, held_out, fresh):
+    """The objective's trainer. `fresh` is the PEFT config of a new adapter, or None when `model`
+    already holds the parent adapter."""
+    from sft.trainer import LoradockDPOTrainer, LoradockSFTTrainer
+
+    if config.args.objective == "dpo":
+        # The model holds the parent as its "default" adapter; TRL copies it into a frozen "ref"
+        # adapter and scores the reference with that one, so the reference is the parent, not the base.
+        return LoradockDPOTrainer(
+            model=model, args=trainer_args, train_dataset=to_preference_dataset(train_rows),
+            eval_dataset=to_preference_dataset(eval_rows) if eval_rows else None, processing_class=tokenizer,
+            held_out=held_out)
+    return LoradockSFTTrainer(
+        model=model, args=trainer_args, train_dataset=to_dataset(train_rows),
+        eval_dataset=to_dataset(eval_rows) if eval_rows else None, processing_class=tokenizer,
+        peft_config=fresh, held_out=held_out)
+
+
 def run(config: ResolvedConfig) -> Path:
     """Train one adapter; returns the published folder."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from peft import PeftModel
-
-    from sft.trainer import LoradockDPOTrainer, LoradockSFTTrainer
 
     args = config.args
     apply_device_defaults(config)
@@ -304,20 +320,12 @@ def run(config: ResolvedConfig) -> Path:
     if parent:
         model = PeftModel.from_pretrained(model, str(parent.folder), is_trainable=True)
     held_out = held_out_sample(eval_rows, args.eval_generations, config.training.get("seed", 42))
-    if args.objective == "dpo":
-        # The model holds the parent as its "default" adapter; TRL copies it into a frozen "ref"
-        # adapter and scores the reference with that one, so the reference is the parent, not the base.
-        trainer = LoradockDPOTrainer(
-            model=model, args=trainer_args, train_dataset=to_preference_dataset(train_rows),
-            eval_dataset=to_preference_dataset(eval_rows) if eval_rows else None, processing_class=tokenizer,
-            held_out=held_out)
-    else:
-        trainer = LoradockSFTTrainer(
-            model=model, args=trainer_args, train_dataset=to_dataset(train_rows),
-            eval_dataset=to_dataset(eval_rows) if eval_rows else None, processing_class=tokenizer,
-            peft_config=None if parent else peft_config(config, base_path), held_out=held_out)
+    trainer = build_trainer(config, model, trainer_args, train_rows, eval_rows, tokenizer, held_out,
+                            fresh=None if parent else peft_config(config, base_path))
     check_trainable(trainer.model)
     trainable, total = trainer.model.get_nb_trainable_parameters()
+    if "ref" in trainer.model.peft_config:
+        total -= trainable  # DPO's frozen copy of the adapter is not part of the base
     started = time.perf_counter()
     before = held_out_before(trainer, paths) if eval_rows else {}
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)

@@ -252,7 +252,7 @@ def test_sft_continues_a_registry_adapter_pinned_to_its_commit(cli, hub_env, pus
 
 
 @pytest.mark.slow
-def test_dpo_from_a_registry_parent_on_registry_data(cli, hub_env, pushed_parent, parent, tmp_path):
+def test_dpo_from_a_registry_parent_on_registry_data(cli, hub_env, pushed_parent, parent, tmp_path, base_model_dir):
     """A few DPO steps: the reference is the parent (the first held-out loss is ln 2, the policy
     being the parent too), the card says objective dpo and the parent's commit, and the data's
     registry commit is recorded."""
@@ -293,6 +293,11 @@ def test_dpo_from_a_registry_parent_on_registry_data(cli, hub_env, pushed_parent
 
     weights, before = load_file(output / "adapter_model.safetensors"), load_file(parent / "adapter_model.safetensors")
     assert set(weights) == set(before)  # TRL's frozen "ref" copy is not saved
+    assert metrics["trainable_parameters"] == sum(t.numel() for t in before.values())  # nor counted as the base's
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir)
+    assert metrics["base_parameters"] == sum(p.numel() for p in base.parameters())
     assert any(not torch.equal(weights[name], before[name]) for name in weights)
 
 
