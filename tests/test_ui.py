@@ -42,8 +42,9 @@ def to_rank_32(weights: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def served(registry, trained_adapters, tmp_path_factory):
-    """`loradock serve` with ui/reverse@v1; ui/templated (its own chat template) and ui/rank-32 (refused:
-    rank above --max-lora-rank) wait in the registry to be hot-loaded."""
+    """`loradock serve` with ui/reverse@v1; ui/reverse@v2 (the sort adapter, pushed as a second revision),
+    ui/templated (its own chat template) and ui/rank-32 (refused: rank above --max-lora-rank) wait in the
+    registry to be hot-loaded."""
     from hub.client import push
 
     tmp = tmp_path_factory.mktemp("ui-serve")
@@ -58,6 +59,8 @@ def served(registry, trained_adapters, tmp_path_factory):
     for name, folder in (("reverse", good), ("templated", templated), ("rank-32", variant(good, tmp / "r32", {"r": 32}, to_rank_32))):
         commits[f"ui/{name}"] = push(str(folder), f"ui/{name}", tag="v1", endpoint=registry.url,
                                      token=registry.write_token).commit
+    commits["ui/reverse@v2"] = push(str(trained_adapters["sort"]), "ui/reverse", tag="v2", endpoint=registry.url,
+                                    token=registry.write_token).commit
     env = {**os.environ, "HF_HUB_DISABLE_XET": "1"}
     server = ServeProcess(["--adapter", "ui/reverse@v1", "--registry", registry.url, "--token", registry.write_token,
                            "--max-lora-rank", "16", "--max-model-len", "256"], tmp / "serve.log", env).start()
@@ -184,27 +187,59 @@ def test_blind_votes_per_session_win_rates_and_export_that_data_check_accepts(se
     vote(other, "both_bad")
 
     db = sqlite3.connect(app_env)
-    rows = db.execute("SELECT session_id, prompt, answer_a, answer_b, choice, adapter, adapter_revision, adapter_side "
-                      "FROM votes ORDER BY created_at").fetchall()
+    rows = db.execute("SELECT session_id, prompt, answer_a, answer_b, choice, model_a, repo_a, revision_a, model_b, "
+                      "repo_b, revision_b FROM votes ORDER BY created_at").fetchall()
     sessions = [at.session_state["session_id"], other.session_state["session_id"]]
     assert sessions[0] != sessions[1]
-    assert rows[0] == (sessions[0], PROMPT, answers["A"], answers["B"], adapter_side, "ui/reverse@v1",
-                       served.commits["ui/reverse"], adapter_side)
+    sides = {"ui/reverse@v1": ("ui/reverse@v1", "ui/reverse", served.commits["ui/reverse"]), BASE: (BASE, "", BASE)}
+    assert rows[0] == (sessions[0], PROMPT, answers["A"], answers["B"], adapter_side,
+                       *sides[turn["order"][0]], *sides[turn["order"][1]])
     assert [(r[0], r[4]) for r in rows[1:]] == [(sessions[0], "tie"), (sessions[1], "both_bad")]
 
     at.run()
-    table = at.dataframe[-1].value
-    assert table.to_dict("records")[0] == {"adapter": "ui/reverse@v1", "revision": served.commits["ui/reverse"][:12],
-                                                "base_model": BASE, "votes": 3, "wins": 1, "losses": 0, "ties": 1,
-                                                "both_bad": 1, "win_rate": 0.333}
+    pair, ranking = (table.value.to_dict("records") for table in at.dataframe[-2:])
+    assert {k: pair[0][k] for k in ("model_x", "revision_x", "model_y", "revision_y", "votes", "wins", "losses",
+                                    "ties", "both_bad", "win_rate")} == {
+        "model_x": "ui/reverse@v1", "revision_x": served.commits["ui/reverse"][:12], "model_y": BASE,
+        "revision_y": BASE, "votes": 3, "wins": 1, "losses": 0, "ties": 1, "both_bad": 1, "win_rate": 0.667}
+    assert pair[0]["low"] <= 0.667 <= pair[0]["high"] and len(pair) == 1
+    assert [r["model"] for r in ranking] == ["ui/reverse@v1", BASE] and ranking[0]["rating"] > 1000
     next(b for b in at.button if b.label == "Export").click().run()
-    preferences, sft = (sorted((tmp_path / "exports").glob(f"{name}-*.jsonl"))[-1] for name in ("preferences", "sft"))
+    preferences, sft = (sorted((tmp_path / "exports").glob(f"*/{name}.jsonl"))[-1] for name in ("preferences", "sft"))
     assert [json.loads(line) for line in preferences.read_text().splitlines()] == [
         {"prompt": PROMPT, "chosen": answers[adapter_side], "rejected": answers["AB".replace(adapter_side, "")]}]
     assert [json.loads(line) for line in sft.read_text().splitlines()] == [{"prompt": PROMPT, "response": answers[adapter_side]}]
     for args in ([sft], [preferences, "--columns", "response=chosen"]):
         check = run_loradock("data", "check", *args, timeout=300)
         assert check.returncode == 0 and "ok: training would accept this data" in check.stdout, check.stdout + check.stderr
+
+
+def test_blind_compares_two_revisions_of_one_adapter_and_the_votes_keep_both_commits(served, app_env):
+    at = app()
+    at.sidebar.toggle[0].set_value(True).run()
+    first, second = at.selectbox(key="blind-first"), at.selectbox(key="blind-second")
+    assert (first.value, second.value) == ("ui/reverse@v1", BASE)  # by default the adapter against its base
+    v1, v2 = served.commits["ui/reverse"], served.commits["ui/reverse@v2"]
+    assert f"ui/reverse@v2 · {v2[:7]} (registry, loads on first use)" in first.options
+    first.set_value("ui/reverse@v1").run()
+    at.selectbox(key="blind-second").set_value("ui/reverse@v1").run()
+    assert any("two different models" in w.value for w in at.sidebar.warning)
+    at.selectbox(key="blind-first").set_value("ui/reverse@v2").run()
+    send(at, PROMPT)
+    turn = at.session_state["turns"][0]
+    assert sorted(turn["order"]) == ["ui/reverse@v1", "ui/reverse@v2"] and turn["blind"]
+    assert [t for t in texts(at) if t in ("A", "B")] == ["A", "B"]
+    v2_side = "AB"[turn["order"].index("ui/reverse@v2")]
+    vote(at, v2_side)
+    assert f"{v2_side}: ui/reverse@v2 · {v2[:7]}" in texts(at)  # revealed after the vote
+    sides = {"ui/reverse@v1": ("ui/reverse@v1", "ui/reverse", v1), "ui/reverse@v2": ("ui/reverse@v2", "ui/reverse", v2)}
+    assert sqlite3.connect(app_env).execute(
+        "SELECT choice, model_a, repo_a, revision_a, model_b, repo_b, revision_b FROM votes").fetchall() == [
+        (v2_side, *sides[turn["order"][0]], *sides[turn["order"][1]])]
+    pair, ranking = (table.value.to_dict("records") for table in at.dataframe[-2:])
+    assert [(p["model_x"], p["revision_x"], p["model_y"], p["revision_y"], p["wins"]) for p in pair] == [
+        ("ui/reverse@v2", v2[:12], "ui/reverse@v1", v1[:12], 1)]
+    assert [(r["model"], r["revision"]) for r in ranking] == [("ui/reverse@v2", v2[:12]), ("ui/reverse@v1", v1[:12])]
 
 
 class BrokenStream(BaseHTTPRequestHandler):
@@ -273,6 +308,35 @@ def chromium():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+def votes_landed(db: Path, count: int, timeout: float = 30) -> list[tuple]:
+    """(choice, model_a, model_b) of each vote, oldest first, once there are `count` of them."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (db.exists() and sqlite3.connect(db).execute(
+            "SELECT COUNT(*) FROM votes").fetchone()[0] >= count):
+        time.sleep(0.2)
+    rows = sqlite3.connect(db).execute("SELECT choice, model_a, model_b FROM votes ORDER BY created_at").fetchall()
+    assert len(rows) == count, rows
+    return rows
+
+
+def pick(wait, label: str, option: str) -> None:
+    """Choose the option that starts with `option` in the selectbox labelled `label` (a combo box: type
+    over its value, then click the option it lists)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    def field(b):
+        return next(iter(b.find_elements(By.CSS_SELECTOR, f'input[role="combobox"][aria-label="{label}"]')), None)
+
+    typed = wait.until(field)
+    typed.click()
+    typed.send_keys(Keys.CONTROL, "a")
+    typed.send_keys(option)
+    wait.until(lambda b: [o for o in b.find_elements(By.CSS_SELECTOR, '[role="option"]')
+                          if o.text.startswith(option + " ")])[0].click()
+    wait.until(lambda b: (field(b).get_attribute("value") or "").startswith(option + " "))
+
+
 def test_a_real_browser_compares_and_votes(served, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -301,13 +365,23 @@ def test_a_real_browser_compares_and_votes(served, tmp_path):
         assert any('<b id="injected">bold</b>' in e.text for e in browser.find_elements(By.CSS_SELECTOR,
                                                                                      '[data-testid="stChatMessage"]'))
         vote_a[0].click()
-        deadline = time.time() + 30
-        while time.time() < deadline and not (votes_db.exists() and sqlite3.connect(votes_db).execute(
-                "SELECT COUNT(*) FROM votes").fetchone()[0]):
-            time.sleep(0.2)
-        [(choice, adapter)] = sqlite3.connect(votes_db).execute("SELECT choice, adapter FROM votes").fetchall()
-        assert (choice, adapter) == ("A", "ui/reverse@v1")
+        [(choice, *models)] = votes_landed(votes_db, 1)
+        assert choice == "A" and set(models) == {BASE, "ui/reverse@v1"}
         wait.until(lambda b: "your vote: A is better" in b.page_source)
+
+        # Two revisions of one adapter, picked in the sidebar's two boxes.
+        pick(wait, "Blind A/B: compare", "ui/reverse@v2")
+        pick(wait, "with", "ui/reverse@v1")
+        box = wait.until(lambda b: b.find_element(By.CSS_SELECTOR, '[data-testid="stChatInputTextArea"]'))
+        box.send_keys("Reverse the words: one two")
+        box.send_keys(Keys.ENTER)
+        wait.until(lambda b: [e for e in b.find_elements(By.TAG_NAME, "button") if e.text == "B is better"])[0].click()
+        _, (choice, *models) = votes_landed(votes_db, 2)
+        assert choice == "B" and set(models) == {"ui/reverse@v1", "ui/reverse@v2"}
+        revisions = sqlite3.connect(votes_db).execute(
+            "SELECT revision_a, revision_b FROM votes ORDER BY created_at DESC LIMIT 1").fetchone()
+        assert set(revisions) == {served.commits["ui/reverse"], served.commits["ui/reverse@v2"]}
+        wait.until(lambda b: "your vote: B is better" in b.page_source)
     finally:
         if browser:
             shot = tmp_path / "ui.png"
@@ -605,6 +679,7 @@ def test_votes_export_selects_a_revision_and_pushes_both_files_in_one_dataset_co
         {"prompt": "p6", "chosen": "alice/reverse@v1 says p6", "rejected": "alice/reverse@v2 says p6"}]
     assert jsonl(out / "sft.jsonl")[1] == {"prompt": "p5", "response": "alice/reverse@v2 says p5"}
     commit = result.out.split("commit ")[-1].strip()
+    assert f"--data datasets/alice/reverse-votes@{commit}/preferences.jsonl" in result.out
     api = HfApi(endpoint=registry.url, token=registry.write_token)
     [latest] = api.list_repo_commits("alice/reverse-votes", repo_type="dataset")[:1]
     assert latest.commit_id == commit and len(commit) == 40

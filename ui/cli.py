@@ -68,8 +68,8 @@ def register_votes(subparsers) -> None:
     export.add_argument("--adapter", metavar="REPO", help="only votes with this adapter repo on either side")
     export.add_argument("--revision", metavar="SHA", help="only votes with this commit sha (or a prefix of 7 or more "
                                                           "characters) on either side")
-    export.add_argument("--output", metavar="DIR", help="the folder to write (default: $LORADOCK_HOME/ui/exports/TIME "
-                                                        "beside the default votes)")
+    export.add_argument("--output", metavar="DIR", help="the folder to write (default: exports/TIME beside the votes "
+                                                        "database, as the screen's Export button does)")
     export.add_argument("--push", metavar="REPO_ID", help="commit both files to this dataset repo of the registry")
     export.add_argument("--registry", help="registry URL (default: $HF_ENDPOINT, else http://127.0.0.1:8090)")
     export.add_argument("--token", help="token for the registry (default: HF_TOKEN, else `loradock hub login`'s)")
@@ -134,6 +134,8 @@ def run_export(args) -> int:
         commit = votes.push([preferences, sft], args.push, args.registry, args.token,
                             message=f"loradock votes export: {rows} decided votes ({selection.words()})")
         print(f"pushed to dataset {args.push}")
+        print(f"  train on it: loradock train --objective dpo --data datasets/{args.push}@{commit}/{preferences.name}"
+              f"  (or sft: --data datasets/{args.push}@{commit}/{sft.name})")
         print(f"commit {commit}")
     return 0
 
