@@ -68,3 +68,11 @@ class AdapterRefused(LoradockError):
 
 class InvalidRequest(LoradockError):
     """A request a server will not carry out as sent (the client must change it)."""
+
+
+class Forbidden(LoradockError):
+    """A request a server understood and will not carry out on this server's policy (a 403)."""
+
+
+class Busy(LoradockError):
+    """A request that conflicts with work in progress and may succeed later (a 409)."""

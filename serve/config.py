@@ -50,6 +50,15 @@ class ServeConfig:
         "help": "registry token (none: $HF_TOKEN, else `loradock hub login`'s)", "secret": True})
     api_key: str | None = field(default=None, metadata={
         "help": "require this key on every route but /health (none: $LORADOCK_API_KEY, else no key)", "secret": True})
+    adapter_namespace: list[str] = field(default_factory=list, metadata={
+        "help": "a user or organisation whose registry adapters may be hot-loaded on a first request; repeat it "
+                "for more (none: the namespaces of --adapter and the token's own user)", "metavar": "ORG"})
+    adapter_cache_mb: float = field(default=10240, metadata={
+        "help": "size cap of the pulled adapter copies in $LORADOCK_HOME/pulled: past it, the least recently used "
+                "ones no loaded adapter uses are deleted (pulled again when asked for)"})
+    unload_drain_timeout: float = field(default=5.0, metadata={
+        "help": "seconds an unload waits for the requests using the adapter, holding new ones back; past it the "
+                "unload answers 409, unloads nothing, and the held requests go on"})
     max_model_len: int | None = field(default=None, metadata={"help": "context length (none: the model's)"})
     kv_cache_gib: int | None = field(default=None, metadata={
         "help": "KV cache size on a CPU, in whole GiB (none: 1/8 of the machine's memory, between 1 and 8)"})
@@ -60,6 +69,7 @@ class ServeConfig:
     vllm: dict = field(default_factory=dict, metadata={"flag": False})
     base_path: str | None = field(default=None, metadata={"flag": False})  # what vLLM loads for base_model
     startup_adapters: dict = field(default_factory=dict, metadata={"flag": False})  # served name -> pulled folder
+    hot_load_namespaces: list = field(default_factory=list, metadata={"flag": False})  # --adapter-namespace, resolved
 
     def to_environment(self) -> dict[str, str]:
         """The environment variable vLLM's processes read this from (secrets stay off command lines)."""
@@ -88,6 +98,18 @@ def check_vllm_section(values: dict, problems: list[str]) -> dict:
 VLLM_SECTION = Section("vllm", check_vllm_section)
 
 
+def is_namespace(name: str) -> bool:
+    """A user or organisation name as the Hub spells them (the part of a repo id before the slash)."""
+    from hub.adapter import check_repo_id
+    from loradock.errors import LoradockError
+
+    try:
+        check_repo_id(f"{name}/x")
+    except LoradockError:
+        return False
+    return "/" not in name
+
+
 def validate(config: ServeConfig) -> list[str]:
     problems = []
     if config.max_lora_rank not in SERVABLE_RANKS:
@@ -99,6 +121,14 @@ def validate(config: ServeConfig) -> list[str]:
         problems.append(f"--max-loras {config.max_loras} must be at least 1")
     if config.kv_cache_gib is not None and config.kv_cache_gib < 1:
         problems.append(f"--kv-cache-gib {config.kv_cache_gib} must be at least 1")
+    if config.adapter_cache_mb < 0:
+        problems.append(f"--adapter-cache-mb {config.adapter_cache_mb} must be 0 or more")
+    if config.unload_drain_timeout <= 0:
+        problems.append(f"--unload-drain-timeout {config.unload_drain_timeout} must be above 0 seconds")
+    for namespace in config.adapter_namespace:
+        if not is_namespace(namespace):
+            problems.append(f"--adapter-namespace {namespace!r} is not a user or organisation name; pass e.g. "
+                            "--adapter-namespace loradock")
     if config.log_level not in LOG_LEVELS:
         problems.append(f"--log-level {config.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     if config.registry and not config.registry.startswith(("http://", "https://")):

@@ -5,7 +5,8 @@ with LoRA and prompt embeddings enabled, loradock's middleware (`serve.middlewar
 the installed `vllm.general_plugins` entry point, loradock's registry resolver (`serve.resolver`).
 Adapters named on the command line are pulled first (pinned to the commit their revision resolves
 to), checked against the base model, and registered at start-up; any other registry adapter is
-hot-loaded on its first request. Prompt-tuning and p-tuning adapters are not LoRA: vLLM never
+hot-loaded on its first request, from the namespaces of `--adapter-namespace` (by default those of
+the `--adapter`s and the token's user). Prompt-tuning and p-tuning adapters are not LoRA: vLLM never
 sees them by name (the middleware serves them through prompt embeddings, `serve.soft_prompt`).
 The `vllm:` section of the config reaches vLLM as its own `--config` file.
 """
@@ -29,20 +30,47 @@ from loradock.procs import Service
 from serve.config import ServeConfig
 
 
-def pull_startup_adapters(config: ServeConfig, base: ServedBase) -> dict[str, str]:
-    """{served name: local folder} for each --adapter, pulled and checked before vLLM starts."""
-    from hub.client import pull
+def pull_startup_adapters(config: ServeConfig, base: ServedBase) -> tuple[dict[str, str], list]:
+    """{served name: local folder} for each --adapter, pulled and checked before vLLM starts, and
+    the leases on their copies, which this process holds while vLLM runs so that no eviction (by
+    this server or another sharing $LORADOCK_HOME) deletes them."""
+    from hub import pulled
 
-    folders = {}
-    for spec in config.adapter:
-        result = pull(spec, endpoint=config.registry, token=config.token)
+    folders, leases = {}, []
+    try:
+        for spec in config.adapter:
+            result, held = pulled.pull_leased(spec, endpoint=config.registry, token=config.token)
+            leases.append(held)
+            try:
+                check_folder(result.path, base)
+            except AdapterRefused as e:
+                raise LoradockError(e.problem, "drop this --adapter, or change the server settings named above") from None
+            print(f"adapter {spec} -> commit {result.commit}", flush=True)
+            folders[spec] = str(result.path)
+    except BaseException:
+        for held in leases:
+            held.release()
+        raise
+    pulled.evict(int(config.adapter_cache_mb * 2**20))
+    return folders, leases
+
+
+def hot_load_namespaces(config: ServeConfig) -> list[str]:
+    """--adapter-namespace as given, or else the namespaces of the --adapters and the token's user
+    (when the registry says who that is)."""
+    from hub.adapter import AdapterRef
+    from hub.client import hub_api
+
+    if config.adapter_namespace:
+        return sorted(set(config.adapter_namespace))
+    namespaces = {AdapterRef.of(spec).repo_id.split("/")[0] for spec in config.adapter if AdapterRef.looks_like(spec)}
+    if config.token:
         try:
-            check_folder(result.path, base)
-        except AdapterRefused as e:
-            raise LoradockError(e.problem, "drop this --adapter, or change the server settings named above") from None
-        print(f"adapter {spec} -> commit {result.commit}", flush=True)
-        folders[spec] = str(result.path)
-    return folders
+            namespaces.add(hub_api(config.registry, config.token).whoami()["name"])
+        except Exception as e:  # noqa: BLE001 - any failure only narrows what may be hot-loaded
+            print(f"warning: could not ask {config.registry} whose token this is ({type(e).__name__}); "
+                  "hot-loading only from the --adapter namespaces (add others with --adapter-namespace)", flush=True)
+    return sorted(namespaces)
 
 
 def served_by(folder: str) -> str:
@@ -110,9 +138,9 @@ def default_kv_cache_gib() -> int:
     return int(min(8, max(1, total_gib // 8)))
 
 
-def prepare(config: ServeConfig) -> ServeConfig:
+def prepare(config: ServeConfig) -> tuple[ServeConfig, list]:
     """The settings vLLM's processes get: registry, token and key found, base located, `--adapter`s
-    pulled, pinned and checked."""
+    pulled, pinned and checked; and the leases on their copies, to hold while vLLM runs."""
     from hub.client import endpoint_url, token_for
 
     registry = endpoint_url(config.registry)
@@ -121,7 +149,8 @@ def prepare(config: ServeConfig) -> ServeConfig:
         api_key=config.api_key or os.environ.get("LORADOCK_API_KEY") or None,
         kv_cache_gib=config.kv_cache_gib or default_kv_cache_gib(), base_path=built_base_model(config.base_model))
     base = ServedBase(config.base_model, config.base_path, config.max_lora_rank)
-    return dataclasses.replace(config, startup_adapters=pull_startup_adapters(config, base))
+    folders, leases = pull_startup_adapters(config, base)
+    return dataclasses.replace(config, startup_adapters=folders, hot_load_namespaces=hot_load_namespaces(config)), leases
 
 
 def serve(config: ServeConfig, ready_timeout: float = 600) -> int:
@@ -129,7 +158,7 @@ def serve(config: ServeConfig, ready_timeout: float = 600) -> int:
     import torch
 
     on_gpu = torch.cuda.is_available()
-    config = prepare(config)
+    config, leases = prepare(config)
     log, url = home() / "logs" / f"serve-{config.port}.log", f"http://{config.host}:{config.port}"
     # vLLM's API server, engine core and workers share its process group: stopping it stops them all.
     vllm = Service("vLLM", vllm_command(config, on_gpu, write_vllm_config(config)), log,
@@ -147,7 +176,8 @@ def serve(config: ServeConfig, ready_timeout: float = 600) -> int:
     try:
         vllm.wait_healthy(f"{url}/health", ready_timeout)
         print(f"serving {config.base_model} with {len(config.startup_adapters)} adapter(s) on "
-              f"{'GPU' if on_gpu else 'CPU'} at {url}/v1 (OpenAI API; log: {log})", flush=True)
+              f"{'GPU' if on_gpu else 'CPU'} at {url}/v1 (OpenAI API; log: {log}); hot-loading from "
+              f"{', '.join(config.hot_load_namespaces) or 'no namespace'}", flush=True)
         while vllm.process.poll() is None and not stopping:
             time.sleep(0.5)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -158,6 +188,8 @@ def serve(config: ServeConfig, ready_timeout: float = 600) -> int:
         raise
     finally:
         vllm.stop()
+        for held in leases:
+            held.release()
     if stopping:
         print("stopped", flush=True)
         return 0

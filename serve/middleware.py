@@ -13,7 +13,9 @@ It runs before vLLM's own middleware, on every request:
   route, whatever its path;
 - an unload waits for the requests already using that adapter and holds new ones back until it is
   done (vLLM checks a request's model name, then looks the adapter up again later: an unload in
-  between would turn an accepted request into a 404);
+  between would turn an accepted request into a 404), for `--unload-drain-timeout` seconds at
+  most: past that the unload answers 409, nothing is unloaded, and the held requests go on;
+- a hot-load from a namespace this server does not serve is a 403 (`serve.runtime.allowed`);
 - a request to a prompt-tuning or p-tuning adapter never reaches vLLM under the adapter's name: it
   is rendered and tokenized by vLLM's own /tokenize, embedded behind the adapter's soft prompt
   (`serve.soft_prompt`) and answered by vLLM's /v1/completions for the base model, in-process,
@@ -31,7 +33,8 @@ import json
 
 from hub.adapter import method_of
 from hub.adapter.checks import check_folder
-from loradock.errors import AdapterRefused, InvalidRequest, LoradockError, NotFound, RegistryRefused, Unreachable
+from loradock.errors import (AdapterRefused, Busy, Forbidden, InvalidRequest, LoradockError, NotFound, RegistryRefused,
+                             Unreachable)
 from serve import runtime, soft_prompt
 
 OPEN_ROUTES = {"/health"}
@@ -40,14 +43,20 @@ GENERATION = {"/v1/chat/completions", "/v1/completions"}
 TEMPLATE_FIELD = "chat_template"
 
 # loradock's errors as HTTP statuses, the one place they are decided (by type, most specific first).
-STATUS = ((AdapterRefused, 400), (InvalidRequest, 400), (NotFound, 404), (Unreachable, 503), (RegistryRefused, 502),
-          (LoradockError, 502))
-KINDS = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 502: "BadGatewayError",
-         503: "ServiceUnavailableError"}
+STATUS = ((AdapterRefused, 400), (InvalidRequest, 400), (Forbidden, 403), (NotFound, 404), (Busy, 409),
+          (Unreachable, 503), (RegistryRefused, 502), (LoradockError, 502))
+KINDS = {400: "BadRequestError", 401: "AuthenticationError", 403: "PermissionDeniedError", 404: "NotFoundError",
+         409: "ConflictError", 502: "BadGatewayError", 503: "ServiceUnavailableError"}
 
 
 def status_of(error: LoradockError) -> int:
     return next(status for kind, status in STATUS if isinstance(error, kind))
+
+
+def refusal(error: LoradockError, param: str | None = None) -> tuple[int, bytes]:
+    """The status and error body of one of loradock's errors: its problem, then its fix."""
+    status = status_of(error)
+    return status, error_body(status, f"{error.problem}; fix: {error.fix}" if error.fix else error.problem, param)
 
 
 def error_body(status: int, message: str, param: str | None = None) -> bytes:
@@ -117,9 +126,11 @@ def replay(body: bytes, receive):
 
 class InFlight:
     """Requests per adapter name, and the names being unloaded: a request waits while its adapter
-    is being unloaded; an unload waits until no request uses the adapter."""
+    is being unloaded; an unload waits until no request uses the adapter, for `drain_timeout`
+    seconds at most (then it raises Busy and lets the held requests go)."""
 
-    def __init__(self):
+    def __init__(self, drain_timeout: float):
+        self.drain_timeout = drain_timeout
         self._count = collections.Counter()
         self._unloading: set[str] = set()
         self._changed = asyncio.Condition()
@@ -134,14 +145,27 @@ class InFlight:
         finally:
             async with self._changed:
                 self._count[name] -= 1
+                if not self._count[name]:
+                    del self._count[name]
                 self._changed.notify_all()
 
     @contextlib.asynccontextmanager
     async def unloading(self, name: str):
+        """Raises:
+            Busy: another unload of `name`, or requests using it, outlasted the drain deadline."""
+        deadline = asyncio.get_running_loop().time() + self.drain_timeout
         async with self._changed:
-            await self._changed.wait_for(lambda: name not in self._unloading)
+            if not await self._wait(lambda: name not in self._unloading, deadline):
+                raise Busy(f"adapter {name!r} is being unloaded by another request that has waited "
+                           f"{self.drain_timeout:g} s already; nothing was done", "try the unload again later")
             self._unloading.add(name)
-            await self._changed.wait_for(lambda: self._count[name] == 0)
+            if not await self._wait(lambda: not self._count[name], deadline):
+                self._unloading.discard(name)
+                self._changed.notify_all()
+                raise Busy(f"adapter {name!r} is still answering {self._count[name]} request(s) after the "
+                           f"{self.drain_timeout:g} s drain deadline: nothing was unloaded, and it goes on serving",
+                           "unload it again once they finish, or restart loradock serve with a longer "
+                           "--unload-drain-timeout")
         try:
             yield
         finally:
@@ -149,11 +173,22 @@ class InFlight:
                 self._unloading.discard(name)
                 self._changed.notify_all()
 
+    async def _wait(self, predicate, deadline: float) -> bool:
+        """Wait (holding the condition's lock) until `predicate` holds or the loop's clock reaches
+        `deadline`; whether it holds."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._changed.wait_for(predicate)
+        except TimeoutError:
+            return predicate()
+        return True
+
 
 class LoradockMiddleware:
     def __init__(self, app):
         self.app = app
-        self.in_flight = InFlight()
+        cfg = runtime.config()
+        self.in_flight = InFlight(cfg.unload_drain_timeout if cfg else 5.0)
         self._base_template: str | None = None
         self._base_template_read = False
 
@@ -203,9 +238,13 @@ class LoradockMiddleware:
                                                                    "soft_prompt", False):
                     return await self.unload_soft_prompt(send, body["lora_name"])
             except LoradockError as e:
-                return await respond(send, status_of(e), error_body(status_of(e), e.problem, "model"))
+                return await respond(send, *refusal(e, "model"))
             raw = json.dumps(body).encode()
-        async with self.guard(path, body):
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                await held.enter_async_context(self.guard(path, body))
+            except Busy as e:
+                return await respond(send, *refusal(e, "lora_name"))
             if adapter is not None and adapter.soft_prompt:
                 return await self.answer_with_soft_prompt(scope, receive, send, path, body, adapter)
             return await self.app(with_path(scope, path, raw), replay(raw, receive), self.track_adapters(send, path, body))
@@ -253,7 +292,7 @@ class LoradockMiddleware:
             embeds = await asyncio.to_thread(soft_prompt.prompt_embeds, cfg.base_path, adapter.path,
                                              tokenized["tokens"])
         except LoradockError as e:
-            return await respond(send, status_of(e), error_body(status_of(e), e.problem))
+            return await respond(send, *refusal(e))
         raw = json.dumps(soft_prompt.completion_body(body, path, cfg.base_model, embeds)).encode()
         translation = soft_prompt.Translation(path, adapter.name,
                                               tokenized["tokens"] if body.get("return_token_ids") else None)
@@ -282,8 +321,11 @@ class LoradockMiddleware:
         await respond(send, 200, f"Success: prompt-tuning adapter '{name}' added successfully.".encode(), b"text/plain")
 
     async def unload_soft_prompt(self, send, name: str):
-        async with self.in_flight.unloading(name):
-            runtime.forget(name)
+        try:
+            async with self.in_flight.unloading(name):
+                runtime.forget(name)
+        except Busy as e:
+            return await respond(send, *refusal(e, "lora_name"))
         await respond(send, 200, f"Success: prompt-tuning adapter '{name}' removed successfully.".encode(), b"text/plain")
 
     def base_template(self) -> str | None:

@@ -1,18 +1,36 @@
 """What loradock keeps inside vLLM's API server process, shared by the resolver plugin and the
 middleware: the serving configuration (`ServeConfig`, handed over by `loradock serve`), the
-adapters known by name, and fetching an adapter from the registry with its compatibility check.
+adapters known by name, and hot-loading an adapter from the registry with its compatibility check.
+
+Hot-loading is bounded on every side a client controls, since any holder of the API key chooses
+the names:
+- only the namespaces in `ServeConfig.hot_load_namespaces` are asked for (`--adapter-namespace`);
+- a name the registry does not have is remembered as unknown for `UNKNOWN_TTL_S` (at most
+  `UNKNOWN_MAX` names), so asking again costs no round trip;
+- one pull per name at a time, at most `PULLS` at once, and a name's lock lives only while someone
+  waits for it;
+- each known adapter leases its pulled copy (`hub.pulled.Lease`); after a pull, the copies no
+  adapter leases are evicted, least recently used first, down to `--adapter-cache-mb`.
 """
 
 import asyncio
+import collections
+import contextlib
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from hub import pulled
 from hub.adapter import METHODS, PULL_MARKER, AdapterRef, chat_template, read_json
 from hub.adapter.card import CardInfo
 from hub.adapter.checks import ServedBase, check_folder
-from loradock.errors import AdapterRefused, LoradockError, NotFound
+from loradock.errors import AdapterRefused, Forbidden, LoradockError, NotFound
 from serve.config import ServeConfig
+
+UNKNOWN_TTL_S = 10.0  # short: an adapter pushed just after a miss is served soon after
+UNKNOWN_MAX = 4096
+PULLS = 4  # pulls at once: each takes a thread of the event loop's executor
 
 @lru_cache(maxsize=1)
 def config() -> ServeConfig | None:
@@ -32,6 +50,7 @@ class Adapter:
     info: dict  # repo, revision, commit sha, method, rank, headline metric: shown in /v1/models
     chat_template: str | None
     served_by: str = "vllm-lora"  # a key of hub.adapter.SERVED_AS
+    lease: "pulled.Lease | None" = None  # on its pulled copy, while it is known
 
     @property
     def soft_prompt(self) -> bool:
@@ -41,7 +60,9 @@ class Adapter:
 
 _known: dict[str, Adapter] = {}
 _unloaded: set[str] = set()  # names forgotten since: not listed again until a request asks for them
-_locks: dict[str, asyncio.Lock] = {}
+_unknown: "collections.OrderedDict[str, float]" = collections.OrderedDict()  # name -> when the registry said no
+_locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # name -> (its lock, [callers holding or awaiting it])
+_pull_slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
 
 def describe(name: str, folder: Path) -> Adapter:
@@ -59,14 +80,28 @@ def describe(name: str, folder: Path) -> Adapter:
     return Adapter(name, folder, info, chat_template(folder), served_by)
 
 
-def remember(name: str, folder: Path) -> Adapter:
-    _known[name] = describe(name, folder)
+def lease(folder: Path) -> "pulled.Lease | None":
+    """A lease on `folder` when it is a pulled copy (it has a pull marker); None otherwise."""
+    try:
+        return pulled.Lease(folder)
+    except OSError:
+        return None
+
+
+def remember(name: str, folder: Path, held: "pulled.Lease | None" = None) -> Adapter:
+    adapter = describe(name, folder)
+    adapter.lease = held or lease(folder)
+    if (previous := _known.get(name)) and previous.lease:
+        previous.lease.release()
+    _known[name] = adapter
     _unloaded.discard(name)
-    return _known[name]
+    return adapter
 
 
 def forget(name: str) -> None:
-    _known.pop(name, None)
+    adapter = _known.pop(name, None)
+    if adapter and adapter.lease:
+        adapter.lease.release()
     _unloaded.add(name)
 
 
@@ -87,28 +122,89 @@ def known(name: str) -> Adapter | None:
     return _known.get(name)
 
 
+def allowed(ref: AdapterRef, cfg: ServeConfig) -> None:
+    """Raises Forbidden unless `ref`'s namespace is one this server hot-loads from."""
+    namespace = ref.repo_id.split("/")[0]
+    if namespace not in cfg.hot_load_namespaces:
+        served = ", ".join(cfg.hot_load_namespaces) or "none"
+        raise Forbidden(f"{ref.repo_id} is not in a namespace this server hot-loads adapters from ({served})",
+                        f"restart loradock serve with --adapter-namespace {namespace}, or name it with --adapter")
+
+
+def unknown_recently(name: str) -> bool:
+    """Whether the registry said it has no `name` less than UNKNOWN_TTL_S ago."""
+    asked = _unknown.get(name)
+    if asked is not None and time.monotonic() - asked < UNKNOWN_TTL_S:
+        return True
+    _unknown.pop(name, None)
+    return False
+
+
+def note_unknown(name: str) -> None:
+    _unknown[name] = time.monotonic()
+    _unknown.move_to_end(name)
+    while len(_unknown) > UNKNOWN_MAX:
+        _unknown.popitem(last=False)
+
+
+@contextlib.asynccontextmanager
+async def one_at_a_time(name: str):
+    """A lock per name, dropped once nobody holds or awaits it (so unknown names leave none behind),
+    inside one of PULLS slots for this event loop."""
+    lock, callers = _locks.setdefault(name, (asyncio.Lock(), [0]))
+    callers[0] += 1
+    try:
+        async with lock:
+            async with _pull_slots.setdefault(asyncio.get_running_loop(), asyncio.Semaphore(PULLS)):
+                yield
+    finally:
+        callers[0] -= 1
+        if not callers[0]:
+            del _locks[name]
+
+
+def pull_and_lease(name: str, cfg: ServeConfig) -> tuple[Path, "pulled.Lease"]:
+    """Pull `name` (or find its copy), lease the copy, check it, then evict unleased copies over
+    the cap; runs in a worker thread."""
+    result, held = pulled.pull_leased(name, endpoint=cfg.registry, token=cfg.token)
+    try:
+        check_folder(result.path, served_base())
+    except BaseException:
+        held.release()
+        raise
+    pulled.evict(int(cfg.adapter_cache_mb * 2**20))
+    return result.path, held
+
+
 async def fetch(name: str) -> Adapter:
     """The adapter `org/name[@revision]` from the registry, pinned to the commit its revision
     resolves to now, checked against this server; pulled once, then served from the local copy.
 
     Raises:
         NotFound: no such repo or revision, or not a registry name (the client gets a 404).
+        Forbidden: its namespace is not one this server hot-loads from (403).
         AdapterRefused: it cannot be served here (400).
         Unreachable, RegistryRefused, LoradockError: the registry is down, said no, or sent a
             damaged file (the middleware maps each type to its status).
     """
-    from hub.client import pull
-
     cfg = config()
     if cfg is None or not cfg.registry or not AdapterRef.looks_like(name):
         raise NotFound(f"{name} is not a registry adapter")
     try:
-        AdapterRef.parse(name)
+        ref = AdapterRef.parse(name)
     except LoradockError as e:  # a malformed id or revision: the client's to change
         raise AdapterRefused(name, [e.problem]) from None
-    async with _locks.setdefault(name, asyncio.Lock()):
+    if (adapter := known(name)) is not None:
+        return adapter
+    allowed(ref, cfg)
+    async with one_at_a_time(name):
         if name in _known:
             return _known[name]
-        result = await asyncio.to_thread(pull, name, endpoint=cfg.registry, token=cfg.token)
-        await asyncio.to_thread(check_folder, result.path, served_base())
-        return remember(name, result.path)
+        if unknown_recently(name):
+            raise NotFound(f"the registry has no {name} (asked less than {UNKNOWN_TTL_S:.0f} s ago)")
+        try:
+            folder, held = await asyncio.to_thread(pull_and_lease, name, cfg)
+        except NotFound:
+            note_unknown(name)
+            raise
+        return remember(name, folder, held)

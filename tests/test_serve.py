@@ -5,8 +5,10 @@ import asyncio
 import itertools
 import json
 import os
+import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import httpx2
@@ -82,7 +84,7 @@ def served(registry, trained_adapters, tmp_path_factory):
         bad_commits[name] = api.upload_folder(folder_path=folder, repo_id=f"bad/{name}").oid
     env = {**os.environ, "HF_HUB_DISABLE_XET": "1"}
     server = ServeProcess(["--adapter", "alice/reverse@v1", "--registry", registry.url, "--token", registry.write_token,
-                           "--max-lora-rank", "16", "--max-model-len", "256", "--max-loras", "2"], tmp / "serve.log",
+                           "--adapter-namespace", "alice", "--adapter-namespace", "bad", "--max-lora-rank", "16", "--max-model-len", "256", "--max-loras", "2"], tmp / "serve.log",
                           env).start()  # two slots: two adapters in flight fill them, the last one included
     server.commits, server.bad, server.bad_commits, server.env, server.registry = commits, bad, bad_commits, env, registry
     yield server
@@ -297,7 +299,7 @@ def test_openai_api_surface(served):
     text_stream = list(client.completions.create(model=BASE, prompt="<|user|>Hello!<|end|><|assistant|>", max_tokens=8,
                                                  stream=True, temperature=0))
     assert "".join(c.choices[0].text for c in text_stream).strip()
-    unknown = chat(served.url, "nobody/nothing", "hi")
+    unknown = chat(served.url, "alice/nothing", "hi")  # a namespace it hot-loads from, a name it lacks
     assert unknown["status"] == 404 and unknown["error"]["param"] == "model"
     assert chat(served.url, BASE, "hi", temperature=-1)["status"] == 400
     assert chat(served.url, BASE, "hi", max_tokens=-5)["status"] == 400
@@ -316,9 +318,9 @@ def test_eval_through_the_endpoint_scores_each_served_model(served, tmp_path):
     assert report["metrics"]["alice/reverse@v1"]["rouge_l"] > report["metrics"][BASE]["rouge_l"] + 0.2
     assert all(example[BASE] != example["alice/reverse@v1"] for example in report["examples"][:5])
     assert f"via {served.url}/v1" in result.stdout and "alice/reverse@v1" in result.stdout
-    missing = run_loradock("eval", "--endpoint", f"{served.url}/v1", "--model", "nobody/nothing", "--data", heldout,
+    missing = run_loradock("eval", "--endpoint", f"{served.url}/v1", "--model", "alice/nothing", "--data", heldout,
                            env=served.env, timeout=120)
-    assert missing.returncode == 2 and "--model nobody/nothing: the server answered 404" in missing.stderr
+    assert missing.returncode == 2 and "--model alice/nothing: the server answered 404" in missing.stderr
     assert f"pass a model that {served.url}/v1/models lists" in missing.stderr
 
 
@@ -349,6 +351,69 @@ def test_unload_while_requests_are_in_flight(served):
     assert unloaded.status_code == 200 and results == [(200, True)] * 6
     assert "alice/sort@v1" not in [m["id"] for m in httpx2.get(f"{served.url}/v1/models").json()["data"]]
     assert chat(served.url, "alice/sort@v1", PROMPTS["sort"][1])["status"] == 200  # resolved again from the registry
+
+
+def test_hot_loading_outside_the_served_namespaces_is_refused_before_the_registry_is_asked(served):
+    assert "hot-loading from alice, bad" in served.log.read_text()
+    for name in ("loradock/reverse", "eve/anything@v1"):
+        answer = chat(served.url, name, "hello")
+        assert answer["status"] == 403 and answer["error"]["type"] == "PermissionDeniedError", answer
+        assert "not in a namespace this server hot-loads adapters from (alice, bad)" in answer["error"]["message"]
+        assert f"--adapter-namespace {name.split('/')[0]}" in answer["error"]["message"]
+    assert chat(served.url, "alice/sort@v1", PROMPTS["sort"][0])["status"] == 200
+
+
+def stalled_stream(url: str, model: str) -> socket.socket:
+    """A streaming request whose client reads nothing: its answer (32 choices of 200 tokens, each
+    with 20 logprobs: megabytes) outgrows the socket buffers, so vLLM's response, and with it the
+    request, stays in flight until the socket is closed."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": PROMPTS["sort"][2]}], "n": 32,
+                       "max_tokens": 200, "ignore_eos": True, "logprobs": True, "top_logprobs": 20, "stream": True})
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect((host, int(port)))
+    client.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\n\r\n{body}".encode())
+    assert client.recv(15).startswith(b"HTTP/1.1 200"), "the stalled stream did not start"
+    return client
+
+
+def test_an_unload_held_past_its_drain_deadline_is_a_409_and_requests_go_on(served):
+    """The served fixture runs with the default --unload-drain-timeout of 5 s."""
+    assert chat(served.url, "alice/sort@v1", "warm up")["status"] == 200
+    stalled = stalled_stream(served.url, "alice/sort@v1")
+    try:
+        outcome = {}
+
+        def unload():
+            began = time.monotonic()
+            outcome["unload"] = httpx2.post(f"{served.url}/v1/unload_lora_adapter", json={"lora_name": "alice/sort@v1"},
+                                            timeout=60)
+            outcome["unload_s"] = time.monotonic() - began
+
+        unloading = threading.Thread(target=unload)
+        unloading.start()
+        time.sleep(1)  # the unload is draining: a new request for the adapter is held back...
+        began = time.monotonic()
+        late = chat(served.url, "alice/sort@v1", PROMPTS["sort"][0])
+        late_s = time.monotonic() - began
+        unloading.join()
+        assert outcome["unload"].status_code == 409, outcome["unload"].text
+        error = outcome["unload"].json()["error"]
+        assert error["type"] == "ConflictError" and "after the 5 s drain deadline: nothing was unloaded" in error["message"]
+        assert "--unload-drain-timeout" in error["message"]
+        assert 5 <= outcome["unload_s"] < 15
+        assert late["status"] == 200 and late_s < 15  # ...until the deadline, not past it
+        assert chat(served.url, "alice/sort@v1", PROMPTS["sort"][0])["status"] == 200  # still served
+    finally:
+        stalled.close()
+    deadline = time.monotonic() + 60  # the stalled request ends once vLLM sees its client gone
+    while (unloaded := httpx2.post(f"{served.url}/v1/unload_lora_adapter", json={"lora_name": "alice/sort@v1"},
+                                   timeout=60)).status_code == 409 and time.monotonic() < deadline:
+        pass
+    assert unloaded.status_code == 200, unloaded.text
+    assert httpx2.get(f"{served.url}/health").status_code == 200
 
 
 def test_restart_brings_back_the_command_line_adapters_and_the_api_key_closes_every_route(served, tmp_path):
@@ -391,7 +456,7 @@ def test_an_unload_waits_for_the_requests_using_the_adapter_and_holds_new_ones()
     from serve.middleware import InFlight
 
     async def scenario():
-        gate, events = InFlight(), []
+        gate, events = InFlight(drain_timeout=5), []
 
         async def request(name: str, tag: str, seconds: float):
             async with gate.using(name):
@@ -416,6 +481,45 @@ def test_an_unload_waits_for_the_requests_using_the_adapter_and_holds_new_ones()
     events = asyncio.run(scenario())
     assert events.index("first end") < events.index("unload a") < events.index("late start")
     assert events.index("other end") < events.index("first end")  # another adapter is not held back
+
+
+def test_an_unload_past_its_drain_deadline_is_busy_and_lets_the_held_requests_go():
+    from loradock.errors import Busy
+    from serve.middleware import InFlight
+
+    async def scenario():
+        gate, loop, events = InFlight(drain_timeout=0.3), asyncio.get_running_loop(), {}
+        start = loop.time()
+
+        async def request(tag: str, seconds: float):
+            async with gate.using("a"):
+                events[f"{tag} start"] = loop.time() - start
+                await asyncio.sleep(seconds)
+            events[f"{tag} end"] = loop.time() - start
+
+        async def unload():
+            try:
+                async with gate.unloading("a"):
+                    events["unloaded"] = loop.time() - start
+            except Busy as e:
+                events["busy"], events["why"] = loop.time() - start, e.problem
+
+        long = asyncio.create_task(request("long", 1.5))
+        await asyncio.sleep(0.05)
+        unloading = asyncio.create_task(unload())
+        await asyncio.sleep(0.05)
+        late = asyncio.create_task(request("late", 0))
+        await asyncio.gather(unloading, late)
+        second_unload_while_long_runs = asyncio.create_task(unload())
+        await asyncio.gather(long, second_unload_while_long_runs)
+        await unload()  # nothing in flight: it goes through at once
+        return events
+
+    events = asyncio.run(scenario())
+    assert "adapter 'a' is still answering 1 request(s) after the 0.3 s drain deadline" in events["why"]
+    assert 0.3 <= events["busy"] < 1.0 and 0.3 <= events["late start"] < 1.0  # held up to the deadline, not past it
+    assert events["late start"] < events["long end"]
+    assert events["unloaded"] >= events["long end"]  # the third unload, after the long request ended
 
 
 def test_a_client_template_is_found_at_any_depth_of_a_body():
