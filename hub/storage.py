@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS tree_entries (
     git_oid TEXT NOT NULL, lfs INTEGER NOT NULL, PRIMARY KEY (commit_oid, path));
 CREATE TABLE IF NOT EXISTS refs (
     repo_id INTEGER NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, commit_oid TEXT NOT NULL,
-    PRIMARY KEY (repo_id, kind, name));
+    message TEXT, PRIMARY KEY (repo_id, kind, name));
 CREATE TABLE IF NOT EXISTS tokens (
     hash TEXT PRIMARY KEY, name TEXT NOT NULL, user TEXT NOT NULL, role TEXT NOT NULL, created_at TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -338,7 +338,8 @@ class Registry:
                 raise Conflict(f"{repo_type} repo {namespace}/{name} already exists") from None
             entry = FileEntry(".gitattributes", len(gitattributes), sha, git_blob_sha1(gitattributes), False)
             oid = self._insert_commit(db, cur.lastrowid, None, [entry], caller.user, "initial commit", "")
-            db.execute("INSERT INTO refs VALUES (?, 'branch', 'main', ?)", (cur.lastrowid, oid))
+            db.execute("INSERT INTO refs (repo_id, kind, name, commit_oid) VALUES (?, 'branch', 'main', ?)",
+                       (cur.lastrowid, oid))
         return self.get_repo(caller, repo_type, f"{namespace}/{name}")
 
     def delete_repo(self, caller: Caller | None, repo_type: str, repo_id: str) -> None:
@@ -469,10 +470,13 @@ class Registry:
             raise EntryNotFound(f"{path} does not exist at revision {commit.oid}")
         return _entry(row)
 
-    def refs(self, repo: Repo) -> dict[str, list[tuple[str, str]]]:
+    def refs(self, repo: Repo) -> dict[str, list[tuple[str, str, str | None]]]:
+        """{"branch": [(name, commit, None)], "tag": [(name, commit, message)]}"""
         with self._db() as db:
-            rows = db.execute("SELECT kind, name, commit_oid FROM refs WHERE repo_id = ? ORDER BY name", (repo.id,)).fetchall()
-        return {kind: [(r["name"], r["commit_oid"]) for r in rows if r["kind"] == kind] for kind in ("branch", "tag")}
+            rows = db.execute("SELECT kind, name, commit_oid, message FROM refs WHERE repo_id = ? ORDER BY name",
+                              (repo.id,)).fetchall()
+        return {kind: [(r["name"], r["commit_oid"], r["message"]) for r in rows if r["kind"] == kind]
+                for kind in ("branch", "tag")}
 
     def history(self, commit: Commit) -> list[Commit]:
         """The commit and its ancestors, newest first."""
@@ -484,8 +488,10 @@ class Registry:
                 oid = row["parent"]
         return out
 
-    def create_ref(self, caller: Caller | None, repo: Repo, kind: str, name: str, revision: str | None) -> Commit:
-        """A new branch or tag at `revision` (a branch starts at the head of main without one).
+    def create_ref(self, caller: Caller | None, repo: Repo, kind: str, name: str, revision: str | None,
+                   message: str | None = None) -> Commit:
+        """A new branch or tag at `revision` (a branch starts at the head of main without one); a
+        tag may carry a message (huggingface_hub's `create_tag(tag_message=...)`).
 
         Raises:
             Conflict: a branch or a tag of that name exists (one name, one meaning).
@@ -498,7 +504,8 @@ class Registry:
             if taken is not None:
                 raise Conflict(f"{repo.repo_id} already has a {taken['kind']} named {name}"
                                + ("" if taken["kind"] == kind else "; a branch and a tag may not share a name"))
-            db.execute("INSERT INTO refs VALUES (?, ?, ?, ?)", (repo.id, kind, name, commit.oid))
+            db.execute("INSERT INTO refs (repo_id, kind, name, commit_oid, message) VALUES (?, ?, ?, ?, ?)",
+                       (repo.id, kind, name, commit.oid, message))
         return commit
 
     def delete_ref(self, caller: Caller | None, repo: Repo, kind: str, name: str) -> None:
@@ -671,6 +678,9 @@ def _migrate(db) -> None:
         db.execute("INSERT INTO repos (id, type, namespace, name, private, created_at) "
                    "SELECT id, 'model', namespace, name, private, created_at FROM repos_untyped")
         db.execute("DROP TABLE repos_untyped")
+    had_refs = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'refs'").fetchone() is not None
+    if had_refs and "message" not in {row["name"] for row in db.execute("PRAGMA table_info(refs)")}:
+        db.execute("ALTER TABLE refs ADD COLUMN message TEXT")
     for statement in SCHEMA.split(";"):
         if statement.strip():
             db.execute(statement)

@@ -90,8 +90,10 @@ def tree_listing(entries: list[FileEntry], folder: str, recursive: bool) -> list
 
 def refs(repo_refs: dict) -> dict:
     return {
-        "branches": [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": oid} for n, oid in repo_refs["branch"]],
-        "tags": [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": oid} for n, oid in repo_refs["tag"]],
+        "branches": [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": oid} for n, oid, _ in repo_refs["branch"]],
+        # `message` is the registry's own: huggingface_hub's GitRefInfo does not read it
+        "tags": [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": oid, "message": message}
+                 for n, oid, message in repo_refs["tag"]],
         "converts": [],
     }
 

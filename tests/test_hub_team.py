@@ -562,5 +562,11 @@ def test_a_registry_of_the_previous_schema_opens_with_its_repos_and_tokens(tmp_p
         alice.upload_file(path_or_fileobj=b"w", path_in_repo="w.txt", repo_id="loradock/base")
         assert [(o["name"], o["roleInOrg"]) for o in alice.whoami()["orgs"]] == [("loradock", "write")]
         assert status_of(lambda: hub_api(server.url, None).model_info("alice/kept")) == 404
+        # The refs table of the old schema gains tag messages.
+        alice.create_tag("alice/kept", tag="v1", tag_message="the first one")
+        refs = httpx2.get(f"{server.url}/api/models/alice/kept/refs", headers={"Authorization": f"Bearer {token}"}).json()
+        assert [(t["name"], t["targetCommit"], t["message"]) for t in refs["tags"]] == [
+            ("v1", alice.model_info("alice/kept").sha, "the first one")]
+        assert [b["name"] for b in refs["branches"]] == ["main"]
     finally:
         server.stop()

@@ -28,7 +28,8 @@ def commits(kind: str, namespace: str, name: str, revision: str, request: Reques
 @router.post("/api/{kind:kind}/{namespace}/{name}/tag/{revision:path}")
 def create_tag(kind: str, namespace: str, name: str, revision: str, body: TagBody, registry: RegistryDep,
                who: CallerDep):
-    registry.create_ref(who, writable_repo(registry, kind, namespace, name, who), "tag", body.tag, unquote(revision))
+    registry.create_ref(who, writable_repo(registry, kind, namespace, name, who), "tag", body.tag, unquote(revision),
+                        body.message)
     return {}
 
 
