@@ -223,7 +223,8 @@ def export(path: Path, folder: Path, selection: Selection | None = None) -> tupl
         known = decided_revisions(path)
         raise LoradockError(
             f"no decided votes (A or B is better) for {selection.words()} in {path}: there is nothing to export",
-            ("select one that has some: " + "; ".join(known)) if known else
+            ("pass the --adapter REPO or --revision SHA of a side that has some (REPO @ SHA): " + "; ".join(known))
+            if known else
             "vote in `loradock ui` (Blind A/B), picking a side on some turns; ties and 'both bad' teach nothing")
     folder.mkdir(parents=True, exist_ok=True)
     written = []
