@@ -134,7 +134,9 @@ def run_export(args) -> int:
         commit = votes.push([preferences, sft], args.push, args.registry, args.token,
                             message=f"loradock votes export: {rows} decided votes ({selection.words()})")
         print(f"pushed to dataset {args.push}")
-        print(f"  train on it: loradock train --objective dpo --data datasets/{args.push}@{commit}/{preferences.name}"
+        parent = f"{args.adapter}@{args.revision}" if args.adapter and args.revision else "REPO@REVISION"
+        print(f"  train on it: loradock train --objective dpo --init-adapter {parent} "
+              f"--data datasets/{args.push}@{commit}/{preferences.name}"
               f"  (or sft: --data datasets/{args.push}@{commit}/{sft.name})")
         print(f"commit {commit}")
     return 0
