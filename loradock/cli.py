@@ -12,7 +12,7 @@ import sys
 from loradock.errors import LoradockError
 
 # Each module exposes `register(subparsers)`, adding parsers whose `func(args) -> int` runs the command.
-COMMAND_MODULES = ("sft.cli", "hub.cli", "serve.cli", "ui.cli")
+COMMAND_MODULES = ("sft.cli", "hub.cli", "serve.cli", "ui.cli", "loradock.revisions")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ step, so an interrupted run never leaves anything that looks like a finished ada
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -249,6 +250,17 @@ def held_out_sample(eval_rows: list, n: int, seed: int) -> list[tuple[list[dict]
             for row in rows[:n]]
 
 
+def held_out_fingerprint(held_out: list[tuple[list[dict], str]]) -> str | None:
+    """sha256 of the prompts and references the held-out figures were scored on, whatever file
+    form they came in (an SFT file and a preference file of the same rows agree): two runs'
+    figures compare only when this is equal. None when nothing was scored."""
+    if not held_out:
+        return None
+    canonical = sorted(json.dumps([prompt, reference], sort_keys=True, ensure_ascii=False)
+                       for prompt, reference in held_out)
+    return hashlib.sha256("\n".join(canonical).encode()).hexdigest()
+
+
 def generation_scores(figures: dict) -> dict | None:
     """{"exact_match": ..., "rouge_l": ...} from an evaluation's figures; None when it generated nothing."""
     scores = {name: figures[f"eval_{name}"] for name in METRIC_NAMES if f"eval_{name}" in figures}
@@ -339,7 +351,7 @@ def run(config: ResolvedConfig) -> Path:
         "method": config.method.name, "trainable_parameters": trainable, "base_parameters": total - trainable,
         "train_loss": round(result.training_loss, 4), "eval_loss_before": before.get("eval_loss"),
         "eval_loss": after.get("eval_loss"), "eval_metrics_before": generation_scores(before),
-        "eval_metrics": generation_scores(after),
+        "eval_metrics": generation_scores(after), "held_out_sha256": held_out_fingerprint(held_out),
         "steps": result.global_step, "epochs": round(trainer.state.epoch or 0, 3),
         "train_runtime_s": round(result.metrics["train_runtime"], 2),
         "total_runtime_s": round(time.perf_counter() - started, 2),
