@@ -68,16 +68,16 @@ def test_votes_on_v1_train_a_dpo_v2_that_beats_it_and_is_promoted(registry, base
 
     # v1: instruction tuning on a small budget.
     loradock("train", "--data", ASSETS / "tasks" / "reverse" / "train.jsonl", "--eval-data", judge,
-             "--output", tmp_path / "v1", "--lr", "2e-3", "--max-steps", "100", "--batch-size", "32",
-             "--training.eval_steps", "100", *LORA)
+             "--output", tmp_path / "v1", "--lr", "2e-3", "--max-steps", "80", "--batch-size", "32",
+             "--training.eval_steps", "80", *LORA)
     v1 = re.search(r"commit ([0-9a-f]{40})", loradock("push", tmp_path / "v1", REPO, "--tag", "v1")).group(1)
 
     server = ServeProcess(["--registry", registry.url, "--token", registry.write_token, "--max-lora-rank", "16",
                            "--max-model-len", "256"], tmp_path / "serve.log", env).start()
     try:
         # v1 answers the first half; each wrong answer becomes a vote for the correct one.
-        prompts = [r["prompt"] for r in asked] + [r["prompt"] for r in rows(ASSETS / "tasks" / "reverse" / "train.jsonl")[:250]]
-        references = [r["response"] for r in asked] + [r["response"] for r in rows(ASSETS / "tasks" / "reverse" / "train.jsonl")[:250]]
+        prompts = [r["prompt"] for r in asked] + [r["prompt"] for r in rows(ASSETS / "tasks" / "reverse" / "train.jsonl")[:400]]
+        references = [r["response"] for r in asked] + [r["response"] for r in rows(ASSETS / "tasks" / "reverse" / "train.jsonl")[:400]]
         given = answers(server.url, f"{REPO}@v1", prompts)
         database = tmp_path / "votes.sqlite"
         wrong = 0
@@ -97,10 +97,10 @@ def test_votes_on_v1_train_a_dpo_v2_that_beats_it_and_is_promoted(registry, base
         trained = loradock("train", "--objective", "dpo", "--init-adapter", f"{REPO}@v1",
                            "--data", f"datasets/{VOTES_REPO}@{dataset_commit}/preferences.jsonl",
                            "--eval-data", judge_pairs, "--output", tmp_path / "v2", "--lr", "1e-3",
-                           "--max-steps", "60", "--batch-size", "16", "--training.beta", "0.1",
+                           "--max-steps", "100", "--batch-size", "16", "--training.beta", "0.1",
                            # DPO with an NLL term on the chosen answers (RPO): plain DPO lowers the
                            # likelihood of both answers on a model this small, and its greedy answers with it.
-                           "--training.loss_type", "sigmoid,sft", "--training.eval_steps", "60", *LORA)
+                           "--training.loss_type", "sigmoid,sft", "--training.eval_steps", "100", *LORA)
         v2 = re.search(r"commit ([0-9a-f]{40})", loradock("push", tmp_path / "v2", REPO, "--tag", "v2")).group(1)
 
         report = tmp_path / "eval.json"
