@@ -219,13 +219,14 @@ def promote(spec: str, tag: str, force: bool, votes_path: Path | None, endpoint:
         LoradockError: the evidence is missing or against it and not `force`; no tag moved.
     """
     from hub.adapter import AdapterRef
+    from hub.errors import BadRequest
     from hub.storage import check_ref_name
 
     ref = AdapterRef.parse(spec)
     try:
-        check_ref_name(tag, "tag")
-    except Exception as e:  # noqa: BLE001 - the registry's own refusal, in loradock's words
-        raise LoradockError(f"--tag {tag!r}: {e}", "pass a tag name such as prod") from None
+        check_ref_name(tag, "tag")  # the registry's own rule, checked before anything is read
+    except BadRequest as e:
+        raise LoradockError(f"--tag {tag!r}: {e}", "pass a tag name such as prod; no tag was moved") from None
     registry = Registry(endpoint, token)
     child = registry.revision(ref.repo_id, ref.revision)
     found, problems = evidence(registry, child, tag, votes_path)

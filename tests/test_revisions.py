@@ -59,6 +59,8 @@ def test_promote_moves_a_tag_only_with_the_evidence(run_cli, hub_env, tmp_path):
         refused = promote(spec)
         assert refused.code == 2 and words in refused.err and "no tag was moved" in refused.err, (spec, refused.err)
     assert "prod" not in tags(hub_env, repo)
+    bad_tag = run_cli("promote", f"{repo}@{better}", "--tag", "refs/prod")
+    assert bad_tag.code == 2 and "--tag 'refs/prod': invalid tag name" in bad_tag.err
 
     vote(database, v1, better, repo, 12)  # the voters prefer the parent: held-out scores are not enough
     vote(database, better, v1, repo, 4, start=12)
