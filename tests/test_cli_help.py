@@ -7,7 +7,7 @@ from loradock.cli import main
 COMMANDS = [[], ["train"], ["eval"], ["data"], ["data", "check"], ["base"], ["base", "build"], ["push"], ["pull"],
             ["list"], ["hub"], ["hub", "serve"], ["hub", "token"], ["hub", "token", "create"], ["hub", "login"],
             ["hub", "logout"], ["serve"], ["ui"], ["votes"], ["votes", "report"],
-            ["votes", "export"], ["methods"], ["methods", "compare"], ["merge"]]
+            ["votes", "export"], ["methods"], ["methods", "compare"], ["merge"], ["lineage"], ["promote"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "loradock")
