@@ -197,11 +197,15 @@ async def fetch(name: str) -> Adapter:
     if (adapter := known(name)) is not None:
         return adapter
     allowed(ref, cfg)
+    missing = NotFound(f"the registry has no {name} (asked less than {UNKNOWN_TTL_S:.0f} s ago)",
+                       "push it, or check the name with `loradock list`")
+    if unknown_recently(name):  # answered at once, not queued behind the pulls in progress
+        raise missing
     async with one_at_a_time(name):
         if name in _known:
             return _known[name]
-        if unknown_recently(name):
-            raise NotFound(f"the registry has no {name} (asked less than {UNKNOWN_TTL_S:.0f} s ago)")
+        if unknown_recently(name):  # a pull of the same name, finished while this one waited
+            raise missing
         try:
             folder, held = await asyncio.to_thread(pull_and_lease, name, cfg)
         except NotFound:
