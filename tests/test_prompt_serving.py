@@ -115,8 +115,9 @@ def served(registry, adapters, tmp_path_factory):
         api.upload_folder(folder_path=adapters[name], repo_id=f"bad/{name}")
     env = {**os.environ, "HF_HUB_DISABLE_XET": "1"}
     server = ServeProcess(["--adapter", "alice/p-tuning@v1", "--adapter", "alice/lora@v1", "--registry", registry.url,
-                           "--token", registry.write_token, "--max-lora-rank", "8", "--max-model-len", "256",
-                           "--max-loras", "2"], tmp_path_factory.mktemp("serve") / "serve.log", env).start()
+                           "--token", registry.write_token, "--adapter-namespace", "alice", "--adapter-namespace", "bad",
+                           "--max-lora-rank", "8", "--max-model-len", "256", "--max-loras", "2"],
+                          tmp_path_factory.mktemp("serve") / "serve.log", env).start()
     yield server
     server.stop()
 

@@ -379,11 +379,26 @@ def stalled_stream(url: str, model: str) -> socket.socket:
     return client
 
 
+def engine_idle(url: str, timeout: float = 120) -> None:
+    """Wait until vLLM's engine runs no request (its Prometheus gauge)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        gauges = [line for line in httpx2.get(f"{url}/metrics").text.splitlines()
+                  if line.startswith("vllm:num_requests_running")]
+        if gauges and sum(float(line.rsplit(" ", 1)[1]) for line in gauges) == 0:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"vLLM's engine was still running requests after {timeout} s")
+
+
 def test_an_unload_held_past_its_drain_deadline_is_a_409_and_requests_go_on(served):
     """The served fixture runs with the default --unload-drain-timeout of 5 s."""
     assert chat(served.url, "alice/sort@v1", "warm up")["status"] == 200
     stalled = stalled_stream(served.url, "alice/sort@v1")
     try:
+        # The engine finishes generating it (the answer then waits on the socket), so the timings
+        # below measure the drain, not requests competing for the engine.
+        engine_idle(served.url)
         outcome = {}
 
         def unload():
