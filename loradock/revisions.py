@@ -97,12 +97,11 @@ class Registry:
         with hub_errors(self.endpoint, repo_id):
             return next((t.target_commit for t in self.api.list_repo_refs(repo_id).tags if t.name == tag), None)
 
-    def move_tag(self, repo_id: str, tag: str, commit: str, message: str) -> None:
-        """Point `tag` at `commit`. A Hub tag cannot be moved in place: it is deleted and made
-        again, and put back where it was if making it again fails."""
+    def move_tag(self, repo_id: str, tag: str, current: str | None, commit: str, message: str) -> None:
+        """Point `tag` (at `current` now, or nowhere) at `commit`. A Hub tag cannot be moved in
+        place: it is deleted and made again, and put back where it was if making it again fails."""
         from hub.client import hub_errors
 
-        current = self.tag_target(repo_id, tag)
         with hub_errors(self.endpoint, repo_id, tag):
             if current:
                 self.api.delete_tag(repo_id, tag=tag)
@@ -170,12 +169,12 @@ def render_lineage(rows: list[dict]) -> str:
 
 # --- promote ------------------------------------------------------------------------------------
 
-def evidence(registry: Registry, child: Revision, tag: str, votes_path: Path | None) -> tuple[list[str], list[str]]:
+def evidence(registry: Registry, child: Revision, tag: str, current: str | None,
+             votes_path: Path | None) -> tuple[list[str], list[str]]:
     """(what speaks for the child, what stands against it or is missing) before `tag` may point at
     it: its parent's held-out score and votes, and the held-out score of the revision `tag` points
     at now, when that is another one scored on the same data."""
     found, problems = [], []
-    current = registry.tag_target(child.repo_id, tag)
     if current and current not in (child.commit, (child.parent or {}).get("commit")):
         holder = registry.revision(child.repo_id, current)
         if holder.headline and child.headline and holder.held_out_sha256 == child.held_out_sha256 \
@@ -229,7 +228,8 @@ def promote(spec: str, tag: str, force: bool, votes_path: Path | None, endpoint:
         raise LoradockError(f"--tag {tag!r}: {e}", "pass a tag name such as prod; no tag was moved") from None
     registry = Registry(endpoint, token)
     child = registry.revision(ref.repo_id, ref.revision)
-    found, problems = evidence(registry, child, tag, votes_path)
+    current = registry.tag_target(ref.repo_id, tag)
+    found, problems = evidence(registry, child, tag, current, votes_path)
     if problems and not force:
         raise LoradockError(f"not moving {tag} to {child.name}: " + "; ".join(problems),
                             f"train a revision that beats its parent, or pass --force to move {tag} anyway; "
@@ -237,9 +237,9 @@ def promote(spec: str, tag: str, force: bool, votes_path: Path | None, endpoint:
     message = f"loradock promote: {tag} -> {child.commit}. " + (
         f"Forced with --force past: {'; '.join(problems)}." if problems else "") + (
         f" Evidence: {'; '.join(found)}." if found else "")
-    if registry.tag_target(ref.repo_id, tag) == child.commit:
+    if current == child.commit:
         return message.replace("->", "already at", 1)
-    registry.move_tag(ref.repo_id, tag, child.commit, message.strip())
+    registry.move_tag(ref.repo_id, tag, current, child.commit, message.strip())
     return message.strip()
 
 
@@ -268,15 +268,21 @@ def register(subparsers) -> None:
 
 
 def add_registry_flags(p) -> None:
+    from ui.cli import add_votes_flag
+
     p.add_argument("--registry", help="registry URL (none: $HF_ENDPOINT, else http://127.0.0.1:8090)")
     p.add_argument("--token", help="registry token (none: $HF_TOKEN, else `loradock hub login`'s)")
-    p.add_argument("--votes", help="the comparison screen's votes database (none: $LORADOCK_HOME/ui/votes.sqlite)")
+    add_votes_flag(p)
 
 
 def votes_of(args) -> Path:
-    from ui import votes
+    """The screen's votes database, found as `loradock ui` and `loradock votes` find it; one that
+    does not exist means no votes."""
+    import os
 
-    return Path(args.votes) if args.votes else votes.default_path()
+    from ui import VOTES_ENV, votes
+
+    return Path(args.votes or os.environ.get(VOTES_ENV) or votes.default_path())
 
 
 def run_lineage(args) -> int:
