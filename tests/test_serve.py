@@ -379,16 +379,21 @@ def stalled_stream(url: str, model: str) -> socket.socket:
     return client
 
 
-def engine_idle(url: str, timeout: float = 120) -> None:
-    """Wait until vLLM's engine runs no request (its Prometheus gauge)."""
+def settled(url: str, timeout: float = 180) -> None:
+    """Wait until vLLM's engine runs no request (its Prometheus gauge) and the API process answers a
+    one-token request for the base within a second: the engine can finish a request long before the
+    API process has turned its outputs (here, tens of thousands of logprobs) into chunks."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        gauges = [line for line in httpx2.get(f"{url}/metrics").text.splitlines()
+        gauges = [line for line in httpx2.get(f"{url}/metrics", timeout=60).text.splitlines()
                   if line.startswith("vllm:num_requests_running")]
         if gauges and sum(float(line.rsplit(" ", 1)[1]) for line in gauges) == 0:
-            return
+            began = time.monotonic()
+            answer = chat(url, BASE, "ping", max_tokens=1)
+            if answer["status"] == 200 and time.monotonic() - began < 1:
+                return
         time.sleep(0.2)
-    raise AssertionError(f"vLLM's engine was still running requests after {timeout} s")
+    raise AssertionError(f"the server was still busy after {timeout} s")
 
 
 def test_an_unload_held_past_its_drain_deadline_is_a_409_and_requests_go_on(served):
@@ -396,9 +401,9 @@ def test_an_unload_held_past_its_drain_deadline_is_a_409_and_requests_go_on(serv
     assert chat(served.url, "alice/sort@v1", "warm up")["status"] == 200
     stalled = stalled_stream(served.url, "alice/sort@v1")
     try:
-        # The engine finishes generating it (the answer then waits on the socket), so the timings
-        # below measure the drain, not requests competing for the engine.
-        engine_idle(served.url)
+        # The server finishes generating it (the answer then waits on the socket), so the timings
+        # below measure the drain, not requests competing for the engine or the API process.
+        settled(served.url)
         outcome = {}
 
         def unload():
