@@ -11,6 +11,7 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from hub.adapter import MODEL_HEADER
 from loradock.errors import LoradockError
 from sft.data import RowProblem, prompt_and_reference, read_rows, to_messages
 
@@ -149,7 +150,8 @@ def evaluate_endpoint(endpoint: str, models: list[str], data: str, metrics: list
     client = openai.OpenAI(base_url=endpoint.rstrip("/"), api_key=api_key or "unused", max_retries=0, timeout=600)
 
     def answer(model: str, conversation: list[dict]) -> str:
-        reply = client.chat.completions.create(model=model, messages=conversation, temperature=0, max_tokens=max_new_tokens)
+        reply = client.chat.completions.create(model=model, messages=conversation, temperature=0, max_tokens=max_new_tokens,
+                                               extra_headers={MODEL_HEADER: model})  # a balancer's adapter affinity
         return (reply.choices[0].message.content or "").strip()
 
     sides = {}

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import httpx2
 import openai
 
+from hub.adapter import MODEL_HEADER
+
 
 class EndpointDown(Exception):
     """The endpoint did not answer (not running, wrong URL, too slow)."""
@@ -95,7 +97,8 @@ class Endpoint:
             stream = self.openai.chat.completions.create(
                 model=model, messages=messages, stream=True, stream_options={"include_usage": True},
                 temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
-                seed=sampling.seed, extra_body={"return_token_ids": True})
+                seed=sampling.seed, extra_body={"return_token_ids": True},
+                extra_headers={MODEL_HEADER: model})  # for a load balancer's adapter affinity
             for chunk in stream:
                 extra = chunk.model_extra or {}
                 if extra.get("prompt_token_ids"):
@@ -122,7 +125,8 @@ class Endpoint:
     def rendered_prompt(self, model: str, token_ids: list[int]) -> str:
         """The prompt text the server built for `model` (its chat template applied), from the token
         ids it reported: what the model really read, not a client-side guess."""
-        response = httpx2.post(f"{self.server_url}/detokenize", headers=self.headers, timeout=self.timeout,
+        response = httpx2.post(f"{self.server_url}/detokenize", headers={**self.headers, MODEL_HEADER: model},
+                               timeout=self.timeout,
                                json={"model": model, "tokens": token_ids})
         response.raise_for_status()
         return response.json()["prompt"]
