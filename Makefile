@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.loradock-installed
 export LORADOCK_HOME ?= $(CURDIR)/.loradock
 
-.PHONY: setup browser test test-fast demo demo-clean clean
+.PHONY: setup browser nginx test test-fast demo demo-clean clean
 
 setup: $(STAMP)
 
@@ -30,7 +30,14 @@ browser:
 		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; \
 	fi
 
-test: setup browser
+# `loradock balance` runs Debian's nginx (the replicas test puts it in front of two servers): installed here when missing.
+nginx:
+	@if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y nginx; \
+	fi
+
+test: setup browser nginx
 	$(PY) -m pytest
 
 # Everything but the `slow` tests (training runs, vLLM), in about a minute.

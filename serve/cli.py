@@ -1,5 +1,7 @@
-"""The serve/ command: `loradock serve [--config serve.yaml] [--FLAG VALUE ...]`."""
+"""The serve/ commands: `loradock serve [--config serve.yaml] [--FLAG VALUE ...]`, and
+`loradock balance --replica HOST:PORT ...` (nginx in front of several of them)."""
 
+from serve.balancer import BalancerConfig
 from serve.config import ServeConfig
 
 
@@ -15,6 +17,18 @@ def register(subparsers) -> None:
     )
     add_config_flags(p, ServeConfig, example="serve/configs/serve.yaml")
     p.set_defaults(func=run_serve)
+
+    p = subparsers.add_parser(
+        "balance", help="run nginx as a load balancer in front of several `loradock serve` replicas",
+        description="Render serve/configs/nginx.conf for these replicas, check it with `nginx -t` and run nginx in "
+                    "the foreground (Debian's nginx: apt-get install nginx). The replicas share one registry and "
+                    "hot-load any adapter by name@revision on its first request, pinned to the same commit, so the "
+                    "balancer keeps no adapter state: round robin by default; --affinity hashes on the "
+                    "X-Loradock-Model header loradock's clients set. A request a replica cannot answer (refused, "
+                    "timed out, 502/503/504) is retried on the next one.",
+    )
+    add_config_flags(p, BalancerConfig, example="what --print-config printed")
+    p.set_defaults(func=run_balance)
 
 
 def resolve(args) -> ServeConfig:
@@ -37,3 +51,14 @@ def run_serve(args) -> int:
     if getattr(args, "print_config", False):
         return print_config(config, {"vllm": config.vllm})
     return serve(config)
+
+
+def run_balance(args) -> int:
+    from loradock.config import from_command_line, print_config
+    from serve.balancer import balance, validate
+
+    config = from_command_line(BalancerConfig, args, what="the balancer configuration",
+                               validate=lambda r: validate(r.args)).args
+    if getattr(args, "print_config", False):
+        return print_config(config)
+    return balance(config)

@@ -6,7 +6,7 @@ from loradock.cli import main
 
 COMMANDS = [[], ["train"], ["eval"], ["data"], ["data", "check"], ["base"], ["base", "build"], ["push"], ["pull"],
             ["list"], ["hub"], ["hub", "serve"], ["hub", "token"], ["hub", "token", "create"], ["hub", "login"],
-            ["hub", "logout"], ["serve"], ["ui"], ["votes"], ["votes", "report"],
+            ["hub", "logout"], ["serve"], ["balance"], ["ui"], ["votes"], ["votes", "report"],
             ["votes", "export"], ["methods"], ["methods", "compare"], ["merge"], ["lineage"], ["promote"]]
 
 

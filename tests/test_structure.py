@@ -67,6 +67,7 @@ def test_code_cites_no_tracker_numbers():
 
 def command_dataclasses():
     from hub.cli import RegistryConfig
+    from serve.balancer import BalancerConfig
     from serve.config import ServeConfig
     from sft.commands import BaseBuildArgs, DataCheckArgs, EvalArgs
     from sft.config import TrainArgs
@@ -75,7 +76,7 @@ def command_dataclasses():
 
     return {("train",): TrainArgs, ("serve",): ServeConfig, ("ui",): UIConfig, ("hub", "serve"): RegistryConfig,
             ("eval",): EvalArgs, ("data", "check"): DataCheckArgs, ("base", "build"): BaseBuildArgs,
-            ("merge",): MergeArgs}
+            ("merge",): MergeArgs, ("balance",): BalancerConfig}
 
 
 def help_entries(command, capsys) -> dict[str, str]:
@@ -113,7 +114,8 @@ ROUND_TRIP = {("train",): (["--data", "d.jsonl", "--output", "o", "--lr", "1e-3"
                           "- c/d"),
               ("data", "check"): (["d.jsonl", "--max-length", "64"], "max_length: 64"),
               ("base", "build"): (["--seed", "3"], "seed: 3"),
-              ("merge",): (["adapters/a", "--limit", "4"], "limit: 4")}
+              ("merge",): (["adapters/a", "--limit", "4"], "limit: 4"),
+              ("balance",): (["--replica", "127.0.0.1:8001", "--replica", "127.0.0.1:8002"], "- 127.0.0.1:8002")}
 
 
 @pytest.mark.parametrize("command", list(command_dataclasses()), ids=" ".join)

