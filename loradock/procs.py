@@ -11,6 +11,8 @@ Standard library only, and nothing from sft/, serve/, ui/ or hub/: every layer m
 is ready when its health URL answers, never when its log says so.
 """
 
+import ctypes
+import functools
 import os
 import re
 import signal
@@ -26,6 +28,9 @@ from pathlib import Path
 from loradock.errors import LoradockError
 
 TAIL_LINES = 15
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# Looked up before any fork: a child of a threaded parent must not load libraries between fork and exec.
+PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def free_port() -> int:
@@ -64,7 +69,9 @@ class Service:
     """A long-running command in its own process group, its output (stdout and stderr) in `log`.
 
     It starts when constructed. `stop()` signals only this group, so whatever the command started in
-    the same group goes with it; used as a context manager, it is stopped when the block ends.
+    the same group goes with it; used as a context manager, it is stopped when the block ends. On
+    Linux it also gets SIGTERM when the process that started it dies, even by SIGKILL, so a killed
+    `loradock serve` leaves no vLLM behind.
 
     Args:
         name: what error messages call it ("the registry", "loradock serve").
@@ -80,7 +87,8 @@ class Service:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with self.log.open("a" if append else "w") as out:
             self.process = subprocess.Popen([str(a) for a in argv], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True,
+                                            preexec_fn=functools.partial(die_with_parent, os.getpid()))
 
     def __enter__(self) -> "Service":
         return self
@@ -127,6 +135,16 @@ class Service:
             os.killpg(self.process.pid, signum)  # its own group (start_new_session): the group id is its pid
         except ProcessLookupError:
             pass  # it has just exited
+
+
+def die_with_parent(parent: int) -> None:
+    """Run in a child between fork and exec: ask Linux for SIGTERM when the parent dies (PR_SET_PDEATHSIG,
+    which no standard-library call sets); if the parent is already gone, terminate now. Elsewhere, nothing."""
+    if PRCTL is None:
+        return
+    PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def run_loradock(*args, log: Path, env: dict | None = None, every: Callable[[], None] | None = None) -> None:

@@ -78,6 +78,8 @@ def validate(config: BalancerConfig) -> list[str]:
         if replica in seen:
             problems.append(f"--replica {spec} is given twice; list each replica once")
         seen.add(replica)
+    if not re.fullmatch(r"[A-Za-z0-9.\-]+|\[?[0-9a-fA-F:.]+\]?", config.host):
+        problems.append(f"--host {config.host!r} is not a host name or an IP address; pass e.g. --host 127.0.0.1")
     if not 0 < config.port < 65536:
         problems.append(f"--port {config.port} is not a TCP port; pass --port from 1 to 65535")
     if config.max_fails < 0:

@@ -147,6 +147,7 @@ def test_affinity_keeps_a_model_on_one_replica(listeners, tmp_path):
     (["--replica", "http://127.0.0.1:8000"], "is not HOST:PORT"),
     (["--replica", "127.0.0.1:8000", "--replica", "127.0.0.1:8000"], "is given twice"),
     (["--replica", "127.0.0.1:8000", "--nginx", "/no/such/nginx"], "sudo apt-get install nginx"),
+    (["--replica", "127.0.0.1:8000", "--host", "0.0.0.0:80; include /etc/passwd"], "is not a host name or an IP address"),
 ])
 def test_bad_input_is_refused_with_the_fix(flags, words, run_cli, tmp_path):
     result = run_cli("balance", *flags, "--run-dir", tmp_path)
