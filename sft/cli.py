@@ -54,7 +54,8 @@ def add_train(subparsers) -> None:
                     "field of its PEFT config (LoraConfig, IA3Config, PromptTuningConfig, ...) and of trl.SFTConfig "
                     "(--lora.KEY is read as --peft.KEY).",
         epilog="examples: loradock train --config sft/configs/reverse.yaml --peft ia3 --max-steps 100; "
-               "loradock train --objective dpo --init-adapter alice/reverse@v1 --data prefs.jsonl --output v2",
+               "loradock train --config sft/configs/reverse.yaml --nproc 2 --batch-size 16 (two processes, global "
+               "batch 32); loradock train --objective dpo --init-adapter alice/reverse@v1 --data prefs.jsonl --output v2",
     )
     add_config_flags(p, TrainArgs, example="sft/configs/reverse.yaml")
     for alias in ALIASES:
@@ -95,6 +96,7 @@ def train_config(args):
 
 
 def run_train(args) -> int:
+    from sft.distributed import launch_processes, wants_launch
     from sft.train import main, run_config_yaml
 
     config = train_config(args)
@@ -102,6 +104,9 @@ def run_train(args) -> int:
         print(run_config_yaml(config), end="")
         return 0
     try:
+        if wants_launch(config.args):  # --nproc N / --accelerate-config: the processes train, this one waits
+            body = json.loads(json.dumps(config.to_yaml_dict(), default=str))
+            return launch_processes(config.args, body, config.training)
         return main(config)
     except KeyboardInterrupt:
         raise LoradockError("training interrupted; its complete checkpoints are kept",

@@ -25,6 +25,7 @@ from hub.adapter import METHODS, SERVABLE_RANKS, Method, nearest_servable_rank
 from loradock import config as settings
 from loradock.config import Section, check_fields
 from loradock.home import DEFAULT_BASE_MODEL
+from sft.distributed import launch_problems
 
 
 @dataclass
@@ -57,6 +58,12 @@ class TrainArgs:
     init_adapter: str | None = field(default=None, metadata={
         "help": "start from this adapter's weights instead of a fresh one: a registry adapter REPO@REVISION "
                 "(pulled, pinned to its commit) or a local adapter folder; its method, shapes and base must match"})
+    nproc: int = field(default=1, metadata={
+        "help": "training processes on this machine, started with torchrun (gloo on a CPU, one per GPU on CUDA); "
+                "the global batch is --batch-size x processes x gradient_accumulation_steps"})
+    accelerate_config: str | None = field(default=None, metadata={
+        "help": "launch with `accelerate launch` and this config as `accelerate config` writes it (multi-node, "
+                "FSDP, DeepSpeed: sft/configs/accelerate/); --nproc, if given, overrides its num_processes"})
 
 
 # Short flags for the most used upstream fields: flag -> (section, field).
@@ -235,6 +242,7 @@ def validate(config: ResolvedConfig) -> list[str]:
     problems += objective_problems(config)
     if args.eval_generations < 0:
         problems.append(f"--eval-generations {args.eval_generations} must be 0 (loss only) or more")
+    problems += launch_problems(args)
     if config.peft.get("method") not in METHODS:
         return problems  # reported by the peft section
     problems += method_problems(config)

@@ -20,6 +20,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -32,6 +33,8 @@ from sft.chat_format import training_chat_template
 from sft.config import DEFAULT_MAX_LENGTH, ResolvedConfig
 from sft.data import parse_columns
 from sft.data_check import check_data, enforce, to_dataset
+from sft.distributed import (LAUNCHED, check_in_step, check_processes, gathered_state_dict, global_batch_line,
+                             is_main, main_first, on_main, wait_for_everyone)
 from sft.evaluate import METRICS as METRIC_NAMES
 from sft.lineage import (DataSource, Parent, adopt_parent_settings, base_linear_names, parent_problems, resolve_data,
                          resolve_parent)
@@ -64,7 +67,7 @@ class RunPaths:
         return None
 
 
-def prepare_output(config: ResolvedConfig) -> tuple[RunPaths, Path | None]:
+def prepare_output(config: ResolvedConfig, processes: int = 1) -> tuple[RunPaths, Path | None]:
     """Decide where to write and what to resume from, before any work is done."""
     args = config.args
     paths = RunPaths.for_output(args.output)
@@ -77,8 +80,8 @@ def prepare_output(config: ResolvedConfig) -> tuple[RunPaths, Path | None]:
     if checkpoint is None:
         raise LoradockError(f"--resume: no complete checkpoint of an earlier run into {args.output}",
                             "run without --resume to start from the beginning")
-    saved = yaml.safe_load((paths.work / RUN_CONFIG).read_text())
-    now = comparable(config)
+    saved = {"processes": 1, **yaml.safe_load((paths.work / RUN_CONFIG).read_text())}  # runs before --nproc had 1
+    now = comparable(config, processes)
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
         raise LoradockError(f"--resume: the configuration differs from the interrupted run's in {', '.join(changed)}",
@@ -86,10 +89,17 @@ def prepare_output(config: ResolvedConfig) -> tuple[RunPaths, Path | None]:
     return paths, checkpoint
 
 
-def comparable(config: ResolvedConfig) -> dict:
+# How the processes are launched may change on --resume (torchrun or accelerate, another config file);
+# their number may not: the per-process random states and data shards of a checkpoint, and the global
+# batch (per device x processes x accumulation), depend on it.
+NOT_COMPARED = ("resume", "overwrite", "nproc", "accelerate_config")
+
+
+def comparable(config: ResolvedConfig, processes: int = 1) -> dict:
     """The settings that must match for a resume to continue the same run."""
     flat = {**{f"peft.{k}": v for k, v in config.peft.items()}, **{f"training.{k}": v for k, v in config.training.items()}}
-    flat.update({k: v for k, v in dataclasses.asdict(config.args).items() if k not in ("resume", "overwrite")})
+    flat.update({k: v for k, v in dataclasses.asdict(config.args).items() if k not in NOT_COMPARED})
+    flat["processes"] = processes
     return json.loads(json.dumps(flat, default=str))
 
 
@@ -152,7 +162,8 @@ def check_parent(config: ResolvedConfig, base_path: str) -> Parent:
                             "change the flags named below: a continued adapter keeps its parent's base model, method "
                             "and shapes; nothing was written", "\n".join(f"  - {p}" for p in problems))
     for note in adopt_parent_settings(parent, config.method, config.peft):
-        print(f"--init-adapter: {note}", flush=True)
+        if is_main():
+            print(f"--init-adapter: {note}", flush=True)
     return parent
 
 
@@ -198,14 +209,40 @@ def base_revision(base_path: str, model) -> str | None:
     return getattr(model.config, "_commit_hash", None)
 
 
-def held_out_before(trainer, paths: RunPaths) -> dict:
-    """The untrained adapter's held-out figures, kept in the work folder so a resumed run reports them too."""
-    saved = paths.work / "eval_before.json"
-    if saved.exists():
-        return json.loads(saved.read_text())
+EVAL_BEFORE = "eval_before.json"
+
+
+def held_out_before(trainer, paths: RunPaths, saved: dict | None) -> dict:
+    """The untrained adapter's held-out figures: `saved` (read by `prepare_run` from the work folder, where
+    an interrupted run kept them), else evaluated now by every process and kept by the main one."""
+    if saved is not None:
+        return saved
     figures = trainer.evaluate()
-    saved.write_text(json.dumps(figures))
+    if is_main():
+        (paths.work / EVAL_BEFORE).write_text(json.dumps(figures))
     return figures
+
+
+def untrained_figures(trainer, paths: RunPaths, saved: dict | None) -> Callable[[], dict]:
+    """What gives the untrained adapter's held-out figures once `trainer.train()` has begun.
+
+    One process evaluates before training. Several evaluate when training begins instead: an
+    evaluation before `train()` marks the model prepared (accelerate 1.15, transformers 5.19), and
+    the Trainer then leaves it out of DDP, so each process would train its own copy unsynchronised.
+    """
+    if saved is not None or trainer.args.world_size == 1:
+        figures = held_out_before(trainer, paths, saved)
+        return lambda: figures
+    from transformers import TrainerCallback
+
+    taken = {}
+
+    class AtTrainBegin(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            taken.update(held_out_before(trainer, paths, None))  # the model is wrapped for its processes now
+
+    trainer.add_callback(AtTrainBegin())
+    return lambda: taken
 
 
 def final_evaluation(trainer) -> dict:
@@ -304,8 +341,36 @@ def build_trainer(config: ResolvedConfig, model, trainer_args, train_rows, eval_
         peft_config=fresh, held_out=held_out)
 
 
+@dataclasses.dataclass
+class Prepared:
+    """What the main process decided and checked before training, handed to every process."""
+
+    paths: RunPaths
+    checkpoint: Path | None  # the one --resume continues from
+    train_report: object  # sft.data_check.DataReport (or the preference check's)
+    train_rows: list
+    eval_rows: list
+    eval_summary: dict | None
+    eval_before: dict | None  # the untrained adapter's held-out figures, kept by an interrupted run
+
+
+def prepare_run(config: ResolvedConfig, tokenizer, data: DataSource, held: DataSource | None,
+                processes: int) -> Prepared:
+    """On the main process only: where to write, what to resume, the data check (printed once), the work folder."""
+    paths, checkpoint = prepare_output(config, processes)
+    train_report, train_rows, eval_rows, eval_summary = check_datasets(config, tokenizer, data, held)
+    if not config.args.resume and paths.work.exists():
+        shutil.rmtree(paths.work)  # the leftovers of an interrupted run that is not being resumed
+    paths.work.mkdir(parents=True, exist_ok=True)
+    (paths.work / RUN_CONFIG).write_text(yaml.safe_dump(comparable(config, processes), sort_keys=True))
+    saved = paths.work / EVAL_BEFORE
+    before = json.loads(saved.read_text()) if saved.exists() else None
+    return Prepared(paths, checkpoint, train_report, train_rows, eval_rows, eval_summary, before)
+
+
 def run(config: ResolvedConfig) -> Path:
-    """Train one adapter; returns the published folder."""
+    """Train one adapter; returns the published folder. In a run of several processes (`sft.distributed`)
+    every process runs this, and the one-off work is the main process's."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -313,46 +378,57 @@ def run(config: ResolvedConfig) -> Path:
 
     args = config.args
     apply_device_defaults(config)
-    base_path = resolve_base_model(args.base_model)
-    check_base_supports(config, base_path)
-    parent = check_parent(config, base_path) if args.init_adapter else None  # first: it settles config.peft
-    paths, checkpoint = prepare_output(config)
-    data, held = resolve_data(args.data), resolve_data(args.eval_data, "--eval-data")
+    # First, on every process: TrainingArguments sets up the processes' group that the rest relies on.
+    trainer_args = training_arguments(config, RunPaths.for_output(args.output),
+                                      has_eval=bool(args.eval_data or args.eval_split))
+    check_processes(trainer_args)
+    with main_first():  # the base model built, the parent pulled, the data downloaded once
+        base_path = resolve_base_model(args.base_model)
+        check_base_supports(config, base_path)
+        parent = check_parent(config, base_path) if args.init_adapter else None  # first: it settles config.peft
+        data, held = resolve_data(args.data), resolve_data(args.eval_data, "--eval-data")
     tokenizer = load_tokenizer(base_path, args.chat_template)
-    train_report, train_rows, eval_rows, eval_summary = check_datasets(config, tokenizer, data, held)
-    trainer_args = training_arguments(config, paths, has_eval=bool(eval_rows))
-
-    if not args.resume and paths.work.exists():
-        shutil.rmtree(paths.work)  # the leftovers of an interrupted run that is not being resumed
-    paths.work.mkdir(parents=True, exist_ok=True)
-    (paths.work / RUN_CONFIG).write_text(yaml.safe_dump(comparable(config), sort_keys=True))
+    prepared = on_main(lambda: prepare_run(config, tokenizer, data, held, trainer_args.world_size))
+    paths, checkpoint, eval_rows = prepared.paths, prepared.checkpoint, prepared.eval_rows
 
     dtype = torch.bfloat16 if trainer_args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
     if parent:
         model = PeftModel.from_pretrained(model, str(parent.folder), is_trainable=True)
     held_out = held_out_sample(eval_rows, args.eval_generations, config.training.get("seed", 42))
-    trainer = build_trainer(config, model, trainer_args, train_rows, eval_rows, tokenizer, held_out,
+    trainer = build_trainer(config, model, trainer_args, prepared.train_rows, eval_rows, tokenizer, held_out,
                             fresh=None if parent else peft_config(config, base_path))
     check_trainable(trainer.model)
     trainable, total = trainer.model.get_nb_trainable_parameters()
     if "ref" in trainer.model.peft_config:
         total -= trainable  # DPO's frozen copy of the adapter is not part of the base
+    if is_main() and not os.environ.get(LAUNCHED):
+        print(global_batch_line(trainer_args.world_size, trainer_args.per_device_train_batch_size,
+                                trainer_args.gradient_accumulation_steps, ""), flush=True)
     started = time.perf_counter()
-    before = held_out_before(trainer, paths) if eval_rows else {}
+    before = untrained_figures(trainer, paths, prepared.eval_before) if eval_rows else dict
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    before = before()
     after = final_evaluation(trainer) if eval_rows else {}
+    check_in_step(trainer)
+    state_dict = gathered_state_dict(trainer)  # a collective under FSDP/DeepSpeed; None otherwise
+    if not is_main():
+        wait_for_everyone()  # until the main process has published
+        return paths.output
 
-    record = lineage(config, parent, data, held)
+    record, report = lineage(config, parent, data, held), prepared.train_report
     metrics = {
         "objective": args.objective, "parent": record["parent"], "dataset": record["dataset"],
         "base_model": args.base_model, "base_model_revision": base_revision(base_path, model),
-        "dataset_sha256": train_report.sha256, "train_data": train_report.summary(), "eval_data": eval_summary,
+        "dataset_sha256": report.sha256, "train_data": report.summary(), "eval_data": prepared.eval_summary,
         "method": config.method.name, "trainable_parameters": trainable, "base_parameters": total - trainable,
         "train_loss": round(result.training_loss, 4), "eval_loss_before": before.get("eval_loss"),
         "eval_loss": after.get("eval_loss"), "eval_metrics_before": generation_scores(before),
         "eval_metrics": generation_scores(after), "held_out_sha256": held_out_fingerprint(held_out),
         "steps": result.global_step, "epochs": round(trainer.state.epoch or 0, 3),
+        "processes": trainer_args.world_size,
+        "global_batch": trainer_args.per_device_train_batch_size * trainer_args.world_size
+        * trainer_args.gradient_accumulation_steps,
         "train_runtime_s": round(result.metrics["train_runtime"], 2),
         "total_runtime_s": round(time.perf_counter() - started, 2),
         "train_tokens": trainer._total_train_tokens,
@@ -361,23 +437,28 @@ def run(config: ResolvedConfig) -> Path:
         "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else None,
         "log_history": trainer.state.log_history,
     }
-    return publish(trainer, config, paths, metrics, record)
+    output = publish(trainer, config, paths, metrics, record, state_dict)
+    wait_for_everyone()
+    return output
 
 
-def publish(trainer, config: ResolvedConfig, paths: RunPaths, metrics: dict, record: dict | None = None) -> Path:
-    """Assemble the adapter folder beside the checkpoints and rename it into place."""
+def publish(trainer, config: ResolvedConfig, paths: RunPaths, metrics: dict, record: dict | None = None,
+            state_dict: dict | None = None) -> Path:
+    """Assemble the adapter folder beside the checkpoints and rename it into place (on the main process).
+    `state_dict` is the model's, gathered whole from the processes' shards (FSDP, DeepSpeed ZeRO-3)."""
     staging = paths.work / "adapter"
     if staging.exists():
         shutil.rmtree(staging)
-    saved_config = trainer.model.peft_config["default"]
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    saved_config = model.peft_config["default"]
     saved_config.base_model_name_or_path = config.args.base_model  # the name, never this machine's path
     if getattr(saved_config, "tokenizer_name_or_path", None):
         saved_config.tokenizer_name_or_path = config.args.base_model
     # save_embedding_layers=False: no method here trains embeddings, and "auto" would look the base
     # model's name up on the Hub to find out.
     # selected_adapters: a DPO run's model also holds TRL's frozen "ref" copy of the parent.
-    trainer.model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False,
-                                  selected_adapters=["default"])
+    model.save_pretrained(staging, safe_serialization=True, save_embedding_layers=False,
+                          selected_adapters=["default"], **({"state_dict": state_dict} if state_dict else {}))
     problems = saved_weight_problems(staging / WEIGHTS) if (staging / WEIGHTS).exists() else []
     if problems:
         raise LoradockError(f"the saved adapter is broken: {'; '.join(problems)}",
@@ -417,6 +498,8 @@ def run_config_yaml(config: ResolvedConfig, record: dict | None = None) -> str:
 
 def main(config: ResolvedConfig) -> int:
     output = run(config)
+    if not is_main():
+        return 0  # the main process reports
     metrics = json.loads((output / METRICS).read_text())
     before, after = metrics["eval_loss_before"], metrics["eval_loss"]
     summary = f"adapter written to {output}: train loss {metrics['train_loss']}"
