@@ -406,9 +406,9 @@ def run(config: ResolvedConfig) -> Path:
         print(global_batch_line(trainer_args.world_size, trainer_args.per_device_train_batch_size,
                                 trainer_args.gradient_accumulation_steps, ""), flush=True)
     started = time.perf_counter()
-    before = untrained_figures(trainer, paths, prepared.eval_before) if eval_rows else dict
+    untrained = untrained_figures(trainer, paths, prepared.eval_before) if eval_rows else dict
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    before = before()
+    before = untrained()
     after = final_evaluation(trainer) if eval_rows else {}
     check_in_step(trainer)
     state_dict = gathered_state_dict(trainer)  # a collective under FSDP/DeepSpeed; None otherwise
