@@ -40,7 +40,7 @@ nginx:
 test: setup browser nginx
 	$(PY) -m pytest
 
-# Everything but the `slow` tests (training runs, vLLM), in about a minute.
+# Everything but the `slow` tests (training runs, vLLM), in about four minutes on 2 cores.
 # The tests that need the base model run against one built once and kept in $(LORADOCK_HOME)/test-home
 # (the first run builds it: a few minutes); tests/conftest.py marks them slow when none is kept.
 test-fast: setup

@@ -13,9 +13,8 @@ import pytest
 import yaml
 
 from hub.adapter import REQUIRED_FILES
-from loradock.procs import Service, loradock_command
 from tests.conftest import REPO, run_loradock
-from tests.test_train import nothing_written, small_split
+from tests.test_train import interrupt_after_checkpoint, nothing_written, small_split
 
 ACCELERATE_CONFIGS = sorted((REPO / "sft" / "configs" / "accelerate").glob("*.yaml"))
 
@@ -283,17 +282,8 @@ def test_two_processes_reach_the_held_out_loss_of_one(one_and_two):
 def stop_after_checkpoint(args: list, checkpoints: Path, min_step: int, log: Path) -> None:
     """Run `loradock train ARGS`, then SIGTERM it (as a terminal's interrupt reaches torchrun, which stops its
     workers) once checkpoint >= min_step is complete, and wait for the whole launch to be gone."""
-    run = Service("loradock train", loradock_command(*args), log, grace=30)
+    run = interrupt_after_checkpoint(args, checkpoints, min_step, log, crash=False)
     deadline = time.time() + 300
-    try:
-        while time.time() < deadline and run.process.poll() is None:
-            done = [int(c.name.split("-")[1]) for c in checkpoints.glob("checkpoint-*") if (c / "trainer_state.json").exists()]
-            if done and max(done) >= min_step:
-                break
-            time.sleep(0.1)
-        assert run.process.poll() is None, "the run ended before it could be stopped"
-    finally:
-        run.stop()
     while time.time() < deadline:  # torchrun, in the launch's process group, exits once its workers have
         try:
             os.killpg(run.process.pid, 0)

@@ -215,9 +215,10 @@ def test_a_batch_with_every_label_masked_stops_the_run(base_model_dir, tokenizer
 
 # --- resume ----------------------------------------------------------------------------------------
 
-def start_and_kill_after_checkpoint(args: list, checkpoints: Path, min_step: int, log: Path) -> None:
-    """Run `loradock train ARGS` in its own process and kill -9 it once checkpoint >= min_step is complete."""
-    run = Service("loradock train", loradock_command(*args), log)
+def interrupt_after_checkpoint(args: list, checkpoints: Path, min_step: int, log: Path, crash: bool = True) -> Service:
+    """Run `loradock train ARGS` in its own process group and, once checkpoint >= min_step is complete,
+    kill -9 it (`crash`) or SIGTERM it as a terminal's interrupt would; returns the stopped service."""
+    run = Service("loradock train", loradock_command(*args), log, grace=30)
     deadline = time.time() + 300
     try:
         while time.time() < deadline and run.process.poll() is None:
@@ -225,9 +226,10 @@ def start_and_kill_after_checkpoint(args: list, checkpoints: Path, min_step: int
             if done and max(done) >= min_step:
                 break
             time.sleep(0.1)
-        assert run.process.poll() is None, "the run ended before it could be killed"
+        assert run.process.poll() is None, "the run ended before it could be interrupted"
     finally:
-        run.kill()
+        run.kill() if crash else run.stop()
+    return run
 
 
 @pytest.mark.slow
@@ -238,7 +240,7 @@ def test_resume_continues_from_the_last_complete_checkpoint(tmp_path, base_model
     args = ["train", "--peft", method, "--data", train, "--eval-data", held, "--output", output, "--max-steps", "80",
             "--lr", lr, "--batch-size", "16", "--max-length", "64", "--training.save_steps", "10",
             "--training.eval_steps", "40", "--eval-generations", "4"]
-    start_and_kill_after_checkpoint(args, tmp_path / ".adapter.loradock-run" / "checkpoints", min_step=20,
+    interrupt_after_checkpoint(args, tmp_path / ".adapter.loradock-run" / "checkpoints", min_step=20,
                                     log=tmp_path / "killed-run.log")
     assert not output.exists(), "a killed run must not leave a finished-looking adapter"
 
