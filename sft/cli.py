@@ -96,7 +96,7 @@ def train_config(args):
 
 
 def run_train(args) -> int:
-    from sft.distributed import launch_processes, wants_launch
+    from sft.distributed import launch_processes, record_failure, wants_launch
     from sft.train import main, run_config_yaml
 
     config = train_config(args)
@@ -108,6 +108,9 @@ def run_train(args) -> int:
             body = json.loads(json.dumps(config.to_yaml_dict(), default=str))
             return launch_processes(config.args, body, config.training)
         return main(config)
+    except LoradockError as error:
+        record_failure(error)  # a launched process: its launcher raises it too
+        raise
     except KeyboardInterrupt:
         raise LoradockError("training interrupted; its complete checkpoints are kept",
                             "run the same command with --resume to continue") from None

@@ -13,6 +13,7 @@ the publish is the main process's while the others wait (`wait_for_everyone`). I
 one-process run every helper is a no-op.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from loradock.errors import LoradockError
 
 LAUNCHED = "LORADOCK_TRAIN_LAUNCHED"  # set in the launched processes: they train, never launch again
 PROCESSES = "LORADOCK_TRAIN_PROCESSES"  # how many processes the launcher started, checked by each of them
+FAILURE = "LORADOCK_TRAIN_FAILURE"  # a file a launched process writes its refusal to, for the launcher to raise
 T = TypeVar("T")
 
 
@@ -79,12 +81,25 @@ def launch_problems(args) -> list[str]:
     values, problem = read_accelerate_config(args.accelerate_config)
     if problem:
         return [*problems, problem]
-    if processes_of(args, values) > 1 and not values.get("mpirun_config") and not cuda_available():
-        # accelerate launch's CPU launcher starts one process unless it runs them under mpirun
-        problems.append(f"--accelerate-config {args.accelerate_config} starts {processes_of(args, values)} processes "
-                        f"({values['distributed_type']}), which `accelerate launch` does on GPUs (or under mpirun), and "
-                        "this machine has no CUDA GPU; on a CPU use --nproc N without --accelerate-config (torchrun, gloo)")
+    processes, kind = processes_of(args, values), values["distributed_type"]
+    if processes > 1 and not cuda_available() and not values.get("mpirun_config") and not runs_as_torchrun(values):
+        problems.append(f"--accelerate-config {args.accelerate_config} starts {processes} processes ({kind}"
+                        f"{', on ' + str(values.get('num_machines')) + ' machines' if kind not in GPU_ONLY else ''}), "
+                        "which `accelerate launch` does on GPUs (or under mpirun), and this machine has no CUDA GPU; "
+                        "on a CPU use --nproc N without --accelerate-config (torchrun, gloo)")
     return problems
+
+
+# What needs GPUs: sharding (FSDP, DeepSpeed, Megatron-LM) and TPUs.
+GPU_ONLY = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA", "TPU")
+
+
+def runs_as_torchrun(values: dict | None) -> bool:
+    """On a machine without CUDA, an accelerate config of plain data parallel on this one machine runs its
+    processes through torchrun: `accelerate launch` would start one process there (its CPU launcher
+    starts several only under mpirun), and the same processes with the same settings are what it asks for."""
+    return (values is not None and not cuda_available() and not values.get("mpirun_config")
+            and values.get("distributed_type") not in GPU_ONLY and int(values.get("num_machines") or 1) == 1)
 
 
 def global_batch_line(processes: int, per_device: int, accumulation: int, launcher: str) -> str:
@@ -95,10 +110,10 @@ def global_batch_line(processes: int, per_device: int, accumulation: int, launch
             f"{per_device} per device x {processes} {plural} x {accumulation} accumulation")
 
 
-def launch_command(nproc: int, accelerate_config: str | None, config_file: str) -> list[str]:
-    """The launcher's command line: accelerate's with a config, else torchrun on this machine."""
+def launch_command(nproc: int, accelerate_config: str | None, config_file: str, torchrun: bool = False) -> list[str]:
+    """The launcher's command line: accelerate's with a config (unless `torchrun`), else torchrun on this machine."""
     train = ["-m", "loradock.cli", "train", "--config", config_file]
-    if accelerate_config:
+    if accelerate_config and not torchrun:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config]
         if nproc > 1:
             command += ["--num_processes", str(nproc)]
@@ -159,24 +174,47 @@ def launch_processes(args, body: dict, training: dict) -> int:
     if not on_cuda and processes // machines > cores:
         print(f"warning: {processes // machines} processes on {cores} CPU cores: each gets less than one core",
               file=sys.stderr, flush=True)
-    launcher = "accelerate launch" if args.accelerate_config else "torchrun"
+    torchrun = not args.accelerate_config or (processes > 1 and runs_as_torchrun(accelerate_values))
+    launcher = "torchrun" if torchrun else "accelerate launch"
+    if torchrun and args.accelerate_config:
+        launcher = f"torchrun: --accelerate-config {args.accelerate_config}'s processes on a machine without CUDA"
     print(global_batch_line(processes, training.get("per_device_train_batch_size", 8),
                             training.get("gradient_accumulation_steps", 1), launcher), flush=True)
     config_file = write_launch_config(body, args.output)
+    failure = config_file.with_suffix(".failure.json")
     try:
-        command = launch_command(args.nproc, args.accelerate_config, str(config_file))
-        env = child_environment(processes, max(1, processes // machines), on_cuda)
+        command = launch_command(processes if torchrun else args.nproc, args.accelerate_config, str(config_file),
+                                 torchrun)
+        env = {**child_environment(processes, max(1, processes // machines), on_cuda), FAILURE: str(failure)}
         launcher_process = subprocess.Popen(command, env=env)  # output passes through as it comes
         try:
-            return launcher_process.wait()
+            code = launcher_process.wait()
         except KeyboardInterrupt:
             # torchrun and accelerate stop their workers (each in a session of its own, out of reach of
             # the terminal's Ctrl-C) on SIGTERM; a SIGKILL would leave them training unattended.
             launcher_process.send_signal(signal.SIGTERM)
             launcher_process.wait()
             raise
+        if code and failure.exists():
+            # A process refused the run (bad data, a bad parent, ...): raised here too, so the command exits
+            # 2 as a one-process run does, and the problem and its fix come last, after the launcher's report.
+            raise LoradockError(**json.loads(failure.read_text()))
+        return code
     finally:
         config_file.unlink(missing_ok=True)
+        failure.unlink(missing_ok=True)
+
+
+def record_failure(error: LoradockError) -> None:
+    """In a launched process: keep `error` for the launcher (the first process to refuse is the one kept)."""
+    path = os.environ.get(FAILURE)
+    if not path:
+        return
+    try:
+        with open(path, "x") as out:
+            json.dump({"problem": error.problem, "fix": error.fix, "details": error.details}, out)
+    except OSError:
+        pass  # another process refused first, or the folder is gone: its own output still says why
 
 
 # --- inside the launched processes -------------------------------------------------------------

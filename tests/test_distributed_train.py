@@ -102,6 +102,26 @@ def test_a_gpu_accelerate_config_on_a_cpu_is_refused(run_cli, tmp_path, monkeypa
     assert "use --nproc N without --accelerate-config" in result.err and not seen and nothing_written(output)
 
 
+def test_a_cpu_accelerate_config_runs_its_processes_through_torchrun(run_cli, tmp_path, monkeypatch):
+    """What `accelerate config` writes for 2 CPU processes on this machine: accelerate launch would start
+    one process here, so torchrun starts the two the config asks for."""
+    seen = fake_launcher(monkeypatch)
+    config = tmp_path / "cpu.yaml"
+    config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nmachine_rank: 0\n"
+                      "mixed_precision: 'no'\nnum_machines: 1\nnum_processes: 2\nuse_cpu: true\n")
+    result = run_cli("train", "--data", data_file(tmp_path), "--output", tmp_path / "out", "--accelerate-config", config,
+                     "--batch-size", "4")
+    assert result.code == 0, result.text
+    assert f"training in 2 processes (torchrun: --accelerate-config {config}'s processes on a machine without CUDA); " \
+           "global batch 8 = 4 per device x 2 processes x 1 accumulation" in result.out
+    assert seen["command"][1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    assert seen["env"]["ACCELERATE_USE_CPU"] == "true" and seen["env"]["LORADOCK_TRAIN_PROCESSES"] == "2"
+    # On two machines it cannot: refused, pointing at --nproc.
+    config.write_text(config.read_text().replace("num_machines: 1", "num_machines: 2"))
+    result = run_cli("train", "--data", data_file(tmp_path), "--output", tmp_path / "out", "--accelerate-config", config)
+    assert result.code == 2 and "starts 2 processes (MULTI_CPU, on 2 machines)" in result.err, result.text
+
+
 def test_more_processes_than_cores_is_a_warning(run_cli, tmp_path, monkeypatch):
     seen = fake_launcher(monkeypatch)
     more = (os.cpu_count() or 1) + 1
@@ -312,3 +332,17 @@ def test_two_processes_resume_from_the_last_complete_checkpoint(one_and_two):
     assert steps_logged == sorted(steps_logged) and steps_logged[-1] == 60
     assert metrics["eval_loss"] < metrics["eval_loss_before"]
     assert not (tmp / ".resumed.loradock-run").exists()
+
+
+@pytest.mark.slow
+def test_bad_data_in_two_processes_is_refused_once_with_status_2_and_nothing_written(base_model_dir, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c"\n' * 10)
+    output = tmp_path / "out"
+    result = run_loradock("train", "--data", data, "--output", output, "--nproc", "2", "--max-steps", "2")
+    assert result.returncode == 2, (result.stdout + result.stderr)[-3000:]
+    last = result.stderr.strip().splitlines()
+    problem = next(i for i in range(len(last) - 1, -1, -1) if last[i].startswith("error: "))
+    assert "malformed" in "\n".join(last[problem:]).lower() and any(l.startswith("fix: ") for l in last[problem:]), \
+        result.stderr[-3000:]  # the refusal comes last, after the launcher's own report of a failed process
+    assert nothing_written(output) and not list(tmp_path.glob(".out.launch-*"))
