@@ -96,11 +96,11 @@ def test_votes_on_v1_train_a_dpo_v2_that_beats_it_and_is_promoted(registry, base
         # v2: preference tuning of v1, against v1, on the pushed votes by their commit.
         trained = loradock("train", "--objective", "dpo", "--init-adapter", f"{REPO}@v1",
                            "--data", f"datasets/{VOTES_REPO}@{dataset_commit}/preferences.jsonl",
-                           "--eval-data", judge_pairs, "--output", tmp_path / "v2", "--lr", "1e-3",
-                           "--max-steps", "100", "--batch-size", "16", "--training.beta", "0.1",
+                           "--eval-data", judge_pairs, "--output", tmp_path / "v2", "--lr", "2e-3",
+                           "--max-steps", "200", "--batch-size", "16", "--training.beta", "0.1",
                            # DPO with an NLL term on the chosen answers (RPO): plain DPO lowers the
                            # likelihood of both answers on a model this small, and its greedy answers with it.
-                           "--training.loss_type", "sigmoid,sft", "--training.eval_steps", "100", *LORA)
+                           "--training.loss_type", "sigmoid,sft", "--training.eval_steps", "200", *LORA)
         v2 = re.search(r"commit ([0-9a-f]{40})", loradock("push", tmp_path / "v2", REPO, "--tag", "v2")).group(1)
 
         report = tmp_path / "eval.json"
