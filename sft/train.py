@@ -13,14 +13,12 @@ step, so an interrupted run never leaves anything that looks like a finished ada
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import random
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
@@ -35,7 +33,8 @@ from sft.data import parse_columns
 from sft.data_check import check_data, enforce, to_dataset
 from sft.distributed import (LAUNCHED, check_in_step, check_processes, gathered_state_dict, global_batch_line,
                              is_main, main_first, on_main, wait_for_everyone)
-from sft.evaluate import METRICS as METRIC_NAMES
+from sft.held_out import (EVAL_BEFORE, final_evaluation, generation_scores, held_out_fingerprint, held_out_sample,
+                           untrained_figures)
 from sft.lineage import (DataSource, Parent, adopt_parent_settings, base_linear_names, parent_problems, resolve_data,
                          resolve_parent)
 from sft.preference_data import check_preferences, to_preference_dataset
@@ -209,50 +208,6 @@ def base_revision(base_path: str, model) -> str | None:
     return getattr(model.config, "_commit_hash", None)
 
 
-EVAL_BEFORE = "eval_before.json"
-
-
-def held_out_before(trainer, paths: RunPaths, saved: dict | None) -> dict:
-    """The untrained adapter's held-out figures: `saved` (read by `prepare_run` from the work folder, where
-    an interrupted run kept them), else evaluated now by every process and kept by the main one."""
-    if saved is not None:
-        return saved
-    figures = trainer.evaluate()
-    if is_main():
-        (paths.work / EVAL_BEFORE).write_text(json.dumps(figures))
-    return figures
-
-
-def untrained_figures(trainer, paths: RunPaths, saved: dict | None) -> Callable[[], dict]:
-    """What gives the untrained adapter's held-out figures once `trainer.train()` has begun.
-
-    One process evaluates before training. Several evaluate when training begins instead: an
-    evaluation before `train()` marks the model prepared (accelerate 1.15, transformers 5.19), and
-    the Trainer then leaves it out of DDP, so each process would train its own copy unsynchronised.
-    """
-    if saved is not None or trainer.args.world_size == 1:
-        figures = held_out_before(trainer, paths, saved)
-        return lambda: figures
-    from transformers import TrainerCallback
-
-    taken = {}
-
-    class AtTrainBegin(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            taken.update(held_out_before(trainer, paths, None))  # the model is wrapped for its processes now
-
-    trainer.add_callback(AtTrainBegin())
-    return lambda: taken
-
-
-def final_evaluation(trainer) -> dict:
-    """The held-out figures after training: the evaluation at the last step when there was one."""
-    last = trainer.state.log_history[-2:-1] or [{}]  # the entry before the train summary
-    if last[0].get("step") == trainer.state.global_step and "eval_loss" in last[0]:
-        return last[0]
-    return trainer.evaluate()
-
-
 def check_base_supports(config: ResolvedConfig, base_path: str) -> None:
     """A method PEFT implements for some architectures only, or with settings the base cannot take."""
     from transformers import AutoConfig
@@ -274,34 +229,6 @@ def peft_config(config: ResolvedConfig, base_path: str):
     if str(settings.get("prompt_tuning_init", "")).upper().endswith("TEXT"):
         settings["tokenizer_name_or_path"] = base_path
     return config.method.peft_config(settings)
-
-
-def held_out_sample(eval_rows: list, n: int, seed: int) -> list[tuple[list[dict], str]]:
-    """(conversation to answer, reference) for up to `n` held-out rows, the same rows at every evaluation."""
-    from sft.data import prompt_and_reference
-
-    rows = eval_rows[:]
-    random.Random(seed).shuffle(rows)
-    # a preference pair's reference is its chosen answer
-    return [(row.prompt, row.chosen) if hasattr(row, "chosen") else prompt_and_reference(row.messages)
-            for row in rows[:n]]
-
-
-def held_out_fingerprint(held_out: list[tuple[list[dict], str]]) -> str | None:
-    """sha256 of the prompts and references the held-out figures were scored on, whatever file
-    form they came in (an SFT file and a preference file of the same rows agree): two runs'
-    figures compare only when this is equal. None when nothing was scored."""
-    if not held_out:
-        return None
-    canonical = sorted(json.dumps([prompt, reference], sort_keys=True, ensure_ascii=False)
-                       for prompt, reference in held_out)
-    return hashlib.sha256("\n".join(canonical).encode()).hexdigest()
-
-
-def generation_scores(figures: dict) -> dict | None:
-    """{"exact_match": ..., "rouge_l": ...} from an evaluation's figures; None when it generated nothing."""
-    scores = {name: figures[f"eval_{name}"] for name in METRIC_NAMES if f"eval_{name}" in figures}
-    return scores or None
 
 
 def peak_memory() -> dict:
@@ -406,7 +333,7 @@ def run(config: ResolvedConfig) -> Path:
         print(global_batch_line(trainer_args.world_size, trainer_args.per_device_train_batch_size,
                                 trainer_args.gradient_accumulation_steps, ""), flush=True)
     started = time.perf_counter()
-    untrained = untrained_figures(trainer, paths, prepared.eval_before) if eval_rows else dict
+    untrained = untrained_figures(trainer, paths.work, prepared.eval_before) if eval_rows else dict
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     before = untrained()
     after = final_evaluation(trainer) if eval_rows else {}

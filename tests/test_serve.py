@@ -473,7 +473,7 @@ def chat_with(url: str, headers: dict) -> dict:
 
 
 def test_an_unload_waits_for_the_requests_using_the_adapter_and_holds_new_ones():
-    from serve.middleware import InFlight
+    from serve.inflight import InFlight
 
     async def scenario():
         gate, events = InFlight(drain_timeout=5), []
@@ -505,7 +505,7 @@ def test_an_unload_waits_for_the_requests_using_the_adapter_and_holds_new_ones()
 
 def test_an_unload_past_its_drain_deadline_is_busy_and_lets_the_held_requests_go():
     from loradock.errors import Busy
-    from serve.middleware import InFlight
+    from serve.inflight import InFlight
 
     async def scenario():
         gate, loop, events = InFlight(drain_timeout=0.3), asyncio.get_running_loop(), {}
