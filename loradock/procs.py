@@ -11,6 +11,7 @@ Standard library only, and nothing from sft/, serve/, ui/ or hub/: every layer m
 is ready when its health URL answers, never when its log says so.
 """
 
+import contextlib
 import ctypes
 import functools
 import os
@@ -28,6 +29,7 @@ from pathlib import Path
 from loradock.errors import LoradockError
 
 TAIL_LINES = 15
+ORPHAN_GRACE = 3.0  # seconds a service may take to stop on its own once its starter is gone, then SIGKILL
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # Looked up before any fork: a child of a threaded parent must not load libraries between fork and exec.
 PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
@@ -70,8 +72,10 @@ class Service:
 
     It starts when constructed. `stop()` signals only this group, so whatever the command started in
     the same group goes with it; used as a context manager, it is stopped when the block ends. On
-    Linux it also gets SIGTERM when the process that started it dies, even by SIGKILL, so a killed
-    `loradock serve` leaves no vLLM behind.
+    Linux it also gets SIGTERM when the process that started it dies, even by SIGKILL, and a small
+    watchdog process (`watch`) SIGKILLs whatever is left of its group `ORPHAN_GRACE` seconds later:
+    a killed `loradock serve` leaves no vLLM behind, even one still waiting for its clients'
+    connections to close.
 
     Args:
         name: what error messages call it ("the registry", "loradock serve").
@@ -89,6 +93,10 @@ class Service:
             self.process = subprocess.Popen([str(a) for a in argv], env=env, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True,
                                             preexec_fn=functools.partial(die_with_parent, os.getpid()))
+        if PRCTL is not None:
+            subprocess.Popen([sys.executable, "-m", "loradock.procs", "watch", str(os.getpid()), str(self.process.pid),
+                              str(ORPHAN_GRACE)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
 
     def __enter__(self) -> "Service":
         return self
@@ -145,6 +153,36 @@ def die_with_parent(parent: int) -> None:
     PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a process of the group belongs to someone else now: not ours to watch
+        return False
+    return True
+
+
+def watch(parent: int, group: int, grace: float) -> None:
+    """The watchdog of one service (`python -m loradock.procs watch PARENT GROUP GRACE`): while the
+    service's process group `group` lives, wait for its starter `parent` to die (this process is
+    then re-parented); then SIGTERM the group and SIGKILL what is left of it after `grace` seconds.
+
+    PR_SET_PDEATHSIG alone gives the service's first process a SIGTERM, which a server may answer by
+    waiting for its clients to hang up (vLLM's API server does, while streams are open) and which
+    the rest of its group never gets. Returns as soon as the group is empty."""
+    while os.getppid() == parent:
+        if not group_alive(group):
+            return
+        time.sleep(0.2)
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        deadline = time.monotonic() + grace
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, signum)
+        while group_alive(group) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def run_loradock(*args, log: Path, env: dict | None = None, every: Callable[[], None] | None = None) -> None:
@@ -230,3 +268,7 @@ class StepsInLog:
                 self.finished += self.current[1]
             self.current = (n, total)
         return self.finished + (self.current[0] if self.current else 0)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["watch"]:
+    watch(int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]))

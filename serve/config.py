@@ -18,10 +18,11 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hub.adapter import SERVABLE_RANKS, nearest_servable_rank
 from loradock.config import Section, check_fields
-from loradock.home import DEFAULT_BASE_MODEL
+from loradock.home import DEFAULT_BASE_MODEL, home
 
 ENVIRONMENT = "LORADOCK_SERVE"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -63,6 +64,9 @@ class ServeConfig:
     kv_cache_gib: int | None = field(default=None, metadata={
         "help": "KV cache size on a CPU, in whole GiB (none: 1/8 of the machine's memory, between 1 and 8)"})
     dtype: str | None = field(default=None, metadata={"help": "weights' dtype (none: float32 on a CPU, auto on a GPU)"})
+    restart_engine: int = field(default=0, metadata={
+        "help": "times vLLM is started again when it stops on its own (its engine killed or crashed), with the "
+                "--adapter ones and those loaded by path; 0: loradock serve stops too, saying why"})
     log_level: str = field(default="warning", metadata={
         "help": "vLLM's log level: debug, info, warning or error (the log goes to $LORADOCK_HOME/logs/serve-PORT.log)"})
     # Not flags: the `vllm:` section, and what `loradock serve` decides at start-up for vLLM's processes.
@@ -70,6 +74,10 @@ class ServeConfig:
     base_path: str | None = field(default=None, metadata={"flag": False})  # what vLLM loads for base_model
     startup_adapters: dict = field(default_factory=dict, metadata={"flag": False})  # served name -> pulled folder
     hot_load_namespaces: list = field(default_factory=list, metadata={"flag": False})  # --adapter-namespace, resolved
+
+    def loaded_by_path_file(self) -> "AdapterList":
+        """Where vLLM's API server writes down the adapters loaded by path, for a restart."""
+        return AdapterList(home() / "serve" / f"loaded-{self.port}.json")
 
     def to_environment(self) -> dict[str, str]:
         """The environment variable vLLM's processes read this from (secrets stay off command lines)."""
@@ -82,9 +90,39 @@ class ServeConfig:
         return cls(**json.loads(raw)) if raw else None
 
 
+@dataclass(frozen=True)
+class AdapterList:
+    """A JSON file of {served name: adapter folder}, replaced whole on each write."""
+
+    path: Path
+
+    def read(self) -> dict[str, str]:
+        try:
+            value = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(value, dict):
+            return {}
+        return {name: folder for name, folder in value.items() if isinstance(folder, str)}
+
+    def write(self, adapters: dict[str, str]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        staging.write_text(json.dumps(adapters), encoding="utf-8")
+        os.replace(staging, self.path)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def check_vllm_section(values: dict, problems: list[str]) -> dict:
     """The `vllm:` section checked against vLLM's `EngineArgs` (names and types), with loradock's
-    own settings refused there and named by their flag."""
+    own settings refused there and named by their flag.
+
+    Returns plain data for vLLM's own `--config` file and for the environment of its processes:
+    the checked value where it is plain data (a number from a command-line string, an enum's
+    value), else the user's own (a nested config such as `structured_outputs_config`, which the
+    check turns into vLLM's config object, is written back as the mapping the user gave)."""
     from vllm.engine.arg_utils import EngineArgs
 
     values = {key.replace("-", "_"): value for key, value in values.items()}
@@ -92,7 +130,26 @@ def check_vllm_section(values: dict, problems: list[str]) -> dict:
         flag = MANAGED[key]
         problems.append(f"vllm.{key} is set by loradock serve" + (f"; use {flag}" if flag else "; remove it"))
         values.pop(key)
-    return check_fields(EngineArgs, values, problems, lambda key: f"vllm.{key}")
+    checked = check_fields(EngineArgs, values, problems, lambda key: f"vllm.{key}")
+    return {key: value if is_plain(value) else given_as_data(values[key]) for key, value in checked.items()}
+
+
+def is_plain(value) -> bool:
+    """Whether `value` is data YAML and JSON write as they are: scalars, and lists and mappings of them."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return True
+    if isinstance(value, list):  # not a tuple: YAML's safe writer has no form for one
+        return all(is_plain(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and is_plain(item) for key, item in value.items())
+    return False
+
+
+def given_as_data(value):
+    """A setting as the user gave it, as data: a command-line string holding a mapping is parsed."""
+    import yaml
+
+    return yaml.safe_load(value) if isinstance(value, str) else value
 
 
 VLLM_SECTION = Section("vllm", check_vllm_section)
@@ -123,6 +180,8 @@ def validate(config: ServeConfig) -> list[str]:
         problems.append(f"--kv-cache-gib {config.kv_cache_gib} must be at least 1")
     if config.adapter_cache_mb < 0:
         problems.append(f"--adapter-cache-mb {config.adapter_cache_mb} must be 0 or more")
+    if config.restart_engine < 0:
+        problems.append(f"--restart-engine {config.restart_engine} must be 0 or more")
     if config.unload_drain_timeout <= 0:
         problems.append(f"--unload-drain-timeout {config.unload_drain_timeout} must be above 0 seconds")
     for namespace in config.adapter_namespace:

@@ -14,6 +14,7 @@ The `vllm:` section of the config reaches vLLM as its own `--config` file.
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from loradock.errors import AdapterRefused, LoradockError
 from loradock.home import built_base_model, home
 from loradock.procs import Service
 from serve.config import ServeConfig
+from serve.plugin import ENGINE_DEATH_LINE
 
 
 def pull_startup_adapters(config: ServeConfig, base: ServedBase) -> tuple[dict[str, str], list]:
@@ -98,9 +100,10 @@ def vllm_command(config: ServeConfig, on_gpu: bool, vllm_config: Path | None) ->
     ]
     if config.max_model_len:
         command += ["--max-model-len", str(config.max_model_len)]
-    for name, folder in config.startup_adapters.items():
-        if served_by(folder) == "vllm-lora":  # prompt-tuning ones are the middleware's
-            command += ["--lora-modules", f"{name}={folder}"]
+    lora = [f"{name}={folder}" for name, folder in config.startup_adapters.items()
+            if served_by(folder) == "vllm-lora"]  # prompt-tuning ones are the middleware's
+    if lora:  # one flag for all: vLLM's parser keeps only the last of repeated --lora-modules
+        command += ["--lora-modules", *lora]
     if vllm_config:
         command += ["--config", str(vllm_config)]  # the `vllm:` section, read by vLLM's own parser
     return command
@@ -154,43 +157,115 @@ def prepare(config: ServeConfig) -> tuple[ServeConfig, list]:
 
 
 def serve(config: ServeConfig, ready_timeout: float = 600) -> int:
-    """Run vLLM until it exits or this process gets SIGINT/SIGTERM (then stop it cleanly)."""
+    """Run vLLM until this process gets SIGINT/SIGTERM (then stop it cleanly), or until vLLM stops on
+    its own more often than `--restart-engine` allows (then say why, with the fix)."""
     import torch
 
     on_gpu = torch.cuda.is_available()
     config, leases = prepare(config)
     log, url = home() / "logs" / f"serve-{config.port}.log", f"http://{config.host}:{config.port}"
-    # vLLM's API server, engine core and workers share its process group: stopping it stops them all.
-    vllm = Service("vLLM", vllm_command(config, on_gpu, write_vllm_config(config)), log,
-                   env=vllm_environment(config, on_gpu), grace=30)
+    config.loaded_by_path_file().clear()  # a new server: nothing loaded by path yet
+    running: list[Service] = []
     stopping = []
 
     def on_signal(signum, frame):
         # Only signal here: the main thread is inside a wait on the same process.
-        if not stopping and vllm.process.poll() is None:
-            os.killpg(vllm.process.pid, signal.SIGTERM)
+        if not stopping and running and running[-1].process.poll() is None:
+            os.killpg(running[-1].process.pid, signal.SIGTERM)
         stopping.append(signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
     try:
-        vllm.wait_healthy(f"{url}/health", ready_timeout)
-        print(f"serving {config.base_model} with {len(config.startup_adapters)} adapter(s) on "
-              f"{'GPU' if on_gpu else 'CPU'} at {url}/v1 (OpenAI API; log: {log}); hot-loading from "
-              f"{', '.join(config.hot_load_namespaces) or 'no namespace'}", flush=True)
-        while vllm.process.poll() is None and not stopping:
-            time.sleep(0.5)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            vllm.process.wait(timeout=vllm.grace)  # its own clean shutdown, before stop() insists
-    except LoradockError:
-        if stopping:
-            return 0
-        raise
+        for start in range(config.restart_engine + 1):
+            if start:
+                config = with_adapters_loaded_by_path(config)
+            began = log.stat().st_size if log.exists() else 0
+            # vLLM's API server, engine core and workers share its process group: stopping it stops them all.
+            running.append(Service("vLLM", vllm_command(config, on_gpu, write_vllm_config(config)), log,
+                                   env=vllm_environment(config, on_gpu), grace=30, append=bool(start)))
+            if not run_until_stopped(running[-1], config, on_gpu, url, log, ready_timeout, stopping):
+                break
+            why = why_vllm_stopped(running[-1].process.returncode, log, began)
+            running[-1].stop()
+            if start == config.restart_engine:
+                raise LoradockError(f"{why}; loradock serve stops too" + (
+                    f" (vLLM was restarted {start} time{'s' if start > 1 else ''}, --restart-engine {start})"
+                    if start else ""), f"see vLLM's log in {log}; {RESTART_FIX}")
+            print(f"{why}; starting vLLM again ({start + 1} of --restart-engine {config.restart_engine})", flush=True)
     finally:
-        vllm.stop()
+        for vllm in running:
+            vllm.stop()
         for held in leases:
             held.release()
-    if stopping:
-        print("stopped", flush=True)
-        return 0
-    raise LoradockError(f"vLLM exited with status {vllm.process.returncode}", f"see its log in {log}")
+    print("stopped", flush=True)
+    return 0
+
+
+RESTART_FIX = ("a SIGKILL nobody sent is most often the kernel's out-of-memory killer (see `dmesg`): lower "
+               "--kv-cache-gib, --max-loras or --max-model-len; `loradock serve --restart-engine N` starts vLLM "
+               "again by itself, with its adapters")
+
+
+def run_until_stopped(vllm: Service, config: ServeConfig, on_gpu: bool, url: str, log: Path, ready_timeout: float,
+                      stopping: list) -> bool:
+    """Wait for vLLM to answer, then until it exits or this process is asked to stop; True when vLLM
+    stopped on its own."""
+    try:
+        vllm.wait_healthy(f"{url}/health", ready_timeout)
+    except LoradockError:
+        if stopping:
+            return False
+        raise
+    print(f"serving {config.base_model} with {len(config.startup_adapters)} adapter(s) on "
+          f"{'GPU' if on_gpu else 'CPU'} at {url}/v1 (OpenAI API; log: {log}); hot-loading from "
+          f"{', '.join(config.hot_load_namespaces) or 'no namespace'}", flush=True)
+    while vllm.process.poll() is None and not stopping:
+        time.sleep(0.5)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        vllm.process.wait(timeout=vllm.grace)  # its own clean shutdown, before stop() insists
+    return not stopping
+
+
+def exit_phrase(code: int) -> str:
+    """`killed by signal SIGKILL` for a negative status (as `subprocess` and `multiprocessing` report
+    a signal), `exited with status N` otherwise."""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by signal {signal.Signals(-code).name}"
+        return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def why_vllm_stopped(returncode: int, log: Path, since: int) -> str:
+    """What ended vLLM: its API server's own status, and before it any engine process that died
+    (the line `serve.plugin.log_engine_deaths` writes into the log after byte `since`)."""
+    try:
+        with log.open("rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+    except OSError:
+        text = ""
+    deaths = [f"vLLM's engine process {name} (pid {pid}) was {exit_phrase(int(code))}" for name, pid, code in
+              re.findall(rf"{re.escape(ENGINE_DEATH_LINE)}: (\S+) pid (\d+) exit (-?\d+)", text)]
+    server = f"vLLM's API server {exit_phrase(returncode)}"
+    return f"{'; '.join(deaths)}, and then {server}" if deaths else server
+
+
+def with_adapters_loaded_by_path(config: ServeConfig) -> ServeConfig:
+    """`config` with the adapters the last vLLM had loaded by path (POST /v1/load_lora_adapter)
+    among its start-up adapters, each checked again; one that is gone or refused now is left out,
+    with a warning. (Registry adapters hot-loaded by name come back on their next request.)"""
+    base = ServedBase(config.base_model, config.base_path, config.max_lora_rank)
+    loaded, kept = config.loaded_by_path_file().read(), {}
+    for name, folder in loaded.items():
+        if name in config.startup_adapters:
+            continue
+        try:
+            check_folder(folder, base)
+        except LoradockError as e:
+            print(f"warning: not loading {name} again: {e.problem}", flush=True)
+            continue
+        kept[name] = folder
+    config.loaded_by_path_file().write(kept)
+    return dataclasses.replace(config, startup_adapters={**config.startup_adapters, **kept})

@@ -36,9 +36,37 @@ def _stacked(weights: torch.Tensor) -> torch.Tensor:
     return weights.squeeze(1) if weights.dim() == 4 else weights
 
 
+_warned: set[str] = set()
+
+
+def _per_row(indices: torch.Tensor, rows: int) -> torch.Tensor:
+    """One slot index per row of an op's input.
+
+    The layer ops get one index per token, and the logits ops one per sampled token (vLLM's
+    `sampler_indices`), as many as the rows, except when vLLM computes logits for a request's prompt
+    positions (`prompt_logprobs`, `echo` with logprobs): then the rows are that one request's prompt
+    while the indices are still the whole batch's, one per request. When the batch's requests share
+    one slot (or have none), that slot is every row's, as in the stock op's broadcast of a single
+    index. When they differ, which request the rows belong to is not passed down, so the rows get
+    no delta and a warning is logged once: exact for every adapter without LoRA on the LM head (the
+    only ones `loradock serve` loads, where the logits' LoRA is skipped altogether:
+    `serve.plugin.plain_logits`), where the stock ops stop the engine with a shape error.
+    """
+    if indices.shape[0] == rows:
+        return indices
+    if indices.numel() and bool((indices == indices[0]).all()):
+        return indices[:1].expand(rows)
+    if "rows" not in _warned:
+        _warned.add("rows")
+        logger.warning("LoRA op called with %d rows for %d requests of different adapters (prompt logprobs in "
+                       "a mixed batch): no LoRA delta on those rows' logits", rows, indices.shape[0])
+    return indices.new_full((rows,), -1)
+
+
 def _own_slot(per_slot: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """[tokens, slots, k] -> [tokens, k]: each token's own slot's row; zeros for index -1 (no adapter)."""
     tokens, _, k = per_slot.shape
+    indices = _per_row(indices, tokens)
     picked = per_slot.gather(1, indices.clamp(min=0).view(tokens, 1, 1).expand(tokens, 1, k)).squeeze(1)
     return picked * (indices >= 0).unsqueeze(1).to(picked.dtype)
 
@@ -49,6 +77,7 @@ def _lora_product(inputs: torch.Tensor, lora_b_weights: torch.Tensor, indices: t
     weights = _stacked(lora_b_weights).to(dtype)  # [slots, out, rank]
     slots, out, rank = weights.shape
     tokens = inputs.shape[0]
+    indices = _per_row(indices, tokens)
     spread = inputs.new_zeros((tokens, slots, rank), dtype=dtype)  # token t's input in its slot's block
     active = indices >= 0
     spread[active, indices[active]] = inputs[active].to(dtype)

@@ -152,8 +152,10 @@ class LoradockMiddleware:
 
     @staticmethod
     def authorized(scope, key: str) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-        return hmac.compare_digest(header.encode(), f"Bearer {key}".encode())
+        """`Authorization: Bearer KEY`, the scheme in any case (RFC 9110 section 11.1: `bearer` is as good)."""
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, credentials = header.partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.lstrip(b" "), key.encode())
 
     async def with_body(self, scope, receive, send, path: str):
         raw = await read_body(receive)
@@ -257,7 +259,7 @@ class LoradockMiddleware:
         if not isinstance(name, str) or not name:
             raise InvalidRequest("lora_name is required: the name clients will send as `model`")
         await asyncio.to_thread(soft_prompt.soft_prompt, body["lora_path"])  # read once, now
-        runtime.remember(name, body["lora_path"])
+        runtime.loaded_by_path(name, body["lora_path"])
         await respond(send, 200, f"Success: prompt-tuning adapter '{name}' added successfully.".encode(), b"text/plain")
 
     async def unload_soft_prompt(self, send, name: str):
@@ -288,7 +290,7 @@ class LoradockMiddleware:
                 status["code"] = message["status"]
             elif message["type"] == "http.response.body" and not message.get("more_body") and status.get("code") == 200:
                 if path == "/v1/load_lora_adapter":
-                    runtime.remember(body["lora_name"], body["lora_path"])
+                    runtime.loaded_by_path(body["lora_name"], body["lora_path"])
                 else:
                     runtime.forget(body.get("lora_name", ""))
             await send(message)

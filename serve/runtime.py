@@ -103,6 +103,19 @@ def forget(name: str) -> None:
     if adapter and adapter.lease:
         adapter.lease.release()
     _unloaded.add(name)
+    listed = config().loaded_by_path_file() if config() else None
+    if listed and name in (by_path := listed.read()):
+        del by_path[name]
+        listed.write(by_path)
+
+
+def loaded_by_path(name: str, folder: str) -> Adapter:
+    """An adapter loaded by path (POST /v1/load_lora_adapter): known, and written down so that a
+    restart of vLLM (`loradock serve --restart-engine`) loads it again."""
+    adapter = remember(name, Path(folder))
+    listed = config().loaded_by_path_file()
+    listed.write({**listed.read(), name: str(folder)})
+    return adapter
 
 
 def soft_prompted() -> list[Adapter]:

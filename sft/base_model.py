@@ -64,7 +64,7 @@ def shipped_texts() -> list[str]:
 def train_tokenizer(spec: BaseModelSpec, workdir: Path):
     """A SentencePiece BPE model wrapped as a transformers tokenizer with our chat template."""
     import sentencepiece as spm
-    from tokenizers import pre_tokenizers
+    from tokenizers import decoders, pre_tokenizers
     from transformers import LlamaTokenizer, PreTrainedTokenizerFast
 
     spm_dir = workdir / "spm"
@@ -81,6 +81,13 @@ def train_tokenizer(spec: BaseModelSpec, workdir: Path):
     # answer's first word is the token the model saw in the prompt. LlamaTokenizer would reset
     # this on every load, so the tokenizer is saved as a plain tokenizers-backed one.
     converted.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
+    # The decoder takes away again the "▁" that prepending put after each chat-format token: an answer
+    # decoded in the context of its prompt (as vLLM does, streaming or not) reads as it was written,
+    # with no leading space, exactly as when it is decoded alone.
+    converted.decoder = decoders.Sequence([
+        decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+        *[decoders.Replace(f"{token} ", token) for token in (USER, ASSISTANT, SYSTEM, END)],
+        decoders.Strip(" ", 1, 0)])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=converted, unk_token="<unk>", bos_token="<s>", eos_token=END, pad_token="<pad>",
         extra_special_tokens=[USER, ASSISTANT, SYSTEM], clean_up_tokenization_spaces=False,

@@ -41,10 +41,12 @@ def parse_metrics(spec: str) -> list[str]:
 
 
 def score(predictions: list[str], references: list[str], metrics: list[str]) -> dict[str, float]:
-    """Mean of each metric over the rows, in [0, 1]."""
+    """Mean of each metric over the rows, in [0, 1]. Exact match is the answer as a client receives
+    it, character for character (a leading space or a trailing newline is a miss, as in any client's
+    own comparison)."""
     results = {}
     if "exact_match" in metrics:
-        hits = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+        hits = sum(p == r for p, r in zip(predictions, references))
         results["exact_match"] = hits / len(references)
     if "rouge_l" in metrics:
         from rouge_score import rouge_scorer
@@ -79,9 +81,9 @@ def greedy_token_ids(model, tokenizer, conversations: list[list[dict]], max_new_
 
 
 def generate(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers, decoded without special tokens."""
+    """Greedy answers, decoded without special tokens (as a server decodes them for its clients)."""
     ids = greedy_token_ids(model, tokenizer, conversations, max_new_tokens, batch_size)
-    return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
 def adapter_base_model(adapter: str) -> str:
@@ -152,7 +154,7 @@ def evaluate_endpoint(endpoint: str, models: list[str], data: str, metrics: list
     def answer(model: str, conversation: list[dict]) -> str:
         reply = client.chat.completions.create(model=model, messages=conversation, temperature=0, max_tokens=max_new_tokens,
                                                extra_headers={MODEL_HEADER: model})  # a balancer's adapter affinity
-        return (reply.choices[0].message.content or "").strip()
+        return reply.choices[0].message.content or ""  # scored as the client received it
 
     sides = {}
     with ThreadPoolExecutor(concurrency) as pool:

@@ -158,6 +158,60 @@ def test_the_vllm_section_reaches_vllms_own_parser(tmp_path, monkeypatch):
     assert parsed.model == "some/model" and parsed.port == 8123 and parsed.enable_lora
 
 
+def test_every_start_up_adapter_reaches_vllms_parser(tmp_path, monkeypatch):
+    """Several --adapter LoRAs are one --lora-modules list: vLLM's parser keeps only the last of
+    repeated flags (with a "Found duplicate keys" warning)."""
+    import json
+
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from serve.config import ServeConfig
+    from serve.launcher import vllm_command
+
+    monkeypatch.setenv("LORADOCK_HOME", str(tmp_path))
+    folders = {}
+    for name in ("a/one", "a/two@v1", "three"):
+        folders[name] = tmp_path / name.replace("/", "-")
+        folders[name].mkdir()
+        (folders[name] / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8}))
+    config = ServeConfig(base_path="some/model", startup_adapters={k: str(v) for k, v in folders.items()})
+    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_command(config, False, None)[3:])
+    assert {(m.name, m.path) for m in parsed.lora_modules} == {(k, str(v)) for k, v in folders.items()}
+
+
+def test_every_kind_of_vllm_setting_reaches_vllms_parser_as_the_user_wrote_it(tmp_path, monkeypatch):
+    """Nested config objects, lists, enums, false booleans and mappings in `vllm:`: checked against
+    EngineArgs, written to vLLM's --config file, carried in the environment, read by vLLM's parser."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from loradock.cli import make_parser
+    from serve.cli import resolve
+    from serve.config import ServeConfig
+    from serve.launcher import vllm_command, write_vllm_config
+
+    monkeypatch.setenv("LORADOCK_HOME", str(tmp_path))
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump({"vllm": {
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+        "allowed_media_domains": ["a.example", "b.example"], "mamba_backend": "cpu",
+        "enable_prefix_caching": False, "custom_histogram_buckets": {"e2e": [0.5, 1.0]}}}))
+    config = resolve(make_parser().parse_args(["serve", "--config", str(tmp_path / "serve.yaml")]))
+    assert config.vllm["structured_outputs_config"] == {"backend": "xgrammar", "disable_any_whitespace": True}
+    for key, value in config.to_environment().items():  # vLLM's processes read it back from JSON
+        monkeypatch.setenv(key, value)
+    assert ServeConfig.from_environment().vllm == config.vllm
+    config.base_path = "some/model"
+    command = vllm_command(config, on_gpu=False, vllm_config=write_vllm_config(config))
+    engine = EngineArgs.from_cli_args(make_arg_parser(FlexibleArgumentParser()).parse_args(command[3:]))
+    assert engine.structured_outputs_config.backend == "xgrammar"
+    assert engine.structured_outputs_config.disable_any_whitespace is True
+    assert engine.allowed_media_domains == ["a.example", "b.example"]
+    assert str(getattr(engine.mamba_backend, "value", engine.mamba_backend)) == "cpu"
+    assert engine.enable_prefix_caching is False
+
+
 def test_serve_settings_cross_into_vllms_processes_as_the_same_dataclass(monkeypatch):
     from serve.config import ServeConfig
 
