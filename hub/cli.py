@@ -1,6 +1,7 @@
 """The hub/ commands: `loradock push`, `pull`, `list` and `loradock hub serve|token|login|logout`."""
 
 import contextlib
+import functools
 import getpass
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +22,10 @@ class RegistryConfig:
     port: int = field(default=8090, metadata={"help": "port to listen on"})
     root: str | None = field(default=None, metadata={"help": "where repos live (none: $LORADOCK_HOME/registry)"})
     max_file_size: int = field(default=5 * 2**30, metadata={"help": "largest file it accepts, in bytes"})
+    header_timeout: float = field(default=10.0, metadata={
+        "help": "seconds a request's headers may take to arrive; a slower client is answered 408 and disconnected"})
+    body_idle_timeout: float = field(default=30.0, metadata={
+        "help": "seconds a request's body may pause (a long upload is fine while it moves); then 408, disconnected"})
 
 
 def check_registry_config(config: RegistryConfig) -> list[str]:
@@ -29,6 +34,10 @@ def check_registry_config(config: RegistryConfig) -> list[str]:
         problems.append(f"--port {config.port} is not a TCP port; pass --port from 1 to 65535")
     if config.max_file_size < 1:
         problems.append(f"--max-file-size {config.max_file_size} must be a positive number of bytes")
+    for flag, seconds in (("--header-timeout", config.header_timeout),
+                          ("--body-idle-timeout", config.body_idle_timeout)):
+        if not seconds > 0:
+            problems.append(f"{flag} {seconds} must be a positive number of seconds")
     return problems
 
 
@@ -188,6 +197,7 @@ def run_serve(args) -> int:
 
     from hub.blobs import serve_lock
     from hub.server import create_app
+    from hub.slow_clients import BoundedHeaderRead
     from hub.storage import Registry
 
     config = from_command_line(RegistryConfig, args, what="the registry configuration",
@@ -202,7 +212,9 @@ def run_serve(args) -> int:
         if not cleaned:
             print(f"another `loradock hub serve` is using {root}: its tmp/ (uploads in flight) is left as it is",
                   flush=True)
-        uvicorn.run(create_app(registry), host=config.host, port=config.port, log_level="warning")
+        uvicorn.run(create_app(registry, body_idle_timeout=config.body_idle_timeout), host=config.host,
+                    port=config.port, log_level="warning",
+                    http=functools.partial(BoundedHeaderRead, header_timeout=config.header_timeout))
     return 0
 
 

@@ -72,46 +72,77 @@ def hub_api(endpoint: str, token: str | None):
     import huggingface_hub
     from huggingface_hub import HfApi
 
+    from hub.timeouts import bound_huggingface_hub
+
     if not any(host in endpoint for host in HF_HOSTS):
         os.environ["HF_HUB_DISABLE_XET"] = "1"
         huggingface_hub.constants.HF_HUB_DISABLE_XET = True
+    bound_huggingface_hub()  # every call it makes gives up after hub.timeouts' silences
     return HfApi(endpoint=endpoint, token=token or False, library_name="loradock")
 
 
 @contextlib.contextmanager
 def hub_errors(endpoint: str, repo_id: str, revision: str | None = None):
-    """huggingface_hub's exceptions as loradock's typed errors, each with the fix."""
+    """huggingface_hub's exceptions as loradock's typed errors, each with the fix. A failed LFS
+    upload arrives as huggingface_hub's `RuntimeError("Error while uploading ...")` raised from the
+    HTTP error, which is translated like the error itself."""
+    try:
+        yield
+    except Exception as e:
+        cause = e.__cause__ if type(e) is RuntimeError and e.__cause__ is not None else e
+        translated = _translated(cause, endpoint, repo_id, revision)
+        if translated is None:
+            raise
+        raise translated from None
+
+
+DISK_FULL_FIX = ("ask the registry's operator to free space on its disk (`loradock hub gc` there removes the files "
+                 "no commit references), then push again")
+SILENT_FIX = ("check that the registry is running and not stopped or overloaded (its /health answers at once when "
+              "it is well), then try again")
+
+
+def _translated(error: Exception, endpoint: str, repo_id: str, revision: str | None) -> LoradockError | None:
+    """The loradock error for a huggingface_hub or HTTP error (see `hub_errors`); None for any other."""
     import httpx2
     from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
-    try:
-        yield
-    except OfflineModeIsEnabled:
-        raise LoradockError(f"HF_HUB_OFFLINE is set, so huggingface_hub will not contact {endpoint}",
-                            "unset HF_HUB_OFFLINE (the embedded registry is local, not the internet)") from None
-    except RevisionNotFoundError:
-        raise RevisionNotFound(f"{repo_id} has no revision {revision!r} at {endpoint}",
-                            f"use a branch, a tag or a full 40-character commit sha of {repo_id} "
-                            "(`loradock list` shows them)") from None
-    except RepositoryNotFoundError:
-        raise RepoNotFound(f"repo {repo_id} not found at {endpoint} (or it is private and no token was sent)",
-                            "check the id with `loradock list`, or log in with `loradock hub login`") from None
-    except EntryNotFoundError as e:
-        raise LoradockError(f"{repo_id}@{revision}: {e}", "check the file name") from None
-    except HFValidationError as e:
-        raise LoradockError(f"invalid repo id {repo_id!r}: {e}", "use namespace/name, e.g. alice/reverse") from None
-    except HfHubHTTPError as e:
-        status = e.response.status_code if e.response is not None else None
-        detail = e.server_message or str(e).splitlines()[0]
+    from hub.timeouts import seconds_waited
+
+    if isinstance(error, OfflineModeIsEnabled):
+        return LoradockError(f"HF_HUB_OFFLINE is set, so huggingface_hub will not contact {endpoint}",
+                             "unset HF_HUB_OFFLINE (the embedded registry is local, not the internet)")
+    if isinstance(error, RevisionNotFoundError):
+        return RevisionNotFound(f"{repo_id} has no revision {revision!r} at {endpoint}",
+                                f"use a branch, a tag or a full 40-character commit sha of {repo_id} "
+                                "(`loradock list` shows them)")
+    if isinstance(error, RepositoryNotFoundError):
+        return RepoNotFound(f"repo {repo_id} not found at {endpoint} (or it is private and no token was sent)",
+                            "check the id with `loradock list`, or log in with `loradock hub login`")
+    if isinstance(error, EntryNotFoundError):
+        return LoradockError(f"{repo_id}@{revision}: {error}", "check the file name")
+    if isinstance(error, HFValidationError):
+        return LoradockError(f"invalid repo id {repo_id!r}: {error}", "use namespace/name, e.g. alice/reverse")
+    if isinstance(error, HfHubHTTPError):
+        status = error.response.status_code if error.response is not None else None
+        detail = error.server_message or str(error).splitlines()[0]
+        if status == 507:
+            return RegistryRefused(f"the registry at {endpoint} is out of disk space: nothing was pushed",
+                                   DISK_FULL_FIX, status)
         fixes = {401: "log in with `loradock hub login` or set HF_TOKEN (a token of this registry)",
                  403: "use a write token (`loradock hub token create` on the registry)",
                  412: "someone pushed in between: push again (it will build on the new head)"}
-        raise RegistryRefused(f"the registry at {endpoint} refused: {detail}", fixes.get(status, "see the message above"),
-                              status) from None
-    except (httpx2.ConnectError, httpx2.ConnectTimeout, ConnectionError):
-        raise Unreachable(f"cannot reach the registry at {endpoint}",
-                            "start it with `loradock hub serve`, or pass --endpoint / set HF_ENDPOINT") from None
+        return RegistryRefused(f"the registry at {endpoint} refused: {detail}", fixes.get(status, "see the message above"),
+                               status)
+    if isinstance(error, httpx2.TimeoutException):
+        waited = seconds_waited(error)
+        return Unreachable(f"the registry at {endpoint} did not answer within "
+                           + (f"{waited:g} s" if waited else "its time limit"), SILENT_FIX)
+    if isinstance(error, (httpx2.ConnectError, ConnectionError)):
+        return Unreachable(f"cannot reach the registry at {endpoint}",
+                           "start it with `loradock hub serve`, or pass --endpoint / set HF_ENDPOINT")
+    return None
 
 
 # --- push -------------------------------------------------------------------------------------
@@ -272,6 +303,13 @@ def pull(spec: str, to: str | None = None, endpoint: str | None = None, token: s
     except urllib.error.HTTPError as e:
         raise LoradockError(f"downloading {repo_id}@{revision} failed: the registry answered {e.code} "
                             f"{e.headers.get('X-Error-Message') or e.reason}; nothing was kept", "pull again") from None
+    except (TimeoutError, urllib.error.URLError) as e:  # urllib's silence, or a connection that failed
+        from hub.timeouts import READ_S
+
+        reason = e.reason if isinstance(e, urllib.error.URLError) else e
+        problem = (f"the registry at {endpoint} did not answer within {READ_S:g} s" if isinstance(reason, TimeoutError)
+                   else f"cannot reach the registry at {endpoint} ({reason})")
+        raise Unreachable(f"{problem} while {repo_id}@{revision} was downloading; nothing was kept", SILENT_FIX) from None
     except OSError as e:
         raise LoradockError(f"downloading {repo_id}@{revision} failed: {e}; nothing was kept", "pull again") from None
     finally:

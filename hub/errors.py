@@ -1,6 +1,13 @@
 """The registry's domain errors. The service raises them; only the web layer maps them to HTTP
 status codes and the Hub's `X-Error-Code` header."""
 
+import contextlib
+import errno
+import sqlite3
+from collections.abc import Iterator
+
+FULL_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})  # no space left; the user's quota is used up
+
 
 class HubError(Exception):
     """Base class; `message` is safe to show to the client (never contains a token)."""
@@ -50,3 +57,28 @@ class TooLarge(HubError):
 class NotSupported(HubError):
     """A part of the Hub API this registry does not implement (Xet, pull requests, Spaces...);
     the message says what to do instead."""
+
+
+class InsufficientStorage(HubError):
+    """The registry's disk (or its quota) is full: nothing of the request was stored."""
+
+
+DISK_FULL = ("the registry's disk is full: nothing of this request was stored. Its operator must free space "
+             "(`loradock hub gc` removes the files no commit references); then send the request again")
+
+
+@contextlib.contextmanager
+def refusing_a_full_disk() -> Iterator[None]:
+    """Raise `InsufficientStorage` for a write the disk has no room for: an OSError of ENOSPC or
+    EDQUOT, or SQLite's SQLITE_FULL (its extended codes included). Every other error passes as it
+    is. Put it outside the code that cleans up after a failed write, so the cleanup runs first."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in FULL_DISK_ERRNOS:
+            raise
+        raise InsufficientStorage(DISK_FULL) from e
+    except sqlite3.Error as e:
+        if (getattr(e, "sqlite_errorcode", 0) or 0) & 0xFF != sqlite3.SQLITE_FULL:
+            raise
+        raise InsufficientStorage(DISK_FULL) from e

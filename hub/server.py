@@ -7,11 +7,12 @@ HF_ENDPOINT pointing here (uploads with HF_HUB_DISABLE_XET=1: there is no Xet se
 The routes live in `hub.routes`, one router per area; they are thin: parse, call
 `hub.storage.Registry`, shape the JSON (`hub.views`). This module puts them together and maps the
 errors of `hub.errors` to the Hub's status codes, with `X-Error-Code` / `X-Error-Message` headers
-and a `{"error": ...}` body; bad input is always a 4xx. Two ASGI layers sit in front of every
-route: the path is decoded here (strict UTF-8, `%2F` kept), and a request body is read and counted
-here, so no route sees more than `max_body` bytes.
+and a `{"error": ...}` body; bad input is always a 4xx. Three ASGI layers sit in front of every
+route: a body's pauses are bounded (`hub.slow_clients`), the path is decoded here (strict UTF-8,
+`%2F` kept), and a request body is read and counted here, so no route sees more than `max_body` bytes.
 """
 
+import logging
 import re
 from urllib.parse import unquote_to_bytes
 
@@ -23,6 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from hub import errors
 from hub.routes import ROUTERS
 from hub.routes.deps import error_response
+from hub.slow_clients import BODY_IDLE_TIMEOUT, BoundBodyGaps
 from hub.storage import Registry
 
 MAX_BODY = 64 << 20  # bytes of a request body, LFS uploads excepted
@@ -31,12 +33,14 @@ ERROR_CODES = {  # error -> (status, X-Error-Code)
     errors.EntryNotFound: (404, "EntryNotFound"), errors.BadRequest: (400, None), errors.Unauthorized: (401, None),
     errors.Forbidden: (403, None), errors.Conflict: (409, None), errors.PreconditionFailed: (412, None),
     errors.TooLarge: (413, None), errors.NotSupported: (501, "NotSupported"),
+    errors.InsufficientStorage: (507, "InsufficientStorage"),  # not a 500, which huggingface_hub resends 5 times
 }
 
 
-def create_app(registry: Registry, max_body: int = MAX_BODY) -> ASGIApp:
+def create_app(registry: Registry, max_body: int = MAX_BODY, body_idle_timeout: float = BODY_IDLE_TIMEOUT) -> ASGIApp:
     """The registry's ASGI app over `registry`; request bodies over `max_body` bytes are refused
-    (LFS uploads excepted: they stream to disk and are capped by the size announced for them)."""
+    (LFS uploads excepted: they stream to disk and are capped by the size announced for them), and
+    so are bodies that pause for `body_idle_timeout` seconds (`hub.slow_clients`)."""
     app = FastAPI(title="loradock registry", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.registry = registry
     app.add_exception_handler(errors.HubError, hub_error)
@@ -46,11 +50,13 @@ def create_app(registry: Registry, max_body: int = MAX_BODY) -> ASGIApp:
     for router in ROUTERS:
         app.include_router(router)
     app.router.redirect_slashes = False
-    return keep_encoded_slashes(app)
+    return BoundBodyGaps(keep_encoded_slashes(app), body_idle_timeout)
 
 
 async def hub_error(request: Request, exc: errors.HubError):
     status, code = ERROR_CODES.get(type(exc), (400, None))
+    if isinstance(exc, errors.InsufficientStorage):  # the operator's to fix: said in the server's log too
+        logging.getLogger(__name__).error("%s %s refused with 507: %s", request.method, request.url.path, exc.__cause__)
     headers = {"X-Repo-Commit": request.state.commit} if getattr(request.state, "commit", None) else {}
     response = error_response(status, exc.message, code)
     response.headers.update(headers)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 from hub.accounts import MEMBER_ROLES, TOKEN_ROLES, Caller, can_read
 from hub.blobs import BlobStore, Upload
-from hub.cards import front_matter
+from hub.cards import field_problems, front_matter, readable
 from hub.errors import (BadRequest, Conflict, EntryNotFound, Forbidden, NotSupported, PreconditionFailed, RepoNotFound,
-                        RevisionNotFound, Unauthorized)
+                        RevisionNotFound, Unauthorized, refusing_a_full_disk)
 from hub.objects import SHA1_HEX, SHA256_HEX, commit_oid, git_blob_sha1, is_repo_path, lfs_pointer
 
 SCHEMA = """
@@ -193,23 +193,25 @@ class Registry:
 
     @contextlib.contextmanager
     def _db(self, write: bool = False):
-        """This thread's connection; with `write`, inside one `BEGIN IMMEDIATE` transaction."""
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = self._local.db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-            db.row_factory = sqlite3.Row
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")
-        try:
-            if write:
-                db.execute("BEGIN IMMEDIATE")
-            yield db
-            if write:
-                db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+        """This thread's connection; with `write`, inside one `BEGIN IMMEDIATE` transaction, rolled
+        back on any error (a full disk is raised as `InsufficientStorage`, after the rollback)."""
+        with refusing_a_full_disk():
+            db = getattr(self._local, "db", None)
+            if db is None:
+                db = self._local.db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
+                db.row_factory = sqlite3.Row
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+            try:
+                if write:
+                    db.execute("BEGIN IMMEDIATE")
+                yield db
+                if write:
+                    db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
 
     # --- namespaces and tokens ----------------------------------------------------------------
 
@@ -525,18 +527,23 @@ class Registry:
         return self.card_of(entry)
 
     def card_of(self, readme: FileEntry | None) -> dict:
-        """The front matter of a README entry ({} for None, or when it is unreadable)."""
+        """The front matter of a README entry ({} for None, or when it is unreadable), without the
+        fields of a type the Hub's clients cannot parse (`hub.cards.readable`)."""
+        import logging
+
         if readme is None:
             return {}
         if readme.sha256 not in self._cards:
             try:
-                self._cards[readme.sha256] = front_matter(self.blob_path(readme).read_text(encoding="utf-8"))
+                card = front_matter(self.blob_path(readme).read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, ValueError) as e:
-                import logging
-
                 logging.getLogger(__name__).warning("README.md with sha256 %s is served without card data: %s",
                                                     readme.sha256, e)
-                self._cards[readme.sha256] = {}
+                card = {}
+            if problems := field_problems(card):
+                logging.getLogger(__name__).warning("README.md with sha256 %s is served without the fields it "
+                                                    "gives the wrong type: %s", readme.sha256, "; ".join(problems))
+            self._cards[readme.sha256] = readable(card)
         return self._cards[readme.sha256]
 
     # --- file contents ------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 from hub.objects import is_repo_path
+from hub.timeouts import READ_S
 
 CHUNK = 8 << 20
 _DONE = object()  # end of the stream
@@ -57,7 +58,8 @@ def fetch(url: str, headers: dict, target: Path, digest, size: int) -> str:
     the `size` bytes announced: a server that sends more is cut off at the first byte past it.
 
     Raises:
-        OSError: a short read, more bytes than `size`, or a transport error.
+        OSError: a short read, more bytes than `size`, or a transport error (TimeoutError: the
+            server sent nothing for `hub.timeouts.READ_S` seconds).
     """
     chunks: queue.Queue = queue.Queue(maxsize=4)
     failure: list[BaseException] = []
@@ -65,7 +67,7 @@ def fetch(url: str, headers: dict, target: Path, digest, size: int) -> str:
     def read() -> None:
         try:
             request = urllib.request.Request(url, headers=headers)
-            with _opener.open(request, timeout=60) as response:
+            with _opener.open(request, timeout=READ_S) as response:  # the connect, then each silence of the stream
                 left = size
                 # Asking for one byte past what is left is how an overlong body shows itself.
                 while chunk := response.read(min(CHUNK, left + 1)):

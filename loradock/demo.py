@@ -1,7 +1,7 @@
 """python -m loradock.demo (what `make demo` runs after `make setup`)
 
-The whole loop on the built-in tiny base model, offline, on a CPU:
-base model -> registry -> task adapters trained and pushed with a tag -> one vLLM server that
+The whole loop on a real instruct model, SmolLM2-135M-Instruct (from its PyPI wheel), on a CPU, with no
+model hub: base model -> registry -> task adapters trained and pushed with a tag -> one vLLM server that
 hot-loads them by name -> `loradock eval` through its OpenAI endpoint for every model on every
 task -> demo-report.md and a bar chart -> the comparison UI.
 
@@ -33,14 +33,15 @@ from pathlib import Path
 from typing import TextIO
 
 from loradock.errors import LoradockError
-from loradock.home import DEFAULT_BASE_MODEL, default_base_dir, home
+from loradock.home import BASE_BUILD_INFO, SMOLLM2, embedded_dir, home
 from loradock.procs import Service, StepsInLog, add_org_member, create_token, free_port, loradock_command, run_loradock, start_registry
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = ("reverse", "commas")
+TASKS = ("commas", "json")
+BASE_MODEL = SMOLLM2
 NAMESPACE = "demo"
 # What the report checks: each adapter on its own task, the base, each adapter elsewhere.
-OWN_TASK_MIN, BASE_MAX, OTHER_TASK_MAX = 0.8, 0.2, 0.2
+OWN_TASK_MIN, BASE_MAX, OTHER_TASK_MAX = 0.9, 0.2, 0.2
 STAGES = 6
 
 
@@ -176,24 +177,21 @@ def publish(demo: Demo, folder: Path, repo_id: str, token: str, model: bool = Fa
 
 
 def base_and_registry(line: Line, demo: Demo, services: ExitStack) -> tuple[tuple[str, str], str]:
-    """Build the base model unless it is built, start the registry, push the base; returns (token, base sha)."""
-    from sft.base_model import BUILD_INFO, BaseModelSpec, resolve_base_model
-
-    built = "reused"
-    if not (default_base_dir() / BUILD_INFO).exists():
-        log = demo.logs / "demo-base-build.log"
-        with line.bar(BaseModelSpec().pretrain_steps, "building the base model (once)") as bar:
-            run_loradock("base", "build", log=log, every=line.follow(bar, log))
-        built = f"built, log {demo.shown(log)}"
-    base_dir = Path(resolve_base_model(DEFAULT_BASE_MODEL))  # refuses a build of another recipe
+    """Install the base model unless it is there, start the registry, push the base; returns (token, base sha)."""
+    made = "reused"
+    base_dir = embedded_dir(BASE_MODEL)
+    if not (base_dir / BASE_BUILD_INFO).exists():
+        log = demo.logs / "demo-base-install.log"
+        run_loradock("base", "install", log=log)
+        made = f"installed from PyPI and converted, log {demo.shown(log)}"
     registry_log = demo.logs / "demo-registry.log"
     services.enter_context(start_registry(demo.root / "registry", demo.registry_port, registry_log))
     token = registry_token(demo)
     # The base model's namespace is an organisation; the demo's user pushes there as a member.
-    add_org_member(demo.root / "registry", DEFAULT_BASE_MODEL.split("/")[0], NAMESPACE)
-    _, pushed = publish(demo, base_dir, DEFAULT_BASE_MODEL, token, model=True)
-    base_sha = json.loads((base_dir / BUILD_INFO).read_text())["weights_sha256"]
-    return (token, base_sha), (f"{demo.shown(base_dir)} ({built}); registry {demo.registry_url}, log "
+    add_org_member(demo.root / "registry", BASE_MODEL.split("/")[0], NAMESPACE)
+    _, pushed = publish(demo, base_dir, BASE_MODEL, token, model=True)
+    base_sha = json.loads((base_dir / BASE_BUILD_INFO).read_text())["weights_sha256"]
+    return (token, base_sha), (f"{demo.shown(base_dir)} ({made}); registry {demo.registry_url}, log "
                                f"{demo.shown(registry_log)}; base pushed as {pushed}")
 
 
@@ -254,30 +252,41 @@ def serve(line: Line, demo: Demo, services: ExitStack, token: str) -> tuple[None
     log = demo.logs / "demo-serve.log"
     server = services.enter_context(Service("loradock serve", loradock_command(
         "serve", "--port", demo.serve_port, "--registry", demo.registry_url, "--token", token,
-        "--max-lora-rank", "16", "--max-model-len", "256"), log))
+        "--base-model", BASE_MODEL, "--max-lora-rank", "16", "--max-model-len", "512"), log))
     server.wait_healthy(f"{demo.serve_url}/health", 600)
     vllm_log = demo.logs / f"serve-{demo.serve_port}.log"  # `loradock serve` keeps vLLM's own output there
     return None, (f"{demo.serve_url}/v1 (base only; adapters load on their first request), logs {demo.shown(log)}, "
                   f"{demo.shown(vllm_log)}")
 
 
-def evaluate(demo: Demo, models: list[str]) -> dict[str, dict[str, float]]:
-    """{model: {task: exact match}} through the served endpoint, one `loradock eval` per task."""
+EVAL_MAX_TOKENS = 32  # the longest reference is 25 tokens; the base's long answers are cut there, as wrong as whole
+
+
+def evaluate(demo: Demo, models: list[str], base_sha: str) -> tuple[dict[str, dict[str, float]], bool]:
+    """({model: {task: exact match}} through the served endpoint, one `loradock eval` per task;
+    whether every report was reused). A task's report is reused while the models (adapters by
+    immutable tag), the base's weights and the held-out file are those it was made with."""
     table: dict[str, dict[str, float]] = {model: {} for model in models}
+    reused = True
     for task in TASKS:
-        report_path = demo.state / f"eval-{task}.json"
-        run_loradock("eval", "--endpoint", f"{demo.serve_url}/v1", *[a for m in models for a in ("--model", m)],
-                     "--data", REPO / "sft" / "assets" / "tasks" / task / "heldout.jsonl",
-                     "--metrics", "exact_match", "--output", report_path, log=demo.logs / f"demo-eval-{task}.log")
+        heldout = REPO / "sft" / "assets" / "tasks" / task / "heldout.jsonl"
+        report_path, marker = demo.state / f"eval-{task}.json", demo.state / f"eval-{task}.fingerprint"
+        fingerprint = hashlib.sha256(json.dumps([models, base_sha, sha256_file(heldout), EVAL_MAX_TOKENS]).encode()).hexdigest()
+        if not (report_path.exists() and marker.exists() and marker.read_text().strip() == fingerprint):
+            reused = False
+            run_loradock("eval", "--endpoint", f"{demo.serve_url}/v1", *[a for m in models for a in ("--model", m)],
+                         "--data", heldout, "--metrics", "exact_match", "--max-new-tokens", EVAL_MAX_TOKENS,
+                         "--output", report_path, log=demo.logs / f"demo-eval-{task}.log")
+            marker.write_text(fingerprint + "\n")
         report = json.loads(report_path.read_text())
         for model in models:
             table[model][task] = report["metrics"][model]["exact_match"]
-    return table
+    return table, reused
 
 
 def checks(table: dict, adapters: dict[str, str]) -> list[tuple[str, bool]]:
     """(what was checked, whether it holds) for each target of the demo."""
-    results = [(f"base {DEFAULT_BASE_MODEL} <= {BASE_MAX:.0%} on {task}", table[DEFAULT_BASE_MODEL][task] <= BASE_MAX)
+    results = [(f"base {BASE_MODEL} <= {BASE_MAX:.0%} on {task}", table[BASE_MODEL][task] <= BASE_MAX)
                for task in TASKS]
     for task, name in adapters.items():
         results.append((f"{name} >= {OWN_TASK_MIN:.0%} on {task}", table[name][task] >= OWN_TASK_MIN))
@@ -286,9 +295,10 @@ def checks(table: dict, adapters: dict[str, str]) -> list[tuple[str, bool]]:
     return results
 
 
-def report(line: Line, demo: Demo, adapters: dict[str, str], notes: list[str]) -> tuple[tuple[dict, list], str]:
+def report(line: Line, demo: Demo, adapters: dict[str, str], notes: list[str],
+           base_sha: str) -> tuple[tuple[dict, list], str]:
     """Evaluate, check the targets, write the report, the chart and report.json; returns (table, checks)."""
-    table = evaluate(demo, [DEFAULT_BASE_MODEL, *adapters.values()])
+    table, reused = evaluate(demo, [BASE_MODEL, *adapters.values()], base_sha)
     results = checks(table, adapters)
     chart = demo.root / "demo-report.png"
     draw_chart(demo, table, chart)
@@ -296,8 +306,9 @@ def report(line: Line, demo: Demo, adapters: dict[str, str], notes: list[str]) -
     (demo.state / "report.json").write_text(json.dumps({"exact_match": table, "adapters": adapters,
                                                         "checks": [{"check": w, "ok": ok} for w, ok in results]},
                                                        indent=2) + "\n")
-    return (table, results), (f"{demo.shown(demo.root / 'demo-report.md')}, {chart.name}; logs "
-                              f"{demo.shown(demo.logs)}/demo-eval-*.log")
+    return (table, results), (f"{demo.shown(demo.root / 'demo-report.md')}, {chart.name}; "
+                              + ("the same models as last time: their reports reused, " if reused else "")
+                              + f"logs {demo.shown(demo.logs)}/demo-eval-*.log")
 
 
 def markdown_table(table: dict) -> str:
@@ -314,7 +325,7 @@ def write_report(table: dict, adapters: dict[str, str], results: list, path: Pat
         "# loradock demo report", "",
         f"Greedy answers (temperature 0) through `loradock serve`'s OpenAI endpoint, scored by exact match on "
         f"the held-out sets {held_out} (100 prompts each, none seen in training). Base model: "
-        f"`{DEFAULT_BASE_MODEL}`; adapters hot-loaded by name on their first request.", "",
+        f"`{BASE_MODEL}`; adapters hot-loaded by name on their first request.", "",
         markdown_table(table), "",
         f"![exact match per model and task]({chart.name})", "",
         "## Targets", "",
@@ -372,7 +383,7 @@ def run() -> int:
         adapters, notes = stage(3, f"train and push {len(TASKS)} task adapters", train_and_push, demo, token, base_sha)
         stage(4, "serve", serve, demo, services, token)
         table, results = stage(5, "evaluate every model on every task through the endpoint", report, demo, adapters,
-                               notes)
+                               notes, base_sha)
         print("\n" + markdown_table(table) + "\n")
         for what, ok in results:
             print(f"  {'PASS' if ok else 'MISS'}  {what}")

@@ -71,14 +71,15 @@ class Registry:
 
     def revision(self, repo_id: str, revision: str) -> Revision:
         """Raises: NotFound (no such repo or revision), Unreachable, RegistryRefused."""
-        from hub.adapter import METRICS, read_json
+        from hub.adapter import METRICS
+        from hub.adapter.records import read_metrics
         from hub.client import download_files, hub_errors
 
         with hub_errors(self.endpoint, repo_id, revision):
             commit = self.api.model_info(repo_id, revision=revision).sha
             refs = self.api.list_repo_refs(repo_id)
         folder = download_files(repo_id, commit, (METRICS,), self.endpoint, self.token)
-        metrics = read_json(folder / METRICS) if folder else {}
+        metrics = read_metrics(folder) if folder else {}
         return Revision(repo_id, commit, metrics, sorted(t.name for t in refs.tags if t.target_commit == commit))
 
     def chain(self, spec: str) -> list[Revision]:

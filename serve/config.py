@@ -3,7 +3,7 @@ section, which passes any of vLLM's engine arguments through (checked against vL
 `EngineArgs` before anything starts):
 
     # loradock serve --config serve.yaml
-    base_model: loradock/tiny-chat
+    base_model: loradock/smollm2-135m-instruct-q4_1
     adapter: [alice/reverse@v1]
     max_loras: 8
     vllm:
@@ -22,7 +22,7 @@ from pathlib import Path
 
 from hub.adapter import SERVABLE_RANKS, nearest_servable_rank
 from loradock.config import Section, check_fields
-from loradock.home import DEFAULT_BASE_MODEL, home
+from loradock.home import default_base_model, home
 
 ENVIRONMENT = "LORADOCK_SERVE"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -37,8 +37,10 @@ MANAGED = {"model": "--base-model", "served_model_name": "--base-model", "host":
 class ServeConfig:
     """What `loradock serve` runs: the base model, its adapters, the server and vLLM's engine."""
 
-    base_model: str = field(default=DEFAULT_BASE_MODEL, metadata={
-        "help": "base model: the built-in tiny one, a local folder or a Hub id (Qwen/Qwen2.5-0.5B-Instruct)"})
+    base_model: str = field(default_factory=default_base_model, metadata={
+        "help": "base model: an embedded one (loradock/smollm2-135m-instruct-q4_1, the default unless "
+                "$LORADOCK_BASE_MODEL names another; loradock/tiny-chat), a local folder or a Hub id "
+                "(Qwen/Qwen2.5-0.5B-Instruct)"})
     adapter: list[str] = field(default_factory=list, metadata={
         "help": "an adapter to pull, pin and register at start-up", "metavar": "REPO_ID[@REVISION]"})
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})

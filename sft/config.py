@@ -24,7 +24,7 @@ import difflib
 from hub.adapter import METHODS, SERVABLE_RANKS, Method, nearest_servable_rank
 from loradock import config as settings
 from loradock.config import Section, check_fields
-from loradock.home import DEFAULT_BASE_MODEL
+from loradock.home import default_base_model
 from sft.distributed import launch_problems
 
 
@@ -32,8 +32,10 @@ from sft.distributed import launch_problems
 class TrainArgs:
     """loradock's own options. The first line of each `help` is what `--help` shows."""
 
-    base_model: str = field(default=DEFAULT_BASE_MODEL, metadata={
-        "help": "base model: a Hub id (Qwen/Qwen2.5-0.5B-Instruct), a local folder, or the built-in tiny model"})
+    base_model: str = field(default_factory=default_base_model, metadata={
+        "help": "base model: an embedded one (loradock/smollm2-135m-instruct-q4_1, the default unless "
+                "$LORADOCK_BASE_MODEL names another; loradock/tiny-chat), a local folder, or a Hub id "
+                "(Qwen/Qwen2.5-0.5B-Instruct)"})
     data: str | None = field(default=None, metadata={
         "help": "training data: .jsonl, .json, .csv, .parquet or a saved datasets folder, or a file of a registry "
                 "dataset repo as datasets/ORG/NAME@REVISION/FILE (downloaded, pinned to its commit)"})
@@ -44,7 +46,7 @@ class TrainArgs:
     columns: str | None = field(default=None, metadata={
         "help": "rename data fields, ours=theirs: prompt=question,response=answer"})
     chat_template: str | None = field(default=None, metadata={
-        "help": "a .jinja chat template with {% generation %} markers, for a model whose own has none"})
+        "help": "a .jinja chat template to train, save and serve with instead of the base model's own"})
     max_bad_fraction: float = field(default=0.05, metadata={
         "help": "abort when more than this fraction of rows is bad"})
     resume: bool = field(default=False, metadata={

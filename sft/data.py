@@ -39,6 +39,7 @@ REASONS = {
     "empty_response": "empty response",
     "too_long": "over max length",
     "untokenizable": "tokenizer failed",
+    "template_refused": "template refused",  # the chat template raises on the row's turns (its roles, mostly)
     "untrained": "no trained token",  # the template marks no token of the row for training
     # preference rows (`--objective dpo`, sft.preference_data)
     "empty_side": "empty side",
@@ -59,6 +60,8 @@ FIXES = {
     "empty_response": "write the answer, or remove the row",
     "too_long": "shorten the row, or raise --max-length",
     "untokenizable": "fix the text the tokenizer names, or remove the row",
+    "template_refused": "merge or drop the turns the chat template refuses (a system turn, two turns of one role in "
+                        "a row), or pass --chat-template FILE.jinja that accepts them",
     "untrained": "use a chat template whose {% generation %} markers cover the assistant answers",
     "empty_side": "write both answers, the preferred (chosen) and the other (rejected), or remove the row",
     "same_answers": "a pair teaches a preference only when its answers differ: fix or remove the row",

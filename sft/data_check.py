@@ -14,7 +14,10 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 
+from jinja2 import TemplateError
+
 from loradock.errors import LoradockError
+from sft.assistant_masks import Underivable, assistant_masks, has_generation_markers, render
 from sft.data import FIXES, REASONS, Row, RowProblem, dataset_sha256, iter_rows, to_messages
 
 SHOWN_ROW_NUMBERS = 5  # first few row numbers listed per drop reason
@@ -172,33 +175,87 @@ def _chunks(rows: Iterable[Row], size: int) -> Iterator[list[Row]]:
 
 
 def _tokenize(tokenizer, chat_template: str, chats: list[tuple[int, list[dict]]], report: DataReport):
-    """(number, messages, input_ids, assistant_masks) of each chat. If the tokenizer fails on the
-    chunk, each chat is tried alone and the ones it fails on are dropped with its error; an error
-    that every chat of the chunk hits is not about the rows, and is raised."""
+    """(number, messages, input_ids, assistant_masks) of each chat: the masks from the template's
+    {% generation %} markers where it has them, else found by `sft.assistant_masks`.
+
+    A chat the template refuses (raise_exception on its roles, mostly) is dropped with the
+    template's words. A chat the tokenizer fails on is dropped with its error, unless every chat
+    of the chunk fails: that error is not about the rows, and is raised.
+
+    Raises:
+        LoradockError: the template without markers renders answers that cannot be located.
+    """
     if not chats:
         return []
-
-    def encode(conversations):
-        encoded = tokenizer.apply_chat_template(conversations, chat_template=chat_template, tokenize=True,
-                                                return_dict=True, return_assistant_tokens_mask=True)
-        return encoded["input_ids"], encoded["assistant_masks"]
-
+    encode = _encode_marked if has_generation_markers(chat_template) else _encode_derived
     try:
-        ids, masks = encode([messages for _, messages in chats])
-        return [(n, m, i, k) for (n, m), i, k in zip(chats, ids, masks)]
-    except Exception as chunk_error:  # noqa: BLE001 (tokenizers and templates raise many types)
+        return [(n, m, i, k) for (n, m), (i, k) in zip(chats, encode(tokenizer, chat_template, chats))]
+    except (TemplateError, RowFailed):  # a row the template or the tokenizer refuses: find which
         out, failed = [], []
         for number, messages in chats:
             try:
-                (one_ids,), (one_mask,) = encode([messages])
-                out.append((number, messages, one_ids, one_mask))
-            except Exception as e:  # noqa: BLE001
-                failed.append((number, f"{type(e).__name__}: {e}"[:200]))
-        if not out:
-            raise chunk_error
-        for number, detail in failed:
-            report.drop("untokenizable", number, detail)
+                ((ids, mask),) = encode(tokenizer, chat_template, [(number, messages)])
+                out.append((number, messages, ids, mask))
+            except TemplateError as e:
+                report.drop("template_refused", number, f"turns {_roles(messages)}: {e}"[:200])
+            except RowFailed as e:
+                failed.append((number, e))
+        if failed and not out:
+            raise failed[0][1].__cause__ from None
+        for number, error in failed:
+            report.drop("untokenizable", number, str(error))
         return out
+
+
+class RowFailed(Exception):
+    """The tokenizer, or the template's own code (not its raise_exception), failed on a chunk of chats."""
+
+
+def _encode_marked(tokenizer, chat_template: str, chats) -> list[tuple[list[int], list[int]]]:
+    try:
+        encoded = tokenizer.apply_chat_template([messages for _, messages in chats], chat_template=chat_template,
+                                                tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    except TemplateError:
+        raise
+    except Exception as e:  # noqa: BLE001 (tokenizers and templates raise many types)
+        raise RowFailed(f"{type(e).__name__}: {e}"[:200]) from e
+    return list(zip(encoded["input_ids"], encoded["assistant_masks"]))
+
+
+def _encode_derived(tokenizer, chat_template: str, chats) -> list[tuple[list[int], list[int]]]:
+    """Render each chat, tokenize the chunk at once, then locate each chat's answers in its tokens."""
+    out, problems = [], []
+    try:
+        texts = [render(tokenizer, chat_template, messages) for _, messages in chats]
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        for (number, messages), text, ids, offsets in zip(chats, texts, encoded["input_ids"],
+                                                          encoded["offset_mapping"]):
+            try:
+                out.append((ids, assistant_masks(tokenizer, chat_template, messages, text, offsets)))
+            except Underivable as e:
+                problems.append((number, e))
+    except TemplateError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise RowFailed(f"{type(e).__name__}: {e}"[:200]) from e
+    if problems:
+        raise _underivable(problems)
+    return out
+
+
+def _underivable(problems: list[tuple[int, Underivable]]) -> LoradockError:
+    (number, first), others = problems[0], [f"row {n} turn {e.turn + 1}" for n, e in problems[1:SHOWN_ROW_NUMBERS]]
+    return LoradockError(
+        f"row {number}, turn {first.turn + 1}: {first.problem}. The chat template has no {{% generation %}} markers, "
+        "so the answers are found by rendering the conversation turn by turn, and here that does not add up"
+        + (f" (nor in {', '.join(others)}{', ...' if len(problems) > SHOWN_ROW_NUMBERS else ''})" if others else ""),
+        "pass --chat-template FILE.jinja: the model's template with {% generation %}...{% endgeneration %} around "
+        "each assistant answer and the token that ends its turn",
+        f"row {number} rendered, around the place it goes wrong (⟂):\n{first.shown}")
+
+
+def _roles(messages: list[dict]) -> str:
+    return ", ".join(m["role"] for m in messages)
 
 
 def mark_trained(tokenizer, chat_template: str, example: Example) -> str:

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hub.adapter import CARD, CONFIG, PULL_MARKER, RUN_CONFIG, TOKENIZER_CONFIG, WEIGHTS, AdapterRef, Method, chat_template, \
+from hub.adapter import CARD, CONFIG, PULL_MARKER, TOKENIZER_CONFIG, WEIGHTS, AdapterRef, Method, chat_template, \
     check_repo_id, method_of, read_json
 from loradock.errors import LoradockError
 from loradock.home import home
@@ -139,18 +139,14 @@ def refuse_unmergeable(spec: str, method: Method) -> None:
 
 def heldout_conversations(source: Source, data: str | None, limit: int) -> tuple[list[list[dict]], str]:
     """(conversations to answer, the data set's name for the card)."""
-    import yaml
-
+    from hub.adapter.records import read_run_config
     from sft.data import parse_columns
     from sft.evaluate import load_heldout
 
     if data:
         return [c for c, _ in load_heldout(data, limit=limit)[0]], Path(data).name
-    try:
-        recorded = yaml.safe_load((source.folder / RUN_CONFIG).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
-        recorded = {}
-    eval_data = recorded.get("eval_data") if isinstance(recorded, dict) else None
+    recorded = read_run_config(source.folder)
+    eval_data = recorded.get("eval_data")
     if eval_data and Path(eval_data).exists():
         items, _ = load_heldout(eval_data, parse_columns(recorded.get("columns")), limit)
         return [c for c, _ in items], Path(eval_data).name

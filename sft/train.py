@@ -9,7 +9,8 @@ adapter's weights (`sft.lineage`), which run_config.yaml and the card record as 
 
 Work happens in a hidden sibling of --output (`.NAME.loradock-run/`, holding the checkpoints that
 --resume continues from); the finished folder is assembled there and renamed into place in one
-step, so an interrupted run never leaves anything that looks like a finished adapter.
+step, so an interrupted run never leaves anything that looks like a finished adapter. A disk that
+fills up ends the run with the problem and the fix (`sft.full_disk`).
 """
 
 import dataclasses
@@ -27,12 +28,13 @@ from hub.adapter.card import write_card
 from hub.adapter.checks import saved_weight_problems
 from loradock.errors import LoradockError
 from sft.base_model import BUILD_INFO, resolve_base_model
-from sft.chat_format import training_chat_template
+from sft.chat_format import check_chat_template
 from sft.config import DEFAULT_MAX_LENGTH, ResolvedConfig
 from sft.data import parse_columns
 from sft.data_check import check_data, enforce, to_dataset
 from sft.distributed import (LAUNCHED, check_in_step, check_processes, gathered_state_dict, global_batch_line,
                              is_main, main_first, on_main, wait_for_everyone)
+from sft.full_disk import refusing_a_full_disk
 from sft.held_out import (EVAL_BEFORE, final_evaluation, generation_scores, held_out_fingerprint, held_out_sample,
                            untrained_figures)
 from sft.lineage import (DataSource, Parent, adopt_parent_settings, base_linear_names, parent_problems, resolve_data,
@@ -103,6 +105,7 @@ def comparable(config: ResolvedConfig, processes: int = 1) -> dict:
 
 
 def load_tokenizer(base_path: str, chat_template_file: str | None):
+    """The base model's tokenizer, with the --chat-template file's text as its template when given."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
@@ -112,7 +115,7 @@ def load_tokenizer(base_path: str, chat_template_file: str | None):
         except OSError as e:
             raise LoradockError(f"cannot read --chat-template {chat_template_file}: {e.strerror}",
                                 "pass a readable .jinja file") from None
-    tokenizer.chat_template = training_chat_template(tokenizer)
+    check_chat_template(tokenizer)  # never replaced: the adapter is saved and served with this template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -195,8 +198,8 @@ def training_arguments(config: ResolvedConfig, paths: RunPaths, has_eval: bool):
         training["eval_strategy"] = "no"
     if config.args.objective == "dpo":
         return DPOConfig(output_dir=str(paths.checkpoints), **training)
-    # The data check has tokenized the rows and built the response-only masks with the chat
-    # template's {% generation %} markers, so TRL takes them as they are.
+    # The data check has tokenized the rows and built the response-only masks (from the chat
+    # template's {% generation %} markers, or found by rendering), so TRL takes them as they are.
     return SFTConfig(output_dir=str(paths.checkpoints), assistant_only_loss=False, **training)
 
 
@@ -424,7 +427,8 @@ def run_config_yaml(config: ResolvedConfig, record: dict | None = None) -> str:
 
 
 def main(config: ResolvedConfig) -> int:
-    output = run(config)
+    with refusing_a_full_disk(RunPaths.for_output(config.args.output)):
+        output = run(config)
     if not is_main():
         return 0  # the main process reports
     metrics = json.loads((output / METRICS).read_text())

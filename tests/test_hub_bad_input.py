@@ -38,12 +38,34 @@ def _escaping_link(folder):
     (folder / "notes.txt").symlink_to("/etc/hostname")
 
 
+def _listed_metrics(folder):
+    (folder / "metrics.json").write_text('{"eval_loss": 0.5, "eval_metrics": [1, 2]}')
+
+
+def _text_loss(folder):
+    (folder / "metrics.json").write_text('{"eval_loss": "x"}')
+
+
+def _typed_run_config(folder):
+    (folder / "run_config.yaml").write_text("data: 7\ntraining: [1]\n")
+
+
+def _numbered_target_module(folder):
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj", 7]}))
+
+
 @pytest.mark.parametrize("spoil,message", [
     (_not_peft, "is not a PEFT adapter folder: there is no adapter_config.json"),
     (_pickle_weights, "adapter_model.bin is a pickle-based weights file"),
     (_no_base, "does not record its base model"),
     (_escaping_link, "notes.txt in"),
-], ids=["not-peft", "pickle", "no-base-model", "escaping-link"])
+    (_listed_metrics, "metrics.json: eval_metrics is [1, 2], not a mapping of metric names to numbers"),
+    (_text_loss, 'metrics.json: eval_loss is "x", not a finite number'),
+    (_typed_run_config, "run_config.yaml: data is 7, not text; run_config.yaml: training is [1], not a mapping"),
+    (_numbered_target_module, 'adapter_config.json: target_modules is ["q_proj", 7], not text or a list of texts'),
+], ids=["not-peft", "pickle", "no-base-model", "escaping-link", "metrics-list", "metrics-text-loss",
+        "run-config-types", "config-target-module-types"])
 def test_push_refuses_a_bad_folder(run_cli, hub_env, tmp_path, spoil, message):
     folder = adapter_folder(tmp_path / "a")
     spoil(folder)

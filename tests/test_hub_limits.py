@@ -1,22 +1,32 @@
 """Every parser of the registry is bounded: a README's front matter, validate-yaml, request bodies,
 paths and the error header. And a sweep of bad input at every route: each answer a 4xx in the
-Hub's shape on a connection that stays open, nothing committed, the registry up afterwards.
+Hub's shape on a connection that stays open, nothing committed, the registry up afterwards. So is
+the time a client may take over its request, and a full disk is a 507 that keeps nothing.
 
     flock /tmp/loradock-heavy.lock .venv/bin/python -m pytest -q tests/test_hub_limits.py
 
 Requests a well-behaved client would not send go through `Connection`, a raw socket.
 """
 
+import contextlib
 import hashlib
 import json
+import os
+import select
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Self
 from urllib.parse import quote
 
 import httpx2
 import pytest
+import yaml
+
+from tests.conftest import adapter_folder
 
 MiB = 1 << 20
 DEEP_CARD = "---\nx: " + "[" * 600 + "]" * 600 + "\n---\n# deep\n"
@@ -169,6 +179,32 @@ def test_a_deeply_nested_card_leaves_listings_up_for_everyone(hub_env, monkeypat
     assert any(readme in line and "nests deeper than 32" in line for line in hub_env.log.read_text().splitlines())
     with pytest.raises(ValueError, match="nests deeper than 32 levels"):  # the real client's own check
         api.upload_file(path_or_fileobj=DEEP_CARD.encode(), path_in_repo="README.md", repo_id="alice/limits-deep")
+
+
+def test_a_card_field_of_the_wrong_type_is_refused_and_a_stored_one_leaves_listings_up(run_cli, hub_env, tmp_path,
+                                                                                     monkeypatch):
+    """`tags: 7` makes huggingface_hub's parse of a listing raise (its ModelInfo): validate-yaml refuses
+    such a card naming the field, as the Hub does; one stored without that check is served without the
+    field, and the adapter is still listed, by `loradock list` and by HfApi."""
+    from huggingface_hub import hf_hub_download
+
+    api = api_for(hub_env, hub_env.write_token)
+    assert run_cli("push", adapter_folder(tmp_path / "a"), "alice/limits-typed").code == 0
+    readme = open(hf_hub_download("alice/limits-typed", "README.md", endpoint=hub_env.url,
+                                  token=hub_env.write_token)).read()
+    _, front, body = readme.split("---\n", 2)
+    damaged = f"---\n{yaml.safe_dump({**yaml.safe_load(front), 'tags': 7, 'self': 1})}---\n{body}"
+    with pytest.raises(ValueError, match='"tags" must be a string or an array of strings'):
+        api.upload_file(path_or_fileobj=damaged.encode(), path_in_repo="README.md", repo_id="alice/limits-typed")
+    push_unchecked_readme(api, "alice/limits-typed", damaged, monkeypatch)
+
+    listed = run_cli("list", "--search", "limits-typed")
+    assert listed.code == 0 and listed.out.splitlines()[1].split()[:4] == ["alice/limits-typed", "loradock/tiny-chat",
+                                                                          "lora", "8"], listed.text
+    card = api.model_info("alice/limits-typed").card_data
+    assert card.tags is None and card.library_name == "peft" and card.loradock["method"] == "lora"
+    assert [m.id for m in api.list_models(search="limits-typed", cardData=True)] == ["alice/limits-typed"]
+    assert '"tags" must be a string or an array of strings' in hub_env.log.read_text()
 
 
 def test_a_card_of_aliases_gives_a_small_answer(hub_env, monkeypatch):
@@ -630,3 +666,198 @@ def test_the_sweep_of_bad_input_at_every_route(hub_env, sweep_target):
     assert not failures and after == before, (
         f"{len(failures)} of {len(cases) + 200} bad requests were not answered with a clean 4xx, or changed the "
         f"registry:\n\n" + "\n\n".join(map(str, failures)) + f"\n\nchanged in all: {changes(before, after)}")
+
+
+# --- 7. slow clients --------------------------------------------------------------------------------
+
+def drip(port: int, data: bytes, every: float = 1.0, meanwhile=lambda: None) -> tuple[float, bytes | None]:
+    """Send `data` to the registry one byte per `every` seconds, calling `meanwhile()` between bytes,
+    until it answers or closes: (seconds until then, what it sent, b"" for a close without an answer).
+    None: it took every byte without answering."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        started = time.monotonic()
+        for byte in data:
+            try:
+                sock.sendall(bytes([byte]))
+                if select.select([sock], [], [], every)[0]:
+                    return time.monotonic() - started, sock.recv(1 << 16)
+            except OSError:  # reset: closed while we were still sending
+                return time.monotonic() - started, b""
+            meanwhile()
+    return time.monotonic() - started, None
+
+
+def test_headers_sent_a_byte_a_second_are_cut_off_while_other_clients_are_served(hub_env):
+    """The registry's default bound: a request's headers within 10 s; at a byte a second this one
+    would take over a minute."""
+    request = b"GET /api/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 64 + b"\r\n\r\n"
+    others = []
+
+    def another_client() -> None:
+        started = time.monotonic()
+        others.append((httpx2.get(f"{hub_env.url}/api/models", params={"limit": 1}, timeout=10).status_code,
+                       time.monotonic() - started))
+
+    seconds, answer = drip(hub_env.port, request, meanwhile=another_client)
+    assert answer is not None, "the registry took the whole request, a byte a second"
+    assert 9 < seconds < 14, f"the connection was cut after {seconds:.1f} s"
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 408 "), answer[:200]
+    if answer:
+        assert b"x-error-message: the request's headers took more than 10 s" in answer
+    assert len(others) >= 8 and all(status == 200 and took < 2 for status, took in others), others
+    assert healthy(hub_env)
+
+
+def upload_url(registry, token: str, repo_id: str, data: bytes) -> str:
+    """The path and query of the LFS upload URL the batch API gives for `data`."""
+    oid = hashlib.sha256(data).hexdigest()
+    batch = httpx2.post(f"{registry.url}/{repo_id}.git/info/lfs/objects/batch", timeout=30,
+                        headers={"authorization": f"Bearer {token}", "content-type": "application/vnd.git-lfs+json"},
+                        json={"operation": "upload", "objects": [{"oid": oid, "size": len(data)}]})
+    href = batch.json()["objects"][0]["actions"]["upload"]["href"]
+    return href.removeprefix(registry.url)
+
+
+def test_a_body_that_pauses_is_cut_off_and_one_that_moves_is_not(tmp_path):
+    """With --body-idle-timeout 2: an LFS upload that stops half-way is answered 408 within the
+    bound and leaves nothing in tmp/; so is a commit whose body stops; an upload that takes 4 s
+    in all but never pauses 2 s lands."""
+    from hub.client import hub_api
+    from loradock.procs import create_token, free_port, start_registry
+
+    root, port = tmp_path / "root", free_port()
+    token = create_token(root, "alice")
+    server = SimpleNamespace(url=f"http://127.0.0.1:{port}", port=port)
+    with start_registry(root, port, tmp_path / "server.log", "--body-idle-timeout", 2):
+        hub_api(server.url, token).create_repo("alice/gaps")
+        data = os.urandom(2 * MiB)
+        with Connection(server) as conn:
+            conn.sock.sendall(f"PUT {upload_url(server, token, 'alice/gaps', data)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              f"Content-Length: {len(data)}\r\n\r\n".encode() + data[:MiB])
+            started = time.monotonic()
+            reply = conn.read_reply("PUT")
+            assert reply.status == 408 and "body paused for more than 2 s" in reply.json()["error"]
+            assert 1.5 < time.monotonic() - started < 6
+        deadline = time.monotonic() + 10
+        while list((root / "tmp").iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not list((root / "tmp").iterdir()) and not list((root / "blobs").rglob(hashlib.sha256(data).hexdigest()))
+
+        with Connection(server) as conn:
+            conn.sock.sendall(b"POST /api/models/alice/gaps/commit/main HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              b"Authorization: Bearer " + token.encode() + b"\r\nContent-Length: 1000\r\n\r\n{")
+            reply = conn.read_reply("POST")
+            assert reply.status == 408 and hub_error_problem(reply, "POST") is None
+
+        with Connection(server) as conn:
+            conn.sock.sendall(f"PUT {upload_url(server, token, 'alice/gaps', data)} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                              f"Content-Length: {len(data)}\r\n\r\n".encode())
+            for piece in range(8):  # 8 pieces 0.5 s apart: 4 s in all
+                conn.sock.sendall(data[piece * len(data) // 8:(piece + 1) * len(data) // 8])
+                time.sleep(0.5)
+            assert conn.read_reply("PUT").status == 200
+        assert (root / "blobs" / hashlib.sha256(data).hexdigest()[:2] / hashlib.sha256(data).hexdigest()).exists()
+
+
+# --- 8. a full disk ---------------------------------------------------------------------------------
+
+def fill(path: Path) -> None:
+    """Write zeros to `path` until its disk has no byte left."""
+    with path.open("wb", buffering=0) as f:
+        for size in (1 << 16, 4096, 512):
+            with contextlib.suppress(OSError):
+                while f.write(b"\0" * size):
+                    pass
+
+
+class CountingProxy:
+    """A TCP proxy on 127.0.0.1 in front of the registry on `port`: what clients send through it
+    reaches the registry unchanged, and is counted (bytes, and LFS uploads begun)."""
+
+    UPLOAD = b"PUT /lfs/upload/"
+
+    def __init__(self, port: int):
+        self.upstream, self.sent, self.uploads = port, 0, 0
+        self.lock = threading.Lock()
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.close()
+
+    def accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self.pump, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self.pump, args=(upstream, client, False), daemon=True).start()
+
+    def pump(self, source: socket.socket, target: socket.socket, counted: bool) -> None:
+        tail = b""  # an upload's request line may be split between two reads
+        try:
+            while data := source.recv(1 << 16):
+                if counted:
+                    with self.lock:
+                        self.sent += len(data)
+                        self.uploads += (tail + data).count(self.UPLOAD)
+                    tail = data[-(len(self.UPLOAD) - 1):]
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                target.shutdown(socket.SHUT_WR)
+
+
+def test_a_push_onto_a_full_registry_disk_is_a_507_sent_once(tmp_path, small_disks):
+    """The registry on an 8 MiB disk; a 10.5 MB adapter pushed through `loradock push`: the upload
+    is answered 507 in the Hub's shape, huggingface_hub does not send it again, the command prints
+    the problem and the fix (no traceback), and the registry keeps nothing of it. Then, with its
+    disk filled to the last byte, a commit is a 507 too; once space is freed, a push succeeds."""
+    from hub.client import hub_api, push
+    from loradock.procs import Service, create_token, free_port, loradock_command
+    from tests.conftest import on_a_small_disk, run_loradock
+
+    seed, disk, port = tmp_path / "seed", tmp_path / "disk", free_port()
+    token = create_token(seed, "alice")
+    disk.mkdir()
+    serve = loradock_command("hub", "serve", "--root", disk, "--port", port, "--max-file-size", 64 * MiB)
+    with Service("the registry", on_a_small_disk(disk, "8m", serve, seed=seed), tmp_path / "server.log") as server:
+        server.wait_healthy(f"http://127.0.0.1:{port}/health", 60)
+        on_disk = Path(f"/proc/{server.process.pid}/root") / disk.relative_to("/")  # its tmpfs, seen from here
+        weights = os.urandom(10_500_000)
+        with CountingProxy(port) as proxy:
+            pushed = run_loradock("push", adapter_folder(tmp_path / "big", weights=weights), "alice/full",
+                                  "--endpoint", proxy.url, "--token", token, timeout=300)
+        assert pushed.returncode == 2, pushed.stdout + pushed.stderr
+        assert "Traceback" not in pushed.stderr
+        assert f"error: the registry at {proxy.url} is out of disk space: nothing was pushed" in pushed.stderr
+        assert "free space on its disk (`loradock hub gc`" in pushed.stderr
+        assert "refused with 507: [Errno 28] No space left on device" in (tmp_path / "server.log").read_text()
+        assert proxy.uploads == 1 and proxy.sent < 1.2 * len(weights), (proxy.uploads, proxy.sent)
+        assert not list((on_disk / "tmp").iterdir())
+        api = hub_api(f"http://127.0.0.1:{port}", token)
+        assert [s.rfilename for s in api.model_info("alice/full").siblings] == [".gitattributes"]
+
+        fill(on_disk / "filler")
+        with Connection(SimpleNamespace(port=port)) as conn:
+            line = {"key": "file", "value": {"path": "a.txt", "content": "eA==", "encoding": "base64"}}
+            reply = conn.request("POST", "/api/models/alice/full/commit/main", body=ndjson(
+                {"key": "header", "value": {"summary": "x"}}, line), headers={"authorization": f"Bearer {token}"})
+        assert reply is not None and reply.status == 507, reply
+        assert reply.headers["x-error-code"] == "InsufficientStorage"
+        assert "the registry's disk is full" in reply.json()["error"] and "loradock hub gc" in reply.json()["error"]
+        assert not list((on_disk / "tmp").iterdir())
+
+        (on_disk / "filler").unlink()
+        result = push(str(adapter_folder(tmp_path / "small")), "alice/full", endpoint=f"http://127.0.0.1:{port}",
+                      token=token)
+        after = api.model_info("alice/full", revision=result.commit)
+        assert "adapter_model.safetensors" in {s.rfilename for s in after.siblings}

@@ -3,11 +3,15 @@
 The lying endpoint is a real HTTP server in the test that answers what huggingface_hub's
 `model_info(files_metadata=True)` and the downloads ask for; the concurrent pulls run against the
 session's `loradock hub serve`, each in its own process, as `loradock serve` and a user's shell would.
+And pulls from a registry stopped with SIGSTOP, before and during the download.
 """
 
+import contextlib
 import json
 import os
+import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -200,3 +204,78 @@ def test_two_pulls_of_one_commit_under_two_names_both_succeed(run_cli, hub_env, 
             assert (dest / name).read_bytes() == (folder / name).read_bytes()
         assert json.loads((dest / ".loradock-pull.json").read_text())["commit"] == commit
         assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]  # no staging folder left behind
+
+
+# --- a registry that stops answering -----------------------------------------------------------------
+
+@contextlib.contextmanager
+def stopped(process):
+    """`process` (and its process group) stopped with SIGSTOP for the block: its sockets stay open,
+    it answers nothing; SIGCONT afterwards, whatever happens."""
+    os.killpg(process.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(process.pid, signal.SIGCONT)
+
+
+def test_a_stopped_registry_is_unreachable_within_seconds_then_served_again(run_cli, hub_env, tmp_path, monkeypatch):
+    """What `loradock serve` does for an adapter it has not loaded (`hub.pulled.pull_leased`), and
+    `loradock pull`: against a registry stopped by SIGSTOP, Unreachable (a 503 when serving) within
+    the bound on a registry's silence (READ_S); the same call succeeds once it runs again."""
+    from hub.pulled import pull_leased
+    from hub.timeouts import READ_S
+    from loradock.errors import Unreachable
+
+    monkeypatch.setenv("LORADOCK_HOME", str(tmp_path / "home"))
+    assert run_cli("push", adapter_folder(tmp_path / "adapter"), "alice/frozen").code == 0
+    with stopped(hub_env.process):
+        started = time.monotonic()
+        with pytest.raises(Unreachable, match=f"the registry at {hub_env.url} did not answer within {READ_S:g} s"):
+            pull_leased("alice/frozen")
+        waited = time.monotonic() - started
+        started = time.monotonic()
+        pulled = run_loradock("pull", "alice/frozen", "--to", tmp_path / "out", timeout=120)
+        cli_waited = time.monotonic() - started
+    assert waited < READ_S + 5, f"Unreachable after {waited:.1f} s"
+    assert pulled.returncode == 2 and cli_waited < READ_S + 15, (cli_waited, pulled.stdout + pulled.stderr)
+    assert f"did not answer within {READ_S:g} s" in pulled.stderr and "Traceback" not in pulled.stderr
+    assert not (tmp_path / "out").exists()
+    result, lease = pull_leased("alice/frozen")
+    lease.release()
+    weights = "adapter_model.safetensors"
+    assert (result.path / weights).read_bytes() == (tmp_path / "adapter" / weights).read_bytes()
+
+
+def test_a_registry_that_stops_mid_download_is_unreachable_and_nothing_is_kept(hub_env, tmp_path):
+    """The registry is stopped as soon as the pull starts downloading 40 MB: the download gives up
+    after READ_S of silence, and no file of it is left."""
+    from hub.client import pull, push
+    from hub.timeouts import READ_S
+    from loradock.errors import Unreachable
+
+    push(str(adapter_folder(tmp_path / "adapter", weights=os.urandom(40 << 20))), "alice/frozen-mid-download")
+    out, done = tmp_path / "out", threading.Event()
+
+    def stop_once_downloading() -> None:
+        while not done.is_set():
+            if list(tmp_path.glob(".out.pulling-*")):
+                os.killpg(hub_env.process.pid, signal.SIGSTOP)
+                return
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=stop_once_downloading)
+    watcher.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(Unreachable, match=f"did not answer within {READ_S:g} s while alice/frozen-mid-download@main was "
+                                              "downloading; nothing was kept"):
+            pull("alice/frozen-mid-download", to=str(out))
+        waited = time.monotonic() - started
+    finally:
+        done.set()
+        watcher.join()
+        os.killpg(hub_env.process.pid, signal.SIGCONT)
+    assert waited < READ_S + 5, f"Unreachable after {waited:.1f} s"
+    assert not out.exists() and not list(tmp_path.glob(".out.pulling-*"))
+    assert pull("alice/frozen-mid-download", to=str(out)).path == out

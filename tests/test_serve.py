@@ -54,6 +54,19 @@ def bad_adapters(good: Path, tmp: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
+def damaged_records(good: Path, tmp: Path) -> dict[str, Path]:
+    """{repo name: folder} of sound adapters whose optional files are damaged: each is served all the same."""
+    folders = {name: variant(good, tmp / name) for name in ("metrics-list", "metrics-text-loss", "run-config-types",
+                                                           "card-tags")}
+    (folders["metrics-list"] / "metrics.json").write_text('{"eval_metrics": [1, 2]}')
+    (folders["metrics-text-loss"] / "metrics.json").write_text('{"eval_loss": "x"}')
+    (folders["run-config-types"] / "run_config.yaml").write_text("data: 7\nparent: alice/x\ntraining: [1]\n")
+    readme = folders["card-tags"] / "README.md"
+    _, front, body = readme.read_text().split("---\n", 2)
+    readme.write_text(f"---\n{yaml.safe_dump({**yaml.safe_load(front), 'tags': 7})}---\n{body}")
+    return folders
+
+
 def first_lora_pair(folder: Path) -> tuple[str, str]:
     """The names of the first LoRA A/B pair of a trained adapter."""
     from safetensors import safe_open
@@ -82,11 +95,18 @@ def served(registry, trained_adapters, tmp_path_factory):
     for name, (folder, _) in bad.items():  # as a careless third party would: no loradock push checks
         api.create_repo(f"bad/{name}", exist_ok=True)
         bad_commits[name] = api.upload_folder(folder_path=folder, repo_id=f"bad/{name}").oid
+    damaged = damaged_records(trained_adapters["reverse"], tmp)
+    with pytest.MonkeyPatch.context() as patch:  # the card too: as a client that skips validate-yaml would
+        patch.setattr(HfApi, "_validate_yaml", lambda self, *args, **kwargs: None)
+        for name, folder in damaged.items():
+            api.create_repo(f"bad/{name}", exist_ok=True)
+            api.upload_folder(folder_path=folder, repo_id=f"bad/{name}")
     env = {**os.environ, "HF_HUB_DISABLE_XET": "1"}
     server = ServeProcess(["--adapter", "alice/reverse@v1", "--registry", registry.url, "--token", registry.write_token,
                            "--adapter-namespace", "alice", "--adapter-namespace", "bad", "--max-lora-rank", "16", "--max-model-len", "256", "--max-loras", "2"], tmp / "serve.log",
                           env).start()  # two slots: two adapters in flight fill them, the last one included
     server.commits, server.bad, server.bad_commits, server.env, server.registry = commits, bad, bad_commits, env, registry
+    server.damaged = damaged
     yield server
     server.stop()
 
@@ -162,6 +182,19 @@ def test_hot_load_by_name_tag_and_sha_with_the_sha_in_v1_models(served):
         assert cards[name]["loradock"]["commit"] == sha and cards[name]["loradock"]["revision"] == revision
         assert cards[name]["loradock"]["rank"] == 16 and cards[name]["loradock"]["metric"]["name"] == "eval loss"
     assert cards["alice/reverse@v1"]["loradock"]["commit"] == served.commits["reverse"]
+
+
+def test_damaged_records_and_cards_do_not_stop_a_sound_adapter(served):
+    """metrics.json, run_config.yaml or the card damaged: the adapter answers, and /v1/models lists it
+    without the figure that could not be read."""
+    for name in served.damaged:
+        answer = chat(served.url, f"bad/{name}", PROMPTS["reverse"][0])
+        assert answer["status"] == 200, (name, answer)
+    cards = {m["id"]: m for m in httpx2.get(f"{served.url}/v1/models").json()["data"]}
+    for name in served.damaged:
+        info = cards[f"bad/{name}"]["loradock"]
+        assert (info["method"], info["rank"], info["base_model"]) == ("lora", 16, BASE), (name, info)
+        assert (info["metric"] is None) == name.startswith("metrics"), (name, info)
 
 
 def test_refused_adapters_get_400s_while_other_traffic_carries_on(served):
@@ -457,6 +490,7 @@ def test_restart_brings_back_the_command_line_adapters_and_the_api_key_closes_ev
             assert response.status_code == 401, (path, response.status_code)
             assert response.json()["error"]["type"] == "AuthenticationError"
         assert chat_with(again.url, auth)["choices"][0]["message"]["content"].strip()
+        assert chat_with(again.url, {"Authorization": f"bearer {key}"})["choices"][0]["message"]["content"].strip()
         vllm_log = Path(os.environ["LORADOCK_HOME"]) / "logs" / f"serve-{again.port}.log"
         for log_text in ((tmp_path / "serve.log").read_text(), vllm_log.read_text()):
             assert key not in log_text and served.registry.write_token not in log_text
@@ -551,3 +585,12 @@ def test_a_client_template_is_found_at_any_depth_of_a_body():
     assert client_template({"chat_template_kwargs": {"chat_template": "x"}}) == "chat_template_kwargs.chat_template"
     assert client_template([{"requests": [{}, {"chat_template": "x"}]}]) == "[0].requests[1].chat_template"
     assert client_template("chat_template") is None and client_template(None) is None
+
+
+@pytest.mark.parametrize("header, accepted", [
+    (b"Bearer s3cret", True), (b"bearer s3cret", True), (b"BEARER  s3cret", True), (b"bearer s3cre", False),
+    (b"Basic s3cret", False), (b"bearers3cret", False), (b"", False), (b"Bearer s3cret ", False)])
+def test_the_api_key_is_taken_with_the_bearer_scheme_in_any_case(header, accepted):
+    from serve.middleware import LoradockMiddleware
+
+    assert LoradockMiddleware.authorized({"headers": [(b"authorization", header)]}, "s3cret") is accepted

@@ -7,8 +7,6 @@ import json
 import os
 import random
 import signal
-import socket
-import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -195,7 +193,7 @@ def test_a_frozen_registry_is_a_503_within_seconds_and_serving_resumes_when_it_a
         frozen = post(served.url, "/v1/chat/completions", body)
         waited = time.monotonic() - began
         assert frozen.status_code == 503, frozen.text
-        assert waited < 20, waited
+        assert waited < 10, waited  # the registry's silence is bounded at hub.timeouts.READ_S (5 s)
         assert "did not answer" in frozen.json()["error"]["message"], frozen.json()
         loaded = post(served.url, "/v1/chat/completions", {**body, "model": LORA})
         assert loaded.status_code == 200  # what is loaded already does not need the registry

@@ -69,14 +69,14 @@ def command_dataclasses():
     from hub.cli import RegistryConfig
     from serve.balancer import BalancerConfig
     from serve.config import ServeConfig
-    from sft.commands import BaseBuildArgs, DataCheckArgs, EvalArgs
+    from sft.commands import BaseBuildArgs, BaseImportArgs, BaseInstallArgs, DataCheckArgs, EvalArgs
     from sft.config import TrainArgs
     from sft.merge import MergeArgs
     from ui.cli import UIConfig
 
     return {("train",): TrainArgs, ("serve",): ServeConfig, ("ui",): UIConfig, ("hub", "serve"): RegistryConfig,
             ("eval",): EvalArgs, ("data", "check"): DataCheckArgs, ("base", "build"): BaseBuildArgs,
-            ("merge",): MergeArgs, ("balance",): BalancerConfig}
+            ("base", "install"): BaseInstallArgs, ("base", "import"): BaseImportArgs, ("merge",): MergeArgs, ("balance",): BalancerConfig}
 
 
 def help_entries(command, capsys) -> dict[str, str]:
@@ -91,8 +91,8 @@ def help_entries(command, capsys) -> dict[str, str]:
         if entry:
             current = entry.group(1)
             entries[current] = line
-        elif current:
-            entries[current] += " " + line.strip()
+        elif current:  # argparse wraps after a hyphen too (loradock/tiny-|chat): no space there
+            entries[current] += ("" if re.search(r"\w-$", entries[current]) else " ") + line.strip()
     return {flag: " ".join(text.split()) for flag, text in entries.items()}
 
 
@@ -114,6 +114,8 @@ ROUND_TRIP = {("train",): (["--data", "d.jsonl", "--output", "o", "--lr", "1e-3"
                           "- c/d"),
               ("data", "check"): (["d.jsonl", "--max-length", "64"], "max_length: 64"),
               ("base", "build"): (["--seed", "3"], "seed: 3"),
+              ("base", "install"): (["--wheel", "w.whl"], "wheel: w.whl"),
+              ("base", "import"): (["m.gguf", "--output", "o"], "gguf: m.gguf"),
               ("merge",): (["adapters/a", "--limit", "4"], "limit: 4"),
               ("balance",): (["--replica", "127.0.0.1:8001", "--replica", "127.0.0.1:8002"], "- 127.0.0.1:8002")}
 
@@ -233,5 +235,5 @@ def test_serve_refuses_with_the_build_command_when_the_base_is_not_built(tmp_pat
     monkeypatch.setenv("LORADOCK_HOME", str(tmp_path))
     assert main(["serve", "--port", "18123"]) == 2
     err = capsys.readouterr().err
-    assert "is not built" in err and "loradock base build" in err
+    assert "the embedded base model loradock/tiny-chat is not in" in err and "`loradock base build`" in err
     assert not (tmp_path / "models").exists()  # nothing was built

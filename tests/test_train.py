@@ -2,6 +2,8 @@
 
 import hashlib
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -261,3 +263,49 @@ def test_resume_with_nothing_to_resume(cli, tmp_path):
     train, _ = small_split(tmp_path, n_train=20)
     result = cli("train", "--data", train, "--output", tmp_path / "never", "--resume")
     assert result.code == 2 and "no complete checkpoint" in result.err
+
+
+# --- a full disk ----------------------------------------------------------------------------------
+
+# (disk size, flags): which write fills it. The adapter is about 330 KiB; a checkpoint, with the
+# optimizer's state, about 1.2 MiB.
+FULL_DISKS = {
+    "the adapter": ("200k", ["--training.save_strategy", "no"]),  # safetensors, at publishing
+    "a checkpoint's weights": ("300k", ["--training.save_steps", "2"]),  # safetensors, at step 2
+    "a checkpoint's optimizer state": ("700k", ["--training.save_steps", "2"]),  # torch.save, at step 2
+    "the second checkpoint": ("1600k", ["--training.save_steps", "2"]),  # step 4's; step 2's is kept
+}
+
+
+@pytest.mark.parametrize("filled_by", FULL_DISKS)
+def test_training_onto_a_full_disk_stops_with_the_fix_and_nothing_half_written(base_model_dir, tmp_path, small_disks,
+                                                                              filled_by):
+    """`loradock train --output` on a disk too small for it (a tmpfs of its own): exit 2 with the
+    folder, the space and the fix, no traceback, no adapter; only complete checkpoints stay, for
+    --resume, and without one nothing at all."""
+    from tests.conftest import on_a_small_disk
+
+    size, flags = FULL_DISKS[filled_by]
+    train = write_jsonl(tmp_path / "train.jsonl", (REVERSE / "train.jsonl").read_text().splitlines()[:64])
+    disk, listing = tmp_path / "disk", tmp_path / "listing"
+    disk.mkdir()
+    output = disk / "out"
+    command = loradock_command("train", "--data", train, "--output", output, "--max-steps", 4, "--batch-size", 8,
+                               "--max-length", 64, "--lora-r", 8, "--training.disable_tqdm", "true", *flags)
+    then_list = ["sh", "-c", '"$@"; code=$?; cd "$0" && find . | sort > "$LISTING"; exit $code', disk, *command]
+    result = subprocess.run(on_a_small_disk(disk, size, then_list), capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "LISTING": str(listing)})
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert f"error: the disk holding {disk} is full while training into --output {output}: writing " in result.stderr
+    assert "were left there; no adapter was written\nfix: free space on that disk" in result.stderr
+    left = listing.read_text().split()
+    assert "./out" not in left
+    if filled_by == "the second checkpoint":
+        assert "then run the same command with --resume to continue from checkpoint-2" in result.stderr
+        checkpoints = {name for p in left if p.startswith("./.out.loradock-run/checkpoints/")
+                       and "checkpoint" in (name := p.split("/")[3])}
+        assert checkpoints == {"checkpoint-2"} and "./.out.loradock-run/adapter" not in left
+    else:
+        assert "this run needs more than" in result.stderr and "--training.save_total_limit 1" in result.stderr
+        assert left == ["."], left

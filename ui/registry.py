@@ -7,8 +7,9 @@ Raises loradock's typed errors (`Unreachable`, `NotFound`, ...) like the rest of
 
 from dataclasses import dataclass, field
 
-from hub.adapter import CONFIG, METRICS, RUN_CONFIG, AdapterRef, read_json
+from hub.adapter import CONFIG, METRICS, RUN_CONFIG, AdapterRef
 from hub.adapter.card import CardInfo
+from hub.adapter.records import read_metrics
 
 CARD_FILES = (CONFIG, METRICS, RUN_CONFIG)
 
@@ -61,7 +62,7 @@ def adapter_card(repo_id: str, commit: str, endpoint: str, token: str | None) ->
     folder = download_files(repo_id, commit, CARD_FILES, endpoint=endpoint, token=token)
     if folder is None:
         return AdapterCard(repo_id, commit, None, {}, "")
-    metrics = read_json(folder / METRICS)
+    metrics = read_metrics(folder)
     run_config = folder / RUN_CONFIG
     return AdapterCard(repo_id, commit, CardInfo.from_folder(folder), metrics,
                        run_config.read_text(encoding="utf-8") if run_config.exists() else "", loss_curve(metrics))

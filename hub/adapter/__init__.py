@@ -1,8 +1,8 @@
 """The adapter contract every stage shares: what an adapter folder holds, which PEFT methods exist
 and how each is served, the ranks vLLM serves and the `org/name[@revision]` grammar (here); the
 model card, built and parsed only there on huggingface_hub's `ModelCard` (`hub.adapter.card`);
-and the checks an adapter passes before it is published or goes live on a server
-(`hub.adapter.checks`).
+the type of each field of the folder's files that loradock reads (`hub.adapter.records`); and the
+checks an adapter passes before it is published or goes live on a server (`hub.adapter.checks`).
 
 `sft` writes adapters through this package; `hub`, `serve` and `ui` read them through it.
 """
@@ -48,11 +48,16 @@ def read_json(path: Path) -> dict:
 
 
 def chat_template(folder: Path) -> str | None:
-    """The chat template the adapter was trained with (saved beside its tokenizer)."""
+    """The chat template the adapter was trained with (saved beside its tokenizer); None without one,
+    or when it is not text (`hub.adapter.checks.template_problems` refuses such an adapter)."""
     folder = Path(folder)
     if (folder / CHAT_TEMPLATE).exists():
-        return (folder / CHAT_TEMPLATE).read_text(encoding="utf-8")
-    return read_json(folder / TOKENIZER_CONFIG).get("chat_template")
+        try:
+            return (folder / CHAT_TEMPLATE).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return None
+    template = read_json(folder / TOKENIZER_CONFIG).get("chat_template")
+    return template if isinstance(template, str) else None
 
 
 # --- the methods --------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ and parsed back from the Hub's card metadata, both on huggingface_hub's `ModelCa
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hub.adapter import CARD, CONFIG, METHODS, METRICS, RUN_CONFIG, SERVED_AS, chat_template, method_of, read_json
+from hub.adapter import CARD, CONFIG, METHODS, SERVED_AS, chat_template, method_of, read_json
+from hub.adapter.records import CARD_FIELDS, CONFIG_FIELDS, is_count, is_number, read_metrics, read_run_config, sound
 
 
 @dataclass
@@ -35,7 +36,8 @@ class CardInfo:
 
     @property
     def rank(self) -> int | None:
-        return self.settings.get("r")
+        rank = self.settings.get("r")
+        return rank if is_count(rank) else None
 
     @property
     def headline(self) -> Metric | None:
@@ -43,22 +45,18 @@ class CardInfo:
 
     @classmethod
     def from_folder(cls, folder: Path) -> "CardInfo":
-        """Built from the folder's own files (adapter_config, metrics, run_config, template)."""
-        import yaml
-
+        """Built from the folder's own files (adapter_config, metrics, run_config, template), each
+        field of the wrong type left out (`hub.adapter.records`)."""
         folder = Path(folder)
-        adapter, metrics = read_json(folder / CONFIG), read_json(folder / METRICS)
-        try:
-            run_config = yaml.safe_load((folder / RUN_CONFIG).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError):
-            run_config = {}
+        adapter = sound(read_json(folder / CONFIG), CONFIG_FIELDS)[0]
+        metrics, run_config = read_metrics(folder), read_run_config(folder)
         method = method_of(adapter)
         figures = []
         if metrics.get("eval_loss") is not None:
             figures.append(Metric("loss", "eval loss", round(metrics["eval_loss"], 4)))
         figures += [Metric(k, k.replace("_", " "), v) for k, v in (metrics.get("eval_metrics") or {}).items()]
         dataset = run_config.get("dataset")
-        if isinstance(dataset, dict) and dataset.get("repo_id"):
+        if dataset and dataset.get("repo_id"):
             datasets = [dataset["repo_id"]]
         else:
             datasets = [Path(run_config["data"]).name] if run_config.get("data") else []
@@ -75,20 +73,26 @@ class CardInfo:
 
     @classmethod
     def from_card_data(cls, data) -> "CardInfo":
-        """Parsed from a card's metadata: a `ModelCardData` or the dict of its front matter."""
-        from huggingface_hub import ModelCardData
+        """Parsed from a card's metadata: a `ModelCardData` or the dict of its front matter. Anyone
+        who can push writes a card, so a field of the wrong type is left out, never raised on."""
+        from huggingface_hub import EvalResult, ModelCardData
+
+        from hub.cards import readable
 
         if isinstance(data, dict):
-            data = ModelCardData(**data)
-        ours = getattr(data, "loradock", None) or {}
+            data = ModelCardData(**readable(data), ignore_metadata_errors=True)
+        ours = sound(getattr(data, "loradock", None), CARD_FIELDS)[0]
         method = ours.get("method") or next((name for name in METHODS if name in ours), None)
-        results = data.eval_results or []
-        datasets = data.datasets or []
+        settings = ours.get(method) if isinstance(ours.get(method), dict) else {}
+        results = [r for r in (data.eval_results if isinstance(data.eval_results, list) else [])
+                   if isinstance(r, EvalResult) and isinstance(r.metric_type, str) and is_number(r.metric_value)]
+        datasets = data.datasets if isinstance(data.datasets, list) else [data.datasets]
         return cls(
-            base_model=data.base_model, method=method, settings=dict(ours.get(method) or {}),
-            datasets=[datasets] if isinstance(datasets, str) else list(datasets),
-            metrics=[Metric(r.metric_type, r.metric_name or r.metric_type, r.metric_value) for r in results],
-            held_out=results[0].dataset_name if results else None,
+            base_model=data.base_model if isinstance(data.base_model, str) else None, method=method,
+            settings=dict(settings), datasets=[d for d in datasets if isinstance(d, str)],
+            metrics=[Metric(r.metric_type, r.metric_name if isinstance(r.metric_name, str) else r.metric_type,
+                            r.metric_value) for r in results],
+            held_out=results[0].dataset_name if results and isinstance(results[0].dataset_name, str) else None,
             base_model_revision=ours.get("base_model_revision"), dataset_sha256=ours.get("dataset_sha256"),
             training=ours.get("training"), chat_template=ours.get("chat_template"), objective=ours.get("objective"),
             parent=ours.get("parent"), dataset=ours.get("dataset"))

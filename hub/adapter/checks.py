@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from hub.adapter import CONFIG, METHODS, PICKLE_SUFFIXES, SERVABLE_RANKS, WEIGHTS, Method, method_of
+from hub.adapter import (CHAT_TEMPLATE, CONFIG, METHODS, METRICS, PICKLE_SUFFIXES, RUN_CONFIG, SERVABLE_RANKS,
+                         TOKENIZER_CONFIG, WEIGHTS, Method, method_of, read_json)
+from hub.adapter.records import config_field_problems, record_problems, shown
 from loradock.errors import AdapterRefused, LoradockError
 
 
@@ -62,12 +64,34 @@ def check_publishable(folder: Path, max_file_size: int) -> list[tuple[str, Path]
                             "set base_model_name_or_path to the base model's Hub id")
     if not (folder / WEIGHTS).exists():
         raise LoradockError(f"{folder} has no {WEIGHTS}", "save the adapter with safetensors (loradock train always does)")
-    problems = publish_problems(config, folder / WEIGHTS)
+    problems = config_field_problems(config) + template_problems(folder) + publish_problems(config, folder / WEIGHTS)
     if problems:
         raise LoradockError(f"{folder} is not a sound adapter: " + "; ".join(problems),
                             "retrain it, or re-save it from a good checkpoint with PEFT's save_pretrained; "
                             "nothing was pushed")
+    damaged = record_problems(folder)
+    if damaged:
+        raise LoradockError(f"{folder} holds damaged records of its run: " + "; ".join(damaged),
+                            f"correct each field named as `loradock train` writes it, or delete the file ({METRICS} "
+                            f"and {RUN_CONFIG} are optional: the card then shows no figures or training "
+                            "configuration); nothing was pushed")
     return files
+
+
+def template_problems(folder: Path) -> list[str]:
+    """The chat template, where the folder has one, is text: chat_template.jinja in UTF-8, else a
+    string `chat_template` in tokenizer_config.json (the server renders the adapter's requests with it)."""
+    fix = "save the tokenizer again with save_pretrained (it writes chat_template.jinja)"
+    if (folder / CHAT_TEMPLATE).exists():
+        try:
+            (folder / CHAT_TEMPLATE).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            return [f"{CHAT_TEMPLATE} is not readable UTF-8 text ({e}); {fix}"]
+        return []
+    template = read_json(folder / TOKENIZER_CONFIG).get("chat_template")
+    if template is not None and not isinstance(template, str):
+        return [f"{TOKENIZER_CONFIG}: chat_template is {shown(template)}, not text; {fix}"]
+    return []
 
 
 def publish_problems(config: dict, weights_path: Path) -> list[str]:
@@ -122,7 +146,7 @@ def check_folder(folder: str | Path, base: ServedBase) -> dict:
             f"; {', '.join(pickled)} would be unpickled, which can run code, so it is not served; "
             "re-save the adapter with safetensors" if pickled else "")])
     method = method_of(config)
-    reasons = config_problems(config, base, method)
+    reasons = config_field_problems(config) + template_problems(folder) + config_problems(config, base, method)
     if not reasons:
         header = weight_header(weights_path, folder.name)
         shapes = {name: shape for name, (_, shape) in header.items()}

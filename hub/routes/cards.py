@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from hub import errors
-from hub.cards import MAX_FRONT_MATTER, front_matter
+from hub.cards import MAX_FRONT_MATTER, field_problems, front_matter
 from hub.routes.deps import CallerDep, error_response
 
 MAX_CARD_REQUEST = 1 << 20  # bytes of a validate-yaml request: a README with room to spare
@@ -40,8 +40,9 @@ async def card_request(request: Request, who: CallerDep) -> bytes:
 
 @router.post("/api/validate-yaml")
 def validate_yaml(body: Annotated[bytes, Depends(card_request)]):
-    """`{}` when the README in `content` has front matter the registry reads; otherwise a 400 with the
-    Hub's `errors` list, which `HfApi` shows before a push (it checks every README it uploads)."""
+    """`{}` when the README in `content` has front matter the registry reads, each field the Hub defines
+    of its type (`hub.cards.HUB_FIELDS`); otherwise a 400 with the Hub's `errors` list, which `HfApi`
+    shows before a push (it checks every README it uploads)."""
     try:
         request = json.loads(body)
     except (ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep to read
@@ -50,12 +51,14 @@ def validate_yaml(body: Annotated[bytes, Depends(card_request)]):
     if not isinstance(content, str):
         return refused('the validate-yaml request must be a JSON object with the README as a string in "content"')
     try:
-        front_matter(content)
+        card = front_matter(content)
     except ValueError as e:
         return refused(str(e))
+    if problems := field_problems(card):
+        return refused(*problems)
     return {}
 
 
-def refused(message: str) -> JSONResponse:
-    """A 400 in the shape validate-yaml's clients read (`errors`), and the Hub's (`error`)."""
-    return error_response(400, message, extra={"errors": [{"message": message}]})
+def refused(*messages: str) -> JSONResponse:
+    """A 400 in the shape validate-yaml's clients read (`errors`, one per problem), and the Hub's (`error`)."""
+    return error_response(400, "; ".join(messages), extra={"errors": [{"message": m} for m in messages]})

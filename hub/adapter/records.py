@@ -1,0 +1,147 @@
+"""The fields of an adapter's files that loradock reads, each with the one type it trusts:
+adapter_config.json (`CONFIG_FIELDS`), the run's records metrics.json and run_config.yaml
+(`METRICS_FIELDS`, `RUN_CONFIG_FIELDS`), and loradock's own section of the card (`CARD_FIELDS`).
+
+Anyone who can push writes these files, so every reader takes them through here: `sound` keeps
+the fields of the right type and names the others. adapter_config.json is required: a field of the
+wrong type refuses the adapter at push and before serving (`hub.adapter.checks`). The records and
+the card are optional: serving, listing and the UI read them without their damaged fields
+(`read_metrics`, `read_run_config`; a sound adapter is still served, its figure shown as none),
+and `loradock push` refuses a folder whose records are damaged (`record_problems`), each problem
+naming the file and the field.
+
+    from hub.adapter.records import read_metrics
+    read_metrics("runs/reverse").get("eval_loss")  # a number, or None
+"""
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from hub.adapter import CONFIG, METRICS, RUN_CONFIG
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a field holds: its name in a message, and the test a value passes (None always does)."""
+
+    name: str
+    test: Callable[[object], bool]
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def record(*names: str) -> Kind:
+    """A mapping whose `names`, where set, are text (other keys are free)."""
+    return Kind(f"a mapping of {', '.join(names)} (each text)", lambda v: isinstance(v, dict) and all(
+        v.get(name) is None or isinstance(v[name], str) for name in names))
+
+
+TEXT = Kind("text", lambda v: isinstance(v, str))
+TEXTS = Kind("text or a list of texts", lambda v: isinstance(v, str) or (
+    isinstance(v, list) and all(isinstance(x, str) for x in v)))
+NUMBER = Kind("a finite number", is_number)
+COUNT = Kind("a whole number", is_count)
+MAPPING = Kind("a mapping", lambda v: isinstance(v, dict))
+SCORES = Kind("a mapping of metric names to numbers", lambda v: isinstance(v, dict) and all(
+    isinstance(k, str) and is_number(x) for k, x in v.items()))
+ENTRIES = Kind("a list of mappings", lambda v: isinstance(v, list) and all(isinstance(x, dict) for x in v))
+PARENT = record("repo_id", "revision", "commit", "base_model")
+DATASET = record("repo_id", "revision", "commit", "file")
+
+# adapter_config.json beyond what `hub.adapter.checks` checks itself (`r`, `rank_pattern`).
+CONFIG_FIELDS = {
+    "base_model_name_or_path": TEXT, "peft_type": TEXT, "target_modules": TEXTS, "feedforward_modules": TEXTS,
+    "lora_alpha": NUMBER, "lora_dropout": NUMBER, "num_virtual_tokens": COUNT, "encoder_hidden_size": COUNT,
+    "num_transformer_submodules": COUNT, "adapter_len": COUNT, "adapter_layers": COUNT,
+}
+METRICS_FIELDS = {
+    "eval_loss": NUMBER, "eval_loss_before": NUMBER, "eval_metrics": SCORES, "eval_metrics_before": SCORES,
+    "base_model_revision": TEXT, "dataset_sha256": TEXT, "held_out_sha256": TEXT, "steps": COUNT,
+    "parent": PARENT, "dataset": DATASET, "train_data": record("path", "sha256"),
+    "eval_data": record("path", "sha256"), "log_history": ENTRIES,
+}
+RUN_CONFIG_FIELDS = {
+    "base_model": TEXT, "data": TEXT, "eval_data": TEXT, "objective": TEXT, "training": MAPPING,
+    "parent": PARENT, "dataset": DATASET,
+}
+CARD_FIELDS = {  # the card's `loradock:` section (the method's own settings are a mapping under its name)
+    "method": TEXT, "base_model_revision": TEXT, "dataset_sha256": TEXT, "training": MAPPING,
+    "chat_template": TEXT, "objective": TEXT, "parent": PARENT, "dataset": DATASET,
+}
+
+
+def shown(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def sound(values, fields: dict[str, Kind]) -> tuple[dict, list[str]]:
+    """(`values` without the fields that do not hold their kind, a phrase naming each of those);
+    ({}, []) for anything but a mapping. Fields not in `fields` pass as they are."""
+    if not isinstance(values, dict):
+        return {}, []
+    bad = {name for name, kind in fields.items() if values.get(name) is not None and not kind.test(values[name])}
+    return ({k: v for k, v in values.items() if k not in bad},
+            [f"{name} is {shown(values[name])}, not {fields[name].name}" for name in sorted(bad)])
+
+
+def parsed(path: Path):
+    """The data in a JSON or YAML file. Raises ValueError (or OSError) when it cannot be read."""
+    import yaml
+
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        return json.loads(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(" ".join(str(e).split())) from None
+
+
+def read_record(folder: Path, name: str, fields: dict[str, Kind]) -> tuple[dict, list[str]]:
+    """(the sound fields of the file `name` of the folder, what is wrong with it); ({}, []) without one."""
+    path = Path(folder) / name
+    if not path.exists():
+        return {}, []
+    kind = "JSON" if path.suffix == ".json" else "YAML"
+    try:
+        values = parsed(path)
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON's and UnicodeDecodeError too
+        return {}, [f"{name} is not readable {kind} ({e})"]
+    if values is None:
+        return {}, []
+    if not isinstance(values, dict):
+        return {}, [f"{name} holds {shown(values)}, not a mapping of fields"]
+    values, problems = sound(values, fields)
+    return values, [f"{name}: {problem}" for problem in problems]
+
+
+def read_metrics(folder: Path) -> dict:
+    """metrics.json's fields, without the damaged ones ({} without the file)."""
+    return read_record(folder, METRICS, METRICS_FIELDS)[0]
+
+
+def read_run_config(folder: Path) -> dict:
+    """run_config.yaml's fields, without the damaged ones ({} without the file)."""
+    return read_record(folder, RUN_CONFIG, RUN_CONFIG_FIELDS)[0]
+
+
+def record_problems(folder: Path) -> list[str]:
+    """What is damaged in the folder's metrics.json and run_config.yaml, file and field named."""
+    return [problem for name, fields in ((METRICS, METRICS_FIELDS), (RUN_CONFIG, RUN_CONFIG_FIELDS))
+            for problem in read_record(folder, name, fields)[1]]
+
+
+def config_field_problems(config: dict) -> list[str]:
+    """adapter_config.json's fields of the wrong type, each with the file named and the fix."""
+    return [f"{CONFIG}: {problem}; re-save the adapter with PEFT's save_pretrained"
+            for problem in sound(config, CONFIG_FIELDS)[1]]
