@@ -77,7 +77,7 @@ def timed(fn, *args, **kwargs) -> float:
 def bench_size(size_mb: int, work: Path, endpoint: str, token: str, rounds: int) -> dict:
     """Push once; then `rounds` times a pull and a copy, alternating so that both meet the same disk."""
     import huggingface_hub.hf_api  # noqa: F401  (imports before the clock starts; hub.client imports the card code)
-    from hub.client import pull, push
+    from hub.client import Registry
 
     weights = make_adapter(work / f"adapter-{size_mb}mb", size_mb)
     repo_id = f"bench/adapter-{size_mb}mb"

@@ -317,7 +317,7 @@ def serve_yaml(tmp: Path) -> Path:
 def run_server(args, tmp: Path, served: str, base: Path, folders: list[Path]) -> tuple[dict, str]:
     """Registry, the 64 adapters (and the soft prompts, when asked for) pushed, `loradock serve`
     started: measured, then stopped."""
-    from hub.client import push
+    from hub.client import Registry
 
     registry_port, port = free_port(), free_port()
     from loradock.home import home
@@ -328,7 +328,7 @@ def run_server(args, tmp: Path, served: str, base: Path, folders: list[Path]) ->
         token = create_token(tmp / "registry", "bench")
         soft = prompt_tuning_adapters(base, tmp / "soft-prompts") if SOFT in args.scenarios else []
         for name, folder in [*zip(NAMES, folders), *zip(SOFT_NAMES, soft)]:
-            push(str(folder), name, endpoint=registry_url, token=token)
+            Registry(registry_url, token).push(str(folder), name)
         env = {**os.environ, **({"VLLM_CPU_OMP_THREADS_BIND": args.cpu_bind} if args.cpu_bind else {})}
         started = time.monotonic()
         server = services.enter_context(Service("loradock serve", loradock_command(

@@ -7,11 +7,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loradock.config import add_config_flags, from_command_line, print_config
+from hub.gc import GRACE
+from loradock.config import REGISTRY_HELP, TOKEN_HELP, add_config_flags, from_command_line, print_config, subcommand
 from loradock.errors import LoradockError
 from loradock.home import home
 
-ENDPOINT_HELP = "registry URL (default: $HF_ENDPOINT, else the embedded registry http://127.0.0.1:8090)"
 
 
 @dataclass
@@ -41,30 +41,147 @@ def check_registry_config(config: RegistryConfig) -> list[str]:
     return problems
 
 
+ROOT_HELP = "the registry's folder (none: $LORADOCK_HOME/registry); safe while `loradock hub serve` runs on it"
+
+
+def remote_fields():
+    """--registry (once --endpoint) and --token, for the commands that talk to a registry."""
+    return (field(default=None, metadata={"help": REGISTRY_HELP, "metavar": "URL", "was": ("endpoint",)}),
+            field(default=None, metadata={"help": TOKEN_HELP, "secret": True}))
+
+
+@dataclass
+class PushArgs:
+    """Publish an adapter (or a base model) to a Hub registry in one commit."""
+
+    folder: str | None = field(default=None, metadata={
+        "help": "the --output folder of `loradock train` (or a model folder with --model)", "positional": True,
+        "metavar": "ADAPTER_DIR", "required": True})
+    repo_id: str | None = field(default=None, metadata={"help": "namespace/name", "positional": True,
+                                                        "metavar": "REPO_ID", "required": True})
+    tag: str | None = field(default=None, metadata={"help": "tag the new commit (e.g. v1); tags never move"})
+    private: bool = field(default=False, metadata={
+        "switch": True, "help": "create the repo private (visible with a token only)"})
+    message: str | None = field(default=None, metadata={"help": "commit message"})
+    model: bool = field(default=False, metadata={
+        "switch": True, "help": "the folder is a base model (config.json + safetensors)"})
+    max_file_size: int = field(default=5 * 2**30, metadata={"help": "refuse files larger than this many bytes"})
+    registry: str | None = remote_fields()[0]
+    token: str | None = remote_fields()[1]
+
+
+@dataclass
+class PullArgs:
+    """Download a pinned adapter snapshot and verify every file."""
+
+    spec: str | None = field(default=None, metadata={
+        "help": "revision: branch, tag or full 40-character sha (none: main)", "positional": True,
+        "metavar": "REPO_ID[@REVISION]", "required": True})
+    to: str | None = field(default=None, metadata={
+        "help": "folder to put it in (none: $LORADOCK_HOME/pulled/REPO_ID/SHA)"})
+    registry: str | None = remote_fields()[0]
+    token: str | None = remote_fields()[1]
+
+
+@dataclass
+class ListArgs:
+    """The adapters in the registry, with base model, method, rank, tags, sha and metric."""
+
+    base_model: str | None = field(default=None, metadata={"help": "only adapters of this base model"})
+    search: str | None = field(default=None, metadata={"help": "only repo ids containing this text"})
+    limit: int = field(default=50, metadata={"help": "at most this many, newest first"})
+    registry: str | None = remote_fields()[0]
+    token: str | None = remote_fields()[1]
+
+
+@dataclass
+class LoginArgs:
+    """Check a token against a registry and store it for that registry."""
+
+    registry: str | None = remote_fields()[0]
+    token: str | None = field(default=None, metadata={
+        "help": "the token (asked for when missing; $LORADOCK_TOKEN works too, and $HF_TOKEN for huggingface.co or "
+                "the Hub $HF_ENDPOINT names)", "secret": True})
+
+
+@dataclass
+class LogoutArgs:
+    """Forget the stored token of a registry."""
+
+    registry: str | None = remote_fields()[0]
+
+
+@dataclass
+class TokenCreateArgs:
+    """Create a token (printed once) in the registry at --root."""
+
+    user: str = field(default="loradock", metadata={"help": "the user it belongs to (added when missing)"})
+    name: str = field(default="cli", metadata={"help": "a label for the token"})
+    read_only: bool = field(default=False, metadata={
+        "switch": True, "help": "reads what its user can read; writes nothing"})
+    admin: bool = field(default=False, metadata={
+        "switch": True, "help": "the registry's administrator: reads and writes every repo"})
+    root: str | None = field(default=None, metadata={"help": ROOT_HELP})
+
+
+@dataclass
+class RootArgs:
+    """The users and organisations of the registry at --root."""
+
+    root: str | None = field(default=None, metadata={"help": ROOT_HELP})
+
+
+@dataclass
+class UserArgs:
+    """One user of the registry at --root."""
+
+    name: str | None = field(default=None, metadata={"help": "the user's name", "positional": True,
+                                                     "metavar": "NAME", "required": True})
+    root: str | None = field(default=None, metadata={"help": ROOT_HELP})
+
+
+@dataclass
+class OrgAddArgs:
+    """Add an organisation, or add members to one."""
+
+    name: str | None = field(default=None, metadata={"help": "the organisation", "positional": True, "metavar": "ORG",
+                                                     "required": True})
+    member: list[str] = field(default_factory=list, metadata={
+        "help": "a user and their role: read (the default: sees private repos), write (also pushes), admin",
+        "metavar": "NAME[:ROLE]"})
+    root: str | None = field(default=None, metadata={"help": ROOT_HELP})
+
+
+@dataclass
+class OrgMemberArgs:
+    """Take a user out of an organisation."""
+
+    name: str | None = field(default=None, metadata={"help": "the organisation", "positional": True, "metavar": "ORG",
+                                                     "required": True})
+    user: str | None = field(default=None, metadata={"help": "the member", "positional": True, "metavar": "NAME",
+                                                     "required": True})
+    root: str | None = field(default=None, metadata={"help": ROOT_HELP})
+
+
+@dataclass
+class GcArgs:
+    """Remove the blobs no commit references (safe while the registry serves)."""
+
+    root: str | None = field(default=None, metadata={"help": ROOT_HELP})
+    dry_run: bool = field(default=False, metadata={
+        "switch": True, "help": "count what would be removed; delete nothing"})
+    grace: float = field(default=GRACE, metadata={
+        "help": "keep unreferenced blobs modified less than this many seconds ago: uploads whose commit may still "
+                "come (an upload URL lives 3600)", "metavar": "SECONDS"})
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("push", help="publish an adapter (or a base model) to a Hub registry in one commit")
-    p.add_argument("folder", metavar="ADAPTER_DIR", help="the --output folder of `loradock train` (or a model with --model)")
-    p.add_argument("repo_id", metavar="REPO_ID", help="namespace/name")
-    p.add_argument("--tag", help="tag the new commit (e.g. v1); tags never move")
-    p.add_argument("--private", action="store_true", help="create the repo private (visible with a token only)")
-    p.add_argument("--message", help="commit message")
-    p.add_argument("--model", action="store_true", help="the folder is a base model (config.json + safetensors)")
-    p.add_argument("--max-file-size", type=int, default=5 * 2**30, help="refuse files larger than this many bytes")
-    add_remote(p)
-    p.set_defaults(func=run_push)
-
-    p = subparsers.add_parser("pull", help="download a pinned adapter snapshot and verify every file")
-    p.add_argument("spec", metavar="REPO_ID[@REVISION]", help="revision: branch, tag or full 40-character sha (default main)")
-    p.add_argument("--to", help="folder to put it in (default: $LORADOCK_HOME/pulled/REPO_ID/SHA)")
-    add_remote(p)
-    p.set_defaults(func=run_pull)
-
-    p = subparsers.add_parser("list", help="adapters in the registry, with base model, method, rank, tags, sha and metric")
-    p.add_argument("--base-model", help="only adapters of this base model")
-    p.add_argument("--search", help="only repo ids containing this text")
-    p.add_argument("--limit", type=int, default=50, help="at most this many, newest first (default 50)")
-    add_remote(p)
-    p.set_defaults(func=run_list)
+    subcommand(subparsers, "push", PushArgs, run_push, "push.yaml",
+            help="publish an adapter (or a base model) to a Hub registry in one commit")
+    subcommand(subparsers, "pull", PullArgs, run_pull, "pull.yaml",
+            help="download a pinned adapter snapshot and verify every file")
+    subcommand(subparsers, "list", ListArgs, run_list, "list.yaml",
+            help="adapters in the registry, with base model, method, rank, tags, sha and metric")
 
     hub = subparsers.add_parser("hub", help="the embedded registry and your credentials")
     sub = hub.add_subparsers(dest="hub_command", metavar="SUBCOMMAND", required=True)
@@ -74,82 +191,41 @@ def register(subparsers) -> None:
 
     token = sub.add_parser("token", help="registry tokens")
     token_sub = token.add_subparsers(dest="token_command", metavar="SUBCOMMAND", required=True)
-    create = token_sub.add_parser("create", help="create a token (printed once) in the registry at --root")
-    create.add_argument("--user", default="loradock", help="the user it belongs to (added when missing)")
-    create.add_argument("--name", default="cli", help="a label for the token")
-    role = create.add_mutually_exclusive_group()
-    role.add_argument("--read-only", action="store_true", help="reads what its user can read; writes nothing")
-    role.add_argument("--admin", action="store_true", help="the registry's administrator: reads and writes every repo")
-    add_root(create)
-    create.set_defaults(func=run_token_create)
+    subcommand(token_sub, "create", TokenCreateArgs, run_token_create, "hub-token-create.yaml",
+               validate=check_token_role,
+            help="create a token (printed once) in the registry at --root")
 
     add_accounts(sub)
-    add_gc(sub)
+    subcommand(sub, "gc", GcArgs, run_gc, "hub-gc.yaml",
+            help="remove the blobs no commit references (safe while the registry serves)")
+    subcommand(sub, "login", LoginArgs, run_login, "hub-login.yaml",
+            help="store a token for a registry (checked against it first)")
+    subcommand(sub, "logout", LogoutArgs, run_logout, "hub-logout.yaml", help="forget the stored token of a registry")
 
-    login = sub.add_parser("login", help="store a token for an endpoint (checked against it first)")
-    login.add_argument("--token", help="the token (asked for when missing; HF_TOKEN works too)")
-    login.add_argument("--endpoint", help=ENDPOINT_HELP)
-    login.set_defaults(func=run_login)
-    logout = sub.add_parser("logout", help="forget the stored token of an endpoint")
-    logout.add_argument("--endpoint", help=ENDPOINT_HELP)
-    logout.set_defaults(func=run_logout)
+
+def check_token_role(args: TokenCreateArgs) -> list[str]:
+    return ["--read-only and --admin exclude each other: pass one of them, or neither for a write token"] \
+        if args.read_only and args.admin else []
 
 
 def add_accounts(sub) -> None:
     """`hub user ...` and `hub org ...`: who the registry knows, and who may write where."""
     user = sub.add_parser("user", help="the registry's users (each has a namespace of its own)")
     user_sub = user.add_subparsers(dest="user_command", metavar="SUBCOMMAND", required=True)
-    p = user_sub.add_parser("add", help="add a user")
-    p.add_argument("name", metavar="NAME")
-    add_root(p)
-    p.set_defaults(func=run_user_add)
-    p = user_sub.add_parser("remove", help="remove a user: its tokens stop working at once; its repos stay")
-    p.add_argument("name", metavar="NAME")
-    add_root(p)
-    p.set_defaults(func=run_user_remove)
-    p = user_sub.add_parser("list", help="users and organisations, with the members of each organisation")
-    add_root(p)
-    p.set_defaults(func=run_namespaces)
+    subcommand(user_sub, "add", UserArgs, run_user_add, "hub-user-add.yaml", help="add a user")
+    subcommand(user_sub, "remove", UserArgs, run_user_remove, "hub-user-remove.yaml",
+            help="remove a user: its tokens stop working at once; its repos stay")
+    subcommand(user_sub, "list", RootArgs, run_namespaces, "hub-user-list.yaml",
+            help="users and organisations, with the members of each organisation")
 
     org = sub.add_parser("org", help="organisations: namespaces shared by their members")
     org_sub = org.add_subparsers(dest="org_command", metavar="SUBCOMMAND", required=True)
-    p = org_sub.add_parser("add", help="add an organisation, or add members to one")
-    p.add_argument("name", metavar="ORG")
-    p.add_argument("--member", action="append", default=[], metavar="NAME[:ROLE]",
-                   help="a user and their role: read (default: sees private repos), write (also pushes), admin")
-    add_root(p)
-    p.set_defaults(func=run_org_add)
-    p = org_sub.add_parser("remove-member", help="take a user out of an organisation")
-    p.add_argument("name", metavar="ORG")
-    p.add_argument("user", metavar="NAME")
-    add_root(p)
-    p.set_defaults(func=run_org_remove_member)
-    p = org_sub.add_parser("list", help="users and organisations, with the members of each organisation")
-    add_root(p)
-    p.set_defaults(func=run_namespaces)
-
-
-def add_root(p) -> None:
-    p.add_argument("--root", help="the registry's folder (default: $LORADOCK_HOME/registry); "
-                                  "safe while `loradock hub serve` runs on it")
-
-
-def add_gc(sub) -> None:
-    """`loradock hub gc`, under `sub` (the `hub` subcommands)."""
-    from hub.gc import GRACE
-
-    gc = sub.add_parser("gc", help="remove the blobs no commit references (safe while the registry serves)")
-    gc.add_argument("--root", help="the registry's folder (default: $LORADOCK_HOME/registry)")
-    gc.add_argument("--dry-run", action="store_true", help="count what would be removed; delete nothing")
-    gc.add_argument("--grace", type=float, default=GRACE, metavar="SECONDS",
-                    help="keep unreferenced blobs modified less than this long ago: uploads whose commit may "
-                         f"still come (default {GRACE}; an upload URL lives 3600)")
-    gc.set_defaults(func=run_gc)
-
-
-def add_remote(p) -> None:
-    p.add_argument("--endpoint", help=ENDPOINT_HELP)
-    p.add_argument("--token", help="token for the registry (default: HF_TOKEN, else `loradock hub login`'s)")
+    subcommand(org_sub, "add", OrgAddArgs, run_org_add, "hub-org-add.yaml",
+            help="add an organisation, or add members to one")
+    subcommand(org_sub, "remove-member", OrgMemberArgs, run_org_remove_member, "hub-org-remove-member.yaml",
+            help="take a user out of an organisation")
+    subcommand(org_sub, "list", RootArgs, run_namespaces, "hub-org-list.yaml",
+            help="users and organisations, with the members of each organisation")
 
 
 def registry_root(root: str | None) -> Path:
@@ -157,28 +233,29 @@ def registry_root(root: str | None) -> Path:
 
 
 def run_push(args) -> int:
-    from hub.client import push
+    from hub.client import registry
 
-    result = push(args.folder, args.repo_id, tag=args.tag, private=args.private, message=args.message,
-                  endpoint=args.endpoint, token=args.token, model=args.model, max_file_size=args.max_file_size)
+    result = registry(args.registry, args.token).push(args.folder, args.repo_id, tag=args.tag, private=args.private,
+                                                      message=args.message, model=args.model,
+                                                      max_file_size=args.max_file_size)
     print(f"pushed {args.folder} to {result.url}" + (f" (tag {result.tag})" if result.tag else ""))
     print(f"commit {result.commit}")
     return 0
 
 
 def run_pull(args) -> int:
-    from hub.client import pull
+    from hub.client import registry
 
-    result = pull(args.spec, to=args.to, endpoint=args.endpoint, token=args.token)
+    result = registry(args.registry, args.token).pull(args.spec, to=args.to)
     print(f"{result.repo_id}@{result.revision} is commit {result.commit}")
     print(f"verified and in {result.path}")
     return 0
 
 
 def run_list(args) -> int:
-    from hub.client import list_adapters
+    from hub.client import registry
 
-    rows = list_adapters(args.base_model, args.search, args.endpoint, args.token, args.limit)
+    rows = registry(args.registry, args.token).list_adapters(args.base_model, args.search, args.limit)
     if not rows:
         print("no adapters" + (f" for base model {args.base_model}" if args.base_model else ""))
         return 0
@@ -207,8 +284,9 @@ def run_serve(args) -> int:
     root = registry_root(config.root)
     with serve_lock(root) as cleaned:
         registry = Registry(root, max_file_size=config.max_file_size)
-        print(f"loradock registry at http://{config.host}:{config.port} (data in {root}); "
-              f"clients: HF_ENDPOINT=http://{config.host}:{config.port}", flush=True)
+        url = f"http://{config.host}:{config.port}"
+        print(f"loradock registry at {url} (data in {root}); loradock's clients: LORADOCK_REGISTRY={url}, "
+              f"other Hub clients: HF_ENDPOINT={url} HF_HUB_DISABLE_XET=1", flush=True)
         if not cleaned:
             print(f"another `loradock hub serve` is using {root}: its tmp/ (uploads in flight) is left as it is",
                   flush=True)
@@ -300,12 +378,12 @@ def run_gc(args) -> int:
 def run_login(args) -> int:
     import os
 
-    from hub.client import endpoint_url, hub_api, hub_errors, save_token
+    from hub.client import TOKEN_ENV, Registry, endpoint_url, is_hf_hub, save_token
 
-    endpoint = endpoint_url(args.endpoint)
-    token = args.token or os.environ.get("HF_TOKEN") or getpass.getpass(f"token for {endpoint}: ")
-    with hub_errors(endpoint, "(login)"):
-        user = hub_api(endpoint, token).whoami()["name"]
+    endpoint = endpoint_url(args.registry)
+    hf_token = os.environ.get("HF_TOKEN") if is_hf_hub(endpoint) else None
+    token = args.token or os.environ.get(TOKEN_ENV) or hf_token or getpass.getpass(f"token for {endpoint}: ")
+    user = Registry(endpoint, token).whoami()
     save_token(endpoint, token)
     print(f"logged in to {endpoint} as {user}")
     return 0
@@ -314,7 +392,7 @@ def run_login(args) -> int:
 def run_logout(args) -> int:
     from hub.client import endpoint_url, save_token
 
-    endpoint = endpoint_url(args.endpoint)
+    endpoint = endpoint_url(args.registry)
     save_token(endpoint, None)
     print(f"logged out of {endpoint}")
     return 0

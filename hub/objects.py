@@ -7,6 +7,18 @@ import re
 
 SHA1_HEX = re.compile(r"^[0-9a-f]{40}\Z")
 SHA256_HEX = re.compile(r"^[0-9a-f]{64}\Z")
+REF_NAME = re.compile(r"^[\w.\-/]{1,200}\Z")
+
+
+def ref_name_problem(name: str, kind: str) -> str | None:
+    """Why `name` cannot be a branch or tag (`kind`) name, or None: a name must resolve to itself
+    only, so not a commit id, no `..`, no `refs/` prefix."""
+    if (not isinstance(name, str) or not REF_NAME.match(name) or not name.isascii() or ".." in name
+            or name.startswith(("/", ".", "-", "refs/")) or name.endswith(("/", ".lock")) or "//" in name
+            or SHA1_HEX.match(name)):
+        return (f"invalid {kind} name {name!r}: use letters, digits, '-', '_', '.' and '/', "
+                "not a 40-hex commit id, no '..', no leading 'refs/'")
+    return None
 
 
 def is_repo_path(path: str, folder: bool = False) -> bool:

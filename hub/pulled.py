@@ -1,4 +1,4 @@
-"""The copies pulls keep under `$LORADOCK_HOME/pulled/ORG/NAME/SHA` (`hub.client.pull` without
+"""The copies pulls keep under `$LORADOCK_HOME/pulled/ORG/NAME/SHA` (`hub.client.Registry.pull` without
 `--to`): which are in use, and evicting the least recently used of the others once they outgrow a
 size cap. Every copy is the registry's commit, so an evicted one is pulled again when next asked for.
 
@@ -57,17 +57,17 @@ class Lease:
 
 
 def pull_leased(spec: str, endpoint: str | None = None, token: str | None = None):
-    """`hub.client.pull` into this cache, and a lease on the copy taken before anyone can evict it:
+    """`hub.client.Registry.pull` into this cache, and a lease on the copy taken before anyone can evict it:
     (PullResult, Lease).
 
     Raises:
         LoradockError: what `pull` raises, or the copy was evicted (by other processes) three
             times between its pull and its lease.
     """
-    from hub import client
+    from hub.client import registry
 
     for _ in range(3):
-        result = client.pull(spec, endpoint=endpoint, token=token)
+        result = registry(endpoint, token).pull(spec)
         try:
             return result, Lease(result.path)
         except FileNotFoundError:

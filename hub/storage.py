@@ -29,7 +29,7 @@ from hub.blobs import BlobStore, Upload
 from hub.cards import field_problems, front_matter, readable
 from hub.errors import (BadRequest, Conflict, EntryNotFound, Forbidden, NotSupported, PreconditionFailed, RepoNotFound,
                         RevisionNotFound, Unauthorized, refusing_a_full_disk)
-from hub.objects import SHA1_HEX, SHA256_HEX, commit_oid, git_blob_sha1, is_repo_path, lfs_pointer
+from hub.objects import SHA1_HEX, SHA256_HEX, commit_oid, git_blob_sha1, is_repo_path, lfs_pointer, ref_name_problem
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS repos (
@@ -61,7 +61,6 @@ NAMESPACES = "CREATE TABLE namespaces (name TEXT PRIMARY KEY, kind TEXT NOT NULL
 REPO_TYPES = ("model", "dataset")
 RESERVED_NAMES = {"api", "datasets", "models", "spaces", "lfs", "organizations", "settings", "health", "buckets"}
 NAME = re.compile(r"^[A-Za-z0-9][\w.\-]{0,95}\Z")
-REF_NAME = re.compile(r"^[\w.\-/]{1,200}\Z")
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
 DATASET_GITATTRIBUTES = GITATTRIBUTES + b"*.parquet filter=lfs diff=lfs merge=lfs -text\n*.arrow filter=lfs diff=lfs merge=lfs -text\n"
 
@@ -162,12 +161,10 @@ def check_repo_name(namespace: str, name: str) -> None:
 
 
 def check_ref_name(name: str, kind: str) -> str:
-    """A branch or tag name that resolves to itself only: not a commit id, no `..`, no `refs/` prefix."""
-    if (not isinstance(name, str) or not REF_NAME.match(name) or not name.isascii() or ".." in name
-            or name.startswith(("/", ".", "-", "refs/")) or name.endswith(("/", ".lock")) or "//" in name
-            or SHA1_HEX.match(name)):
-        raise BadRequest(f"invalid {kind} name {name!r}: use letters, digits, '-', '_', '.' and '/', "
-                         "not a 40-hex commit id, no '..', no leading 'refs/'")
+    """A branch or tag name that resolves to itself only (`hub.objects.ref_name_problem`)."""
+    problem = ref_name_problem(name, kind)
+    if problem:
+        raise BadRequest(problem)
     return name
 
 

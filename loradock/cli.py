@@ -11,21 +11,25 @@ import sys
 
 from loradock.errors import LoradockError
 
+from hub import cli as hub_cli
+from serve import cli as serve_cli
+from sft import cli as sft_cli
+from ui import cli as ui_cli
+from ui import revisions
+
 # Each module exposes `register(subparsers)`, adding parsers whose `func(args) -> int` runs the command.
-COMMAND_MODULES = ("sft.cli", "hub.cli", "serve.cli", "ui.cli", "loradock.revisions")
+COMMAND_MODULES = (sft_cli, hub_cli, serve_cli, ui_cli, revisions)
 
 
 def make_parser() -> argparse.ArgumentParser:
-    import importlib
-
     parser = argparse.ArgumentParser(
         prog="loradock",
         description="Many small task-tuned models out of one base model: train LoRA adapters, "
                     "publish them to a Hub registry, serve them hot-swapped behind one OpenAI endpoint.",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    for module in COMMAND_MODULES:
+        module.register(subparsers)
     return parser
 
 

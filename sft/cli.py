@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from loradock.config import add_config_flags, from_command_line, given_flags, print_config
+from loradock.config import add_config_flags, from_command_line, given_flags, print_config, section_overrides
 from loradock.errors import LoradockError
 from loradock.home import BASE_BUILD_INFO, SMOLLM2, TINY, default_base_model, embedded_dir
 from sft.commands import BaseBuildArgs, BaseImportArgs, BaseInstallArgs, DataCheckArgs
@@ -67,31 +67,13 @@ def add_train(subparsers) -> None:
     p.set_defaults(func=run_train, takes_overrides=True)
 
 
-def parse_overrides(tokens: list[str]) -> dict:
-    """`--lora.r 16 --training.warmup_ratio=0.1 --training.packing` as {key: value}."""
-    values, i = {}, 0
-    while i < len(tokens):
-        token = tokens[i]
-        if not token.startswith("--") or "." not in token.split("=", 1)[0]:
-            raise LoradockError(f"unrecognized argument {token!r}",
-                                "see `loradock train --help`; upstream fields go as --peft.KEY or --training.KEY")
-        key, eq, value = token[2:].partition("=")
-        if not eq:
-            has_value = i + 1 < len(tokens) and not tokens[i + 1].startswith("--")
-            value = tokens[i + 1] if has_value else "true"
-            i += has_value
-        values[key] = value
-        i += 1
-    return values
-
-
 def train_config(args):
     """The training configuration from `--config`, the flags, the aliases and `--lora.KEY`-style overrides."""
     from loradock.config import load_yaml
     from sft.config import resolve
 
     cli_values = {**given_flags(args, TrainArgs), **{k: v for k, v in vars(args).items() if k in ALIASES}}
-    cli_values.update(parse_overrides(args.overrides))
+    cli_values.update(section_overrides(args.overrides, "train", "--peft.KEY or --training.KEY"))
     return resolve(load_yaml(args.config) if getattr(args, "config", None) else {}, cli_values)
 
 
@@ -161,7 +143,7 @@ def add_eval(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="score the base model and an adapter on held-out prompts",
         description="Greedy generation for each held-out prompt with the base model and the adapter "
-                    "(transformers + PEFT), scored against the references. With --endpoint, each "
+                    "(transformers + PEFT), scored against the references. With --base-url, each "
                     "--model answers through an OpenAI-compatible server instead (`loradock serve`, vLLM).",
     )
     add_config_flags(p, EvalArgs, example="eval.yaml")
@@ -176,8 +158,8 @@ def run_eval(args) -> int:
     if getattr(args, "print_config", False):
         return print_config(config)
     metrics = parse_metrics(config.metrics)
-    if config.endpoint:
-        report = evaluate_endpoint(config.endpoint, config.model, config.data, metrics, config.max_new_tokens,
+    if config.base_url:
+        report = evaluate_endpoint(config.base_url, config.model, config.data, metrics, config.max_new_tokens,
                                    config.limit, config.api_key or os.environ.get("LORADOCK_API_KEY"), config.batch_size)
     else:
         base_model = config.base_model or (adapter_base_model(config.adapter) if config.adapter else default_base_model())
@@ -294,9 +276,10 @@ def run_base_import(args) -> int:
     print(f"imported {config.gguf} ({info['architecture']}) as {name} in {output}; train on it with "
           f"`loradock train --base-model {output}`")
     if config.push:
-        from hub.client import push
+        from hub.client import registry
 
-        pushed = push(str(output), name, model=True, message=f"Import {Path(config.gguf).name}")
+        pushed = registry(config.registry, config.token).push(output, name, model=True,
+                                                              message=f"Import {Path(config.gguf).name}")
         print(f"pushed {name}: commit {pushed.commit}")
     return 0
 

@@ -4,6 +4,7 @@ per command, whose fields are its flags, `--help` and `--config` keys (see `lora
 
 from dataclasses import dataclass, field
 
+from loradock.config import API_KEY_HELP, BASE_URL_HELP, REGISTRY_HELP, TOKEN_HELP
 from loradock.home import DEFAULT_BASE_MODEL, default_base_model
 from sft.base_model import BaseModelSpec
 
@@ -16,18 +17,17 @@ class EvalArgs:
     base_model: str | None = field(default=None, metadata={
         "help": "base model (none: the adapter's, else $LORADOCK_BASE_MODEL, else " + DEFAULT_BASE_MODEL + ")"})
     adapter: str | None = field(default=None, metadata={"help": "adapter folder written by `loradock train`"})
-    endpoint: str | None = field(default=None, metadata={
-        "help": "evaluate through this OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1"})
+    base_url: str | None = field(default=None, metadata={
+        "help": "evaluate through " + BASE_URL_HELP, "was": ("endpoint",)})
     model: list[str] = field(default_factory=list, metadata={
-        "help": "with --endpoint: a served model (base or adapter name, e.g. alice/reverse@v1)", "metavar": "NAME"})
-    api_key: str | None = field(default=None, metadata={
-        "help": "with --endpoint: the server's API key (none: $LORADOCK_API_KEY)", "secret": True})
+        "help": "with --base-url: a served model (base or adapter name, e.g. alice/reverse@v1)", "metavar": "NAME"})
+    api_key: str | None = field(default=None, metadata={"help": "with --base-url: " + API_KEY_HELP, "secret": True})
     metrics: str = field(default="exact_match,rouge_l", metadata={"help": "comma-separated: exact_match, rouge_l"})
     output: str | None = field(default=None, metadata={"help": "also write the full report (every prediction) as JSON here"})
     limit: int | None = field(default=None, metadata={"help": "only the first N rows"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "tokens per answer (none: the longest reference plus 16)"})
     batch_size: int = field(default=16, metadata={
-        "help": "prompts generated together (with --endpoint: requests in flight)"})
+        "help": "prompts generated together (with --base-url: requests in flight)"})
 
 
 @dataclass
@@ -65,8 +65,9 @@ class BaseImportArgs:
     output: str | None = field(default=None, metadata={"help": "folder to write (required)"})
     name: str | None = field(default=None, metadata={
         "help": "the model's name in adapter configs and on a registry, ORG/NAME (none: local/<file name>)"})
-    push: bool = field(default=False, metadata={
-        "help": "also push the folder to the registry as model repo --name (registry: $HF_ENDPOINT, token: $HF_TOKEN)"})
+    push: bool = field(default=False, metadata={"help": "also push the folder to the registry as model repo --name"})
+    registry: str | None = field(default=None, metadata={"help": "with --push: " + REGISTRY_HELP})
+    token: str | None = field(default=None, metadata={"help": "with --push: " + TOKEN_HELP, "secret": True})
 
 
 @dataclass
@@ -81,11 +82,11 @@ class BaseBuildArgs:
 
 def check_eval(args: EvalArgs) -> list[str]:
     problems = [] if args.data else ["no held-out data: pass --data FILE"]
-    if args.endpoint and (args.adapter or args.base_model or not args.model):
-        problems.append("--endpoint evaluates served models: it takes --model NAME, not --adapter or --base-model; "
-                        "pass --endpoint URL --model NAME [--model NAME ...]")
-    if args.model and not args.endpoint:
-        problems.append("--model names a served model and needs --endpoint: add --endpoint URL, "
+    if args.base_url and (args.adapter or args.base_model or not args.model):
+        problems.append("--base-url evaluates served models: it takes --model NAME, not --adapter or --base-model; "
+                        "pass --base-url URL --model NAME [--model NAME ...]")
+    if args.model and not args.base_url:
+        problems.append("--model names a served model and needs --base-url: add --base-url URL, "
                         "or evaluate a folder with --adapter DIR")
     if args.batch_size < 1:
         problems.append(f"--batch-size {args.batch_size} must be at least 1")

@@ -23,7 +23,7 @@ import difflib
 
 from hub.adapter import METHODS, SERVABLE_RANKS, Method, nearest_servable_rank
 from loradock import config as settings
-from loradock.config import Section, check_fields
+from loradock.config import REGISTRY_HELP, TOKEN_HELP, Section, check_fields
 from loradock.home import default_base_model
 from sft.distributed import launch_problems
 
@@ -60,6 +60,9 @@ class TrainArgs:
     init_adapter: str | None = field(default=None, metadata={
         "help": "start from this adapter's weights instead of a fresh one: a registry adapter REPO@REVISION "
                 "(pulled, pinned to its commit) or a local adapter folder; its method, shapes and base must match"})
+    registry: str | None = field(default=None, metadata={
+        "help": "for --init-adapter REPO@REVISION and --data datasets/...: " + REGISTRY_HELP, "environment": True})
+    token: str | None = field(default=None, metadata={"help": TOKEN_HELP, "secret": True, "environment": True})
     nproc: int = field(default=1, metadata={
         "help": "training processes on this machine, started with torchrun (gloo on a CPU, one per GPU on CUDA); "
                 "the global batch is --batch-size x processes x gradient_accumulation_steps"})
@@ -192,7 +195,10 @@ class ResolvedConfig:
         return {k: v for k, v in self.peft.items() if k != "method"}
 
     def to_yaml_dict(self) -> dict:
-        return {**dataclasses.asdict(self.args), "peft": dict(self.peft), "training": dict(self.training)}
+        """The run's recipe: every setting but where this machine reaches the registry (and with what token)."""
+        recipe = {f.name: getattr(self.args, f.name) for f in dataclasses.fields(self.args)
+                  if not f.metadata.get("environment")}
+        return {**recipe, "peft": dict(self.peft), "training": dict(self.training)}
 
 
 def legacy_lora(file_values: dict, cli_values: dict) -> tuple[dict, dict]:

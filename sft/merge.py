@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hub.adapter import CARD, CONFIG, PULL_MARKER, TOKENIZER_CONFIG, WEIGHTS, AdapterRef, Method, chat_template, \
     check_repo_id, method_of, read_json
+from loradock.config import REGISTRY_HELP, TOKEN_HELP
 from loradock.errors import LoradockError
 from loradock.home import home
 
@@ -41,10 +42,8 @@ class MergeArgs:
     limit: int = field(default=16, metadata={"help": "check this many held-out prompts"})
     max_new_tokens: int = field(default=32, metadata={"help": "greedy tokens generated per prompt in the check"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty --output folder"})
-    endpoint: str | None = field(default=None, metadata={
-        "help": "registry URL (none: $HF_ENDPOINT, else the embedded registry http://127.0.0.1:8090)"})
-    token: str | None = field(default=None, metadata={
-        "help": "registry token (none: $HF_TOKEN, else `loradock hub login`'s)", "secret": True})
+    registry: str | None = field(default=None, metadata={"help": REGISTRY_HELP, "was": ("endpoint",)})
+    token: str | None = field(default=None, metadata={"help": TOKEN_HELP, "secret": True})
 
 
 def check_merge(args: MergeArgs) -> list[str]:
@@ -75,7 +74,7 @@ class Source:
     label: str  # how the user named it
 
 
-def locate(spec: str, endpoint: str | None, token: str | None) -> tuple[Path, dict]:
+def locate(spec: str, registry_url: str | None, token: str | None) -> tuple[Path, dict]:
     """The adapter's folder, pulled first when `spec` names a registry adapter, and its provenance."""
     folder = Path(spec)
     if folder.exists():
@@ -91,20 +90,20 @@ def locate(spec: str, endpoint: str | None, token: str | None) -> tuple[Path, di
     if not AdapterRef.looks_like(spec):
         raise LoradockError(f"ADAPTER {spec} is neither a folder nor a registry adapter",
                             "pass an adapter folder that exists, or REPO_ID[@REVISION] of a registry adapter")
-    from hub.client import pull
+    from hub.client import registry
 
-    result = pull(spec, endpoint=endpoint, token=token)
+    result = registry(registry_url, token).pull(spec)
     print(f"{result.repo_id}@{result.revision} is commit {result.commit} (in {result.path})", flush=True)
     return result.path, {"repo_id": result.repo_id, "revision": result.revision, "commit": result.commit}
 
 
-def load_source(spec: str, endpoint: str | None = None, token: str | None = None) -> Source:
+def load_source(spec: str, registry_url: str | None = None, token: str | None = None) -> Source:
     """The adapter, checked to be one PEFT can merge.
 
     Raises:
         LoradockError: not an adapter folder, no base model recorded, or a method that does not merge.
     """
-    folder, merged_from = locate(spec, endpoint, token)
+    folder, merged_from = locate(spec, registry_url, token)
     if not (folder / CONFIG).exists():
         raise LoradockError(f"{spec} is not a PEFT adapter folder: there is no {CONFIG}",
                             "pass the --output folder of `loradock train` (or a registry adapter REPO_ID[@REVISION])")
@@ -252,18 +251,16 @@ def check_output(output: Path, source: Source, overwrite: bool) -> None:
                             "pass another --output folder, or --overwrite to replace it")
 
 
-def model_card(merged: Merged, source: Source, name: str):
+def model_card(merged: Merged, source: Source, name: str) -> str:
     """The merged model's README.md: base model, tags, and where it came from. Never a path or a token."""
     import peft
     import torch
     import transformers
-    from huggingface_hub import ModelCard, ModelCardData
+    from hub.adapter.card import model_card as card_of
 
     ours = {"merged_from": source.merged_from, "check": merged.check,
             "versions": {"peft": peft.__version__, "transformers": transformers.__version__,
                          "torch": torch.__version__.split("+")[0]}}
-    data = ModelCardData(base_model=merged.base_model, library_name="transformers", pipeline_tag="text-generation",
-                         tags=["loradock", "merged", source.method.name], loradock=ours)
     where = source.merged_from
     origin = (f"`{where['repo_id']}` at commit `{where['commit']}` (revision `{where['revision']}`)"
               if where.get("commit") else f"the local adapter folder `{where['folder']}`")
@@ -283,7 +280,8 @@ The tokenizer and chat template are the adapter's, the ones it was trained with.
 loradock serve --base-model {name}
 ```
 """
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    return card_of(body, base_model=merged.base_model, library_name="transformers", pipeline_tag="text-generation",
+                   tags=["loradock", "merged", source.method.name], loradock=ours)
 
 
 def save(merged: Merged, source: Source, output: Path, overwrite: bool) -> Path:
@@ -294,7 +292,7 @@ def save(merged: Merged, source: Source, output: Path, overwrite: bool) -> Path:
         merged.model.config._name_or_path = merged.base_model  # the name, never this machine's path
         merged.model.save_pretrained(staging, safe_serialization=True)
         merged.tokenizer.save_pretrained(staging)
-        (staging / CARD).write_text(str(model_card(merged, source, output.name)), encoding="utf-8")
+        (staging / CARD).write_text(model_card(merged, source, output.name), encoding="utf-8")
         for path in [staging, *staging.iterdir()]:  # mkdtemp's owner-only mode would stick
             path.chmod(0o755 if path.is_dir() else 0o644)
         check_output(output, source, overwrite)  # again: something may have appeared meanwhile
@@ -312,7 +310,7 @@ def save(merged: Merged, source: Source, output: Path, overwrite: bool) -> Path:
 
 def run(args: MergeArgs) -> tuple[Path, dict]:
     """Merge, check, write and (with --push) publish; returns the folder and the merge's provenance."""
-    source = load_source(args.adapter, args.endpoint, args.token)
+    source = load_source(args.adapter, args.registry, args.token)
     output = Path(args.output) if args.output else default_output(source)
     check_output(output, source, args.overwrite)
     merged = merge(source, args.data, args.limit, args.max_new_tokens)
@@ -347,10 +345,10 @@ def run_merge(args) -> int:
     print(f"merged {config.adapter} into {output}: greedy answers identical on {check['prompts']} held-out prompts "
           f"({check['answers_differing_from_base']} differ from the base model's)")
     if config.push:
-        from hub.client import push
+        from hub.client import registry
 
-        result = push(str(output), config.push, endpoint=config.endpoint, token=config.token, model=True,
-                      message=f"Merge {config.adapter}")
+        result = registry(config.registry, config.token).push(output, config.push, model=True,
+                                                              message=f"Merge {config.adapter}")
         print(f"pushed {output} to {result.url}")
         print(f"commit {result.commit}")
     print(f"serve it: loradock serve --base-model {output}")

@@ -93,7 +93,7 @@ def prepare_output(config: ResolvedConfig, processes: int = 1) -> tuple[RunPaths
 # How the processes are launched may change on --resume (torchrun or accelerate, another config file);
 # their number may not: the per-process random states and data shards of a checkpoint, and the global
 # batch (per device x processes x accumulation), depend on it.
-NOT_COMPARED = ("resume", "overwrite", "nproc", "accelerate_config")
+NOT_COMPARED = ("resume", "overwrite", "nproc", "accelerate_config", "registry", "token")
 
 
 def comparable(config: ResolvedConfig, processes: int = 1) -> dict:
@@ -156,7 +156,7 @@ def check_datasets(config: ResolvedConfig, tokenizer, data: DataSource, held: Da
 
 def check_parent(config: ResolvedConfig, base_path: str) -> Parent:
     """The --init-adapter parent, downloaded if need be, refused unless this run can continue it."""
-    parent = resolve_parent(config.args.init_adapter)
+    parent = resolve_parent(config.args.init_adapter, config.args.registry, config.args.token)
     problems = parent_problems(parent, config.method, config.peft_settings, config.args.base_model,
                                lambda: base_linear_names(base_path))
     if problems:
@@ -316,7 +316,8 @@ def run(config: ResolvedConfig) -> Path:
         base_path = resolve_base_model(args.base_model)
         check_base_supports(config, base_path)
         parent = check_parent(config, base_path) if args.init_adapter else None  # first: it settles config.peft
-        data, held = resolve_data(args.data), resolve_data(args.eval_data, "--eval-data")
+        data = resolve_data(args.data, "--data", args.registry, args.token)
+        held = resolve_data(args.eval_data, "--eval-data", args.registry, args.token)
     tokenizer = load_tokenizer(base_path, args.chat_template)
     prepared = on_main(lambda: prepare_run(config, tokenizer, data, held, trainer_args.world_size))
     paths, checkpoint, eval_rows = prepared.paths, prepared.checkpoint, prepared.eval_rows

@@ -38,7 +38,8 @@ def isolated_hf_home(tmp_path, monkeypatch, loradock_home):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.setenv("HF_TOKEN_PATH", str(tmp_path / "hf_home" / "token"))
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    monkeypatch.delenv("HF_TOKEN", raising=False)
+    for name in ("HF_TOKEN", "LORADOCK_TOKEN", "LORADOCK_REGISTRY"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LORADOCK_HOME", str(loradock_home))
 
 
@@ -125,6 +126,16 @@ def cli(run_cli, base_model_dir):
 def run_loradock(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
     """`loradock ARGS...` as a separate process, its output captured (for tests that read it)."""
     return subprocess.run(loradock_command(*args), cwd=REPO, env=env, capture_output=True, text=True, **kwargs)
+
+
+def vllm_server_args(command: list[str]):
+    """`loradock serve`'s vLLM command (`serve.launcher.vllm_command`) read by the parser its entry
+    point builds (`vllm.entrypoints.launchers.api_server.entry.main`), `--config` file included."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    assert command[1:3] == ["-m", "vllm.entrypoints.launchers.api_server.entry"], command[:3]
+    return make_arg_parser(FlexibleArgumentParser()).parse_args(command[3:])
 
 
 def write_jsonl(path: Path, rows: list) -> Path:

@@ -102,7 +102,7 @@ DAMAGED_RECORDS = {  # case: (file, its text, words the push refusal names)
 def test_damaged_records_are_read_without_them_and_refused_at_push(tmp_path, case):
     """The card (and so serving and listing) leaves a damaged field out; push names it and sends nothing
     (the endpoint here answers nothing)."""
-    from hub.client import push
+    from hub.client import Registry
 
     name, text, words = DAMAGED_RECORDS[case]
     folder = adapter_folder(tmp_path / case)
@@ -111,7 +111,7 @@ def test_damaged_records_are_read_without_them_and_refused_at_push(tmp_path, cas
     assert (card.method, card.rank, card.headline, card.parent) == ("lora", 8, None, None)
     assert "model-index" not in build_card(folder, "alice/a").data.to_dict()
     with pytest.raises(LoradockError) as e:
-        push(str(folder), "alice/damaged", endpoint="http://127.0.0.1:9", token="unused")
+        Registry("http://127.0.0.1:9", "unused").push(str(folder), "alice/damaged")
     assert words in e.value.problem and "nothing was pushed" in e.value.fix, e.value.message
 
 
@@ -264,12 +264,12 @@ def test_broken_weights_and_configs_are_refused_before_serving_naming_the_tensor
 @pytest.mark.parametrize("case", BROKEN)
 def test_loradock_push_refuses_the_same_before_uploading(tmp_path, base_model_dir, case):
     """`hub.client.push` checks the folder before it opens a connection: the endpoint here answers nothing."""
-    from hub.client import push
+    from hub.client import Registry
 
     spoil, words = BROKEN[case]
     folder = tiny_lora(tmp_path / case, base_model_dir, spoil)
     with pytest.raises(LoradockError) as e:
-        push(str(folder), "alice/broken", endpoint="http://127.0.0.1:9", token="unused")
+        Registry("http://127.0.0.1:9", "unused").push(str(folder), "alice/broken")
     assert words in e.value.problem and e.value.fix, e.value.message
     assert "nothing was pushed" in e.value.fix
 

@@ -18,7 +18,7 @@ import pytest
 from hub.adapter import MODEL_HEADER
 from loradock.procs import Service, free_port, loradock_command
 from serve.balancer import BalancerConfig, nginx_binary, render
-from tests.conftest import ASSETS, REPO
+from tests.conftest import ASSETS, REPO, vllm_server_args
 
 HAS_NGINX = bool(shutil.which("nginx") or Path("/usr/sbin/nginx").exists())
 needs_nginx = pytest.mark.skipif(not HAS_NGINX, reason="needs nginx (`make nginx`: apt-get install nginx)")
@@ -165,7 +165,7 @@ def test_a_port_in_use_is_refused(run_cli, tmp_path):
 
 
 def test_loradocks_clients_name_the_model_in_a_header(listeners, tmp_path):
-    """The comparison screen's client and `loradock eval --endpoint` set X-Loradock-Model on every
+    """The comparison screen's client and `loradock eval --base-url` set X-Loradock-Model on every
     request, to the model that request names (what the balancer's affinity hashes on)."""
     from loradock.errors import LoradockError
     from sft.evaluate import evaluate_endpoint
@@ -190,7 +190,6 @@ def test_loradocks_clients_name_the_model_in_a_header(listeners, tmp_path):
 
 def test_the_tensor_parallel_config_loads_and_reaches_vllm(tmp_path, monkeypatch, capsys):
     """serve/configs/tensor-parallel.yaml through serve's own loader, then vLLM's own parser."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
     from loradock.cli import make_parser
@@ -203,6 +202,6 @@ def test_the_tensor_parallel_config_loads_and_reaches_vllm(tmp_path, monkeypatch
     assert config.vllm["tensor_parallel_size"] == 2
     config.base_path = "some/model"
     command = vllm_command(config, on_gpu=True, vllm_config=write_vllm_config(config))
-    parsed = make_arg_parser(FlexibleArgumentParser()).parse_args(command[3:])
+    parsed = vllm_server_args(command)
     assert parsed.tensor_parallel_size == 2 and parsed.pipeline_parallel_size == 1 and parsed.enable_lora
     assert "--tensor-parallel-size" in FlexibleArgumentParser().load_config_file(command[command.index("--config") + 1])

@@ -10,7 +10,6 @@ import yaml
 from loradock.cli import main
 from loradock.config import load_yaml
 from loradock.errors import LoradockError
-from sft.cli import parse_overrides
 from sft.config import resolve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -105,10 +104,12 @@ def test_yaml_errors_are_clear(tmp_path):
 
 
 def test_overrides_parse_both_spellings():
-    assert parse_overrides(["--lora.r", "16", "--training.warmup_steps=3", "--training.packing"]) == {
-        "lora.r": "16", "training.warmup_steps": "3", "training.packing": "true"}
+    from loradock.config import section_overrides
+
+    assert section_overrides(["--lora.r", "16", "--training.warmup_steps=3", "--training.packing"], "train",
+                             "--peft.KEY") == {"lora.r": "16", "training.warmup_steps": "3", "training.packing": "true"}
     with pytest.raises(LoradockError, match="unrecognized argument '--bogus'"):
-        parse_overrides(["--bogus", "1"])
+        section_overrides(["--bogus", "1"], "train", "--peft.KEY")
 
 
 @pytest.mark.parametrize("value,expected", [("all-linear", "all-linear"), ("q_proj,v_proj", ["q_proj", "v_proj"]),

@@ -73,9 +73,9 @@ def parent(tmp_path_factory, base_model_dir) -> Path:
 @pytest.fixture(scope="module")
 def pushed_parent(parent, registry) -> tuple[str, str]:
     """The parent in the session registry as alice/dpo-parent, tagged v1: (repo id, commit sha)."""
-    from hub.client import push
+    from hub.client import Registry
 
-    result = push(str(parent), "alice/dpo-parent", tag="v1", endpoint=registry.url, token=registry.write_token)
+    result = Registry(registry.url, registry.write_token).push(str(parent), "alice/dpo-parent", tag="v1")
     return result.repo_id, result.commit
 
 
@@ -309,10 +309,10 @@ def test_dataset_spelling_that_is_neither_is_refused(cli, tmp_path):
 # --- push: a child of another base's parent is refused ------------------------------------------
 
 def test_push_refuses_a_child_whose_base_differs_from_its_parents(hub_env, parent, tmp_path, run_cli):
-    from hub.client import hub_api, push
+    from hub.client import Registry, hub_api
 
     other = variant_of(parent, tmp_path / "other", base_model_name_or_path="someone/other-base")
-    pushed = push(str(other), "alice/other-base-parent", endpoint=hub_env.url, token=hub_env.write_token)
+    pushed = Registry(hub_env.url, hub_env.write_token).push(str(other), "alice/other-base-parent")
     child = variant_of(parent, tmp_path / "child")
     (child / "run_config.yaml").write_text(yaml.safe_dump({"base_model": "loradock/tiny-chat", "objective": "sft", "parent": {
         "repo_id": "alice/other-base-parent", "revision": "main", "commit": pushed.commit,

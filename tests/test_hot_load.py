@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from hub import pulled
-from hub.client import push
+from hub.client import Registry
 from loradock.errors import Forbidden, NotFound
 from serve import runtime
 from serve.config import ENVIRONMENT, ServeConfig
@@ -44,7 +44,7 @@ def hot_adapters(registry, base_model_dir, tmp_path_factory) -> dict[str, int]:
     sizes = {}
     for seed, name in enumerate(("hot-a", "hot-b", "hot-c")):
         folder = lora(base_model_dir, tmp / name, seed)
-        push(str(folder), f"alice/{name}", endpoint=registry.url, token=registry.write_token)
+        Registry(registry.url, registry.write_token).push(str(folder), f"alice/{name}")
         sizes[f"alice/{name}"] = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
     return sizes
 
@@ -64,15 +64,15 @@ def server(registry, base_model_dir, tmp_path, monkeypatch):
         return config
 
     pulls = []
-    real_pull = client.pull
+    real_pull = client.Registry.pull
 
-    def counted_pull(spec, *args, **kwargs):
+    def counted_pull(self, spec, *args, **kwargs):
         pulls.append(spec)
-        return real_pull(spec, *args, **kwargs)
+        return real_pull(self, spec, *args, **kwargs)
 
     monkeypatch.setenv("LORADOCK_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(client, "pull", counted_pull)
+    monkeypatch.setattr(client.Registry, "pull", counted_pull)
     configure()
     yield configure, pulls
     for name in list(runtime._known):

@@ -208,7 +208,7 @@ def test_login_stores_a_checked_token_for_the_endpoint_and_logout_forgets_it(run
 
 @pytest.mark.network
 def test_list_adapters_on_huggingface_co(run_cli):
-    result = run_cli("list", "--endpoint", "https://huggingface.co", "--base-model", "Qwen/Qwen2.5-0.5B-Instruct",
+    result = run_cli("list", "--registry", "https://huggingface.co", "--base-model", "Qwen/Qwen2.5-0.5B-Instruct",
                      "--search", "lora")
     assert result.code == 0 and "Qwen/Qwen2.5-0.5B-Instruct" in result.out
 

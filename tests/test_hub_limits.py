@@ -821,7 +821,7 @@ def test_a_push_onto_a_full_registry_disk_is_a_507_sent_once(tmp_path, small_dis
     is answered 507 in the Hub's shape, huggingface_hub does not send it again, the command prints
     the problem and the fix (no traceback), and the registry keeps nothing of it. Then, with its
     disk filled to the last byte, a commit is a 507 too; once space is freed, a push succeeds."""
-    from hub.client import hub_api, push
+    from hub.client import Registry, hub_api
     from loradock.procs import Service, create_token, free_port, loradock_command
     from tests.conftest import on_a_small_disk, run_loradock
 
@@ -835,7 +835,7 @@ def test_a_push_onto_a_full_registry_disk_is_a_507_sent_once(tmp_path, small_dis
         weights = os.urandom(10_500_000)
         with CountingProxy(port) as proxy:
             pushed = run_loradock("push", adapter_folder(tmp_path / "big", weights=weights), "alice/full",
-                                  "--endpoint", proxy.url, "--token", token, timeout=300)
+                                  "--registry", proxy.url, "--token", token, timeout=300)
         assert pushed.returncode == 2, pushed.stdout + pushed.stderr
         assert "Traceback" not in pushed.stderr
         assert f"error: the registry at {proxy.url} is out of disk space: nothing was pushed" in pushed.stderr
@@ -857,7 +857,6 @@ def test_a_push_onto_a_full_registry_disk_is_a_507_sent_once(tmp_path, small_dis
         assert not list((on_disk / "tmp").iterdir())
 
         (on_disk / "filler").unlink()
-        result = push(str(adapter_folder(tmp_path / "small")), "alice/full", endpoint=f"http://127.0.0.1:{port}",
-                      token=token)
+        result = Registry(f"http://127.0.0.1:{port}", token).push(str(adapter_folder(tmp_path / "small")), "alice/full")
         after = api.model_info("alice/full", revision=result.commit)
         assert "adapter_model.safetensors" in {s.rfilename for s in after.siblings}

@@ -116,7 +116,7 @@ def test_a_file_name_outside_the_repo_is_refused_before_any_download(run_cli, no
     (tmp_path / "work").mkdir()
     before = files_under(tmp_path)
     with LyingRegistry([sibling("adapter_config.json"), sibling(name)]) as lying:
-        result = run_cli("pull", f"{REPO_ID}@main", "--endpoint", lying.url, "--to", target)
+        result = run_cli("pull", f"{REPO_ID}@main", "--registry", lying.url, "--to", target)
     assert result.code == 2, result.text
     assert f"answered a file name outside the repo: {name!r}" in result.err and "nothing was kept" in result.err
     assert lying.downloads == []
@@ -138,7 +138,7 @@ def test_a_name_that_resolves_outside_the_folder_through_a_link_is_refused(tmp_p
 def test_a_file_named_like_the_pull_marker_is_refused(run_cli, no_token, tmp_path):
     target = tmp_path / "out"
     with LyingRegistry([sibling("adapter_config.json"), sibling(".loradock-pull.json")]) as lying:
-        result = run_cli("pull", f"{REPO_ID}@main", "--endpoint", lying.url, "--to", target)
+        result = run_cli("pull", f"{REPO_ID}@main", "--registry", lying.url, "--to", target)
     assert result.code == 2, result.text
     assert "'.loradock-pull.json'" in result.err and "nothing was kept" in result.err
     assert lying.downloads == [] and not target.exists() and not list(tmp_path.glob(".out.pulling-*"))
@@ -147,7 +147,7 @@ def test_a_file_named_like_the_pull_marker_is_refused(run_cli, no_token, tmp_pat
 def test_a_commit_sha_that_is_a_path_is_refused(run_cli, no_token, tmp_path, monkeypatch):
     monkeypatch.setenv("LORADOCK_HOME", str(tmp_path / "home"))
     with LyingRegistry([sibling("adapter_config.json")], sha="../../../x") as lying:
-        result = run_cli("pull", f"{REPO_ID}@main", "--endpoint", lying.url)  # to $LORADOCK_HOME/pulled/REPO/SHA
+        result = run_cli("pull", f"{REPO_ID}@main", "--registry", lying.url)  # to $LORADOCK_HOME/pulled/REPO/SHA
     assert result.code == 2, result.text
     assert "'../../../x'" in result.err and "not a 40-character commit sha" in result.err
     assert lying.downloads == [] and not (tmp_path / "home" / "x").exists()
@@ -156,7 +156,7 @@ def test_a_commit_sha_that_is_a_path_is_refused(run_cli, no_token, tmp_path, mon
 def test_a_listing_without_sizes_is_refused(run_cli, no_token, tmp_path):
     target = tmp_path / "out"
     with LyingRegistry([{"rfilename": "adapter_config.json", "blobId": git_blob_sha1(CONTENT)}]) as lying:
-        result = run_cli("pull", f"{REPO_ID}@main", "--endpoint", lying.url, "--to", target)
+        result = run_cli("pull", f"{REPO_ID}@main", "--registry", lying.url, "--to", target)
     assert result.code == 2, result.text
     assert "did not say how large 'adapter_config.json' is" in result.err
     assert lying.downloads == [] and not target.exists()
@@ -166,7 +166,7 @@ def test_more_bytes_than_announced_are_never_written(run_cli, no_token, tmp_path
     target = tmp_path / "out"
     endless = (b"\0" * (1 << 20) for _ in range(64))  # 64 MiB, far past what the sockets buffer
     with LyingRegistry([{"rfilename": "adapter_model.safetensors", "size": 10, "blobId": "0" * 40}], endless) as lying:
-        result = run_cli("pull", f"{REPO_ID}@main", "--endpoint", lying.url, "--to", target)
+        result = run_cli("pull", f"{REPO_ID}@main", "--registry", lying.url, "--to", target)
     assert result.code == 2, result.text
     assert "adapter_model.safetensors: received more than the 10 bytes announced" in result.err
     assert "nothing was kept" in result.err
@@ -250,11 +250,11 @@ def test_a_stopped_registry_is_unreachable_within_seconds_then_served_again(run_
 def test_a_registry_that_stops_mid_download_is_unreachable_and_nothing_is_kept(hub_env, tmp_path):
     """The registry is stopped as soon as the pull starts downloading 40 MB: the download gives up
     after READ_S of silence, and no file of it is left."""
-    from hub.client import pull, push
+    from hub.client import Registry
     from hub.timeouts import READ_S
     from loradock.errors import Unreachable
 
-    push(str(adapter_folder(tmp_path / "adapter", weights=os.urandom(40 << 20))), "alice/frozen-mid-download")
+    Registry().push(adapter_folder(tmp_path / "adapter", weights=os.urandom(40 << 20)), "alice/frozen-mid-download")
     out, done = tmp_path / "out", threading.Event()
 
     def stop_once_downloading() -> None:
@@ -270,7 +270,7 @@ def test_a_registry_that_stops_mid_download_is_unreachable_and_nothing_is_kept(h
         started = time.monotonic()
         with pytest.raises(Unreachable, match=f"did not answer within {READ_S:g} s while alice/frozen-mid-download@main was "
                                               "downloading; nothing was kept"):
-            pull("alice/frozen-mid-download", to=str(out))
+            Registry().pull("alice/frozen-mid-download", to=str(out))
         waited = time.monotonic() - started
     finally:
         done.set()
@@ -278,4 +278,4 @@ def test_a_registry_that_stops_mid_download_is_unreachable_and_nothing_is_kept(h
         os.killpg(hub_env.process.pid, signal.SIGCONT)
     assert waited < READ_S + 5, f"Unreachable after {waited:.1f} s"
     assert not out.exists() and not list(tmp_path.glob(".out.pulling-*"))
-    assert pull("alice/frozen-mid-download", to=str(out)).path == out
+    assert Registry().pull("alice/frozen-mid-download", to=str(out)).path == out

@@ -104,7 +104,7 @@ def test_votes_on_v1_train_a_dpo_v2_that_beats_it_and_is_promoted(registry, base
         v2 = re.search(r"commit ([0-9a-f]{40})", loradock("push", tmp_path / "v2", REPO, "--tag", "v2")).group(1)
 
         report = tmp_path / "eval.json"
-        loradock("eval", "--endpoint", f"{server.url}/v1", "--model", f"{REPO}@v1", "--model", f"{REPO}@v2",
+        loradock("eval", "--base-url", f"{server.url}/v1", "--model", f"{REPO}@v1", "--model", f"{REPO}@v2",
                  "--data", judge, "--output", report)
         before, after = exact_match(report, f"{REPO}@v1"), exact_match(report, f"{REPO}@v2")
         dpo = json.loads((tmp_path / "v2" / "metrics.json").read_text())

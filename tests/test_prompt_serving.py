@@ -105,10 +105,10 @@ def served(registry, adapters, tmp_path_factory):
     server with the p-tuning and LoRA adapters at start-up, the prompt-tuning one hot-loaded by name."""
     from huggingface_hub import HfApi
 
-    from hub.client import push
+    from hub.client import Registry
 
     for name in ("prompt-tuning", "p-tuning", "lora"):
-        push(str(adapters[name]), f"alice/{name}", tag="v1", endpoint=registry.url, token=registry.write_token)
+        Registry(registry.url, registry.write_token).push(str(adapters[name]), f"alice/{name}", tag="v1")
     api = HfApi(endpoint=registry.url, token=registry.write_token)
     for name in ("prefix-tuning", "narrow"):
         api.create_repo(f"bad/{name}", exist_ok=True)

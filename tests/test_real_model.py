@@ -164,10 +164,10 @@ def serve_real(args: list, log: Path) -> ServeProcess:
 
 @pytest.fixture(scope="module")
 def real_served(registry, lane_adapters, tmp_path_factory):
-    from hub.client import push
+    from hub.client import Registry
 
     for kind in ("lora", "prompt-tuning"):
-        push(str(lane_adapters[kind]), f"alice/real-{kind}", endpoint=registry.url, token=registry.write_token)
+        Registry(registry.url, registry.write_token).push(str(lane_adapters[kind]), f"alice/real-{kind}")
     server = serve_real([SMOLLM2, "--registry", registry.url, "--token", registry.write_token, "--adapter-namespace",
                          "alice"], tmp_path_factory.mktemp("real-serve") / "serve.log")
     yield server

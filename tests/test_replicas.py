@@ -15,7 +15,7 @@ import httpx2
 import pytest
 
 from hub.adapter import MODEL_HEADER
-from hub.client import push
+from hub.client import Registry
 from loradock.procs import Service, free_port, loradock_command
 from tests.conftest import ASSETS, ServeProcess, variant
 from tests.test_balancer import HAS_NGINX
@@ -36,8 +36,8 @@ def fleet(registry, trained_adapters, tmp_path_factory):
     negated = variant(trained_adapters["reverse"], tmp / "negated", weights=lambda w: {
         k: -v if ".lora_B." in k else v for k, v in w.items()})  # a third adapter: reverse's update, negated
     folders = {"rr-reverse": trained_adapters["reverse"], "rr-sort": trained_adapters["sort"], "rr-negated": negated}
-    commits = {name: push(str(folder), f"alice/{name}", tag="v1", endpoint=registry.url,
-                          token=registry.write_token).commit for name, folder in folders.items()}
+    door = Registry(registry.url, registry.write_token)
+    commits = {name: door.push(folder, f"alice/{name}", tag="v1").commit for name, folder in folders.items()}
     env = {**os.environ, "HF_HUB_DISABLE_XET": "1"}
     args = ["--registry", registry.url, "--token", registry.write_token, "--adapter-namespace", "alice",
             "--max-model-len", "256", "--max-loras", "2", "--kv-cache-gib", "1"]
@@ -119,8 +119,8 @@ def test_three_adapters_answer_through_the_balancer_from_both_replicas(fleet):
 def test_a_new_revision_is_served_by_sha_from_both_replicas_and_the_old_sha_still_answers(fleet):
     registry, old = fleet["registry"], fleet["commits"]["rr-reverse"]
     # v2 of alice/rr-reverse: new weights (the sort adapter's), so its answers are told apart from v1's.
-    new = push(str(fleet["folders"]["rr-sort"]), "alice/rr-reverse", tag="v2", endpoint=registry.url,
-               token=registry.write_token).commit
+    door = Registry(registry.url, registry.write_token)
+    new = door.push(fleet["folders"]["rr-sort"], "alice/rr-reverse", tag="v2").commit
     assert new != old
     with balancer(fleet) as front:
         reference = {label: [ask(front.url, name, p)["text"] for p in PROMPTS]

@@ -81,10 +81,10 @@ def served(registry, trained_adapters, tmp_path_factory):
     """The registry with both adapters (tag v1) and the bad ones, and a server with reverse@v1 at start-up."""
     from huggingface_hub import HfApi
 
-    from hub.client import push
+    from hub.client import Registry
 
     tmp = tmp_path_factory.mktemp("serve")
-    commits = {task: push(str(folder), f"alice/{task}", tag="v1", endpoint=registry.url, token=registry.write_token).commit
+    commits = {task: Registry(registry.url, registry.write_token).push(str(folder), f"alice/{task}", tag="v1").commit
                for task, folder in trained_adapters.items()}
     api = HfApi(endpoint=registry.url, token=registry.write_token)
     # The bad adapters live in an organisation alice writes to (the registry refuses a namespace nobody owns).
@@ -343,7 +343,7 @@ def test_openai_api_surface(served):
 
 def test_eval_through_the_endpoint_scores_each_served_model(served, tmp_path):
     heldout, report_path = ASSETS / "tasks" / "reverse" / "heldout.jsonl", tmp_path / "report.json"
-    result = run_loradock("eval", "--endpoint", f"{served.url}/v1", "--model", BASE, "--model", "alice/reverse@v1",
+    result = run_loradock("eval", "--base-url", f"{served.url}/v1", "--model", BASE, "--model", "alice/reverse@v1",
                           "--data", heldout, "--limit", "24", "--output", report_path, env=served.env, timeout=600)
     assert result.returncode == 0, result.stderr
     report = json.loads(report_path.read_text())
@@ -351,7 +351,7 @@ def test_eval_through_the_endpoint_scores_each_served_model(served, tmp_path):
     assert report["metrics"]["alice/reverse@v1"]["rouge_l"] > report["metrics"][BASE]["rouge_l"] + 0.2
     assert all(example[BASE] != example["alice/reverse@v1"] for example in report["examples"][:5])
     assert f"via {served.url}/v1" in result.stdout and "alice/reverse@v1" in result.stdout
-    missing = run_loradock("eval", "--endpoint", f"{served.url}/v1", "--model", "alice/nothing", "--data", heldout,
+    missing = run_loradock("eval", "--base-url", f"{served.url}/v1", "--model", "alice/nothing", "--data", heldout,
                            env=served.env, timeout=120)
     assert missing.returncode == 2 and "--model alice/nothing: the server answered 404" in missing.stderr
     assert f"pass a model that {served.url}/v1/models lists" in missing.stderr
@@ -574,23 +574,3 @@ def test_an_unload_past_its_drain_deadline_is_busy_and_lets_the_held_requests_go
     assert 0.3 <= events["busy"] < 1.0 and 0.3 <= events["late start"] < 1.0  # held up to the deadline, not past it
     assert events["late start"] < events["long end"]
     assert events["unloaded"] >= events["long end"]  # the third unload, after the long request ended
-
-
-def test_a_client_template_is_found_at_any_depth_of_a_body():
-    from serve.middleware import client_template
-
-    assert client_template({"model": BASE, "messages": MESSAGES, "chat_template_kwargs": {"enable_thinking": True}}) is None
-    assert client_template({"chat_template": None, "chat_template_kwargs": {"chat_template": None}}) is None
-    assert client_template({"chat_template": ""}) == "chat_template"
-    assert client_template({"chat_template_kwargs": {"chat_template": "x"}}) == "chat_template_kwargs.chat_template"
-    assert client_template([{"requests": [{}, {"chat_template": "x"}]}]) == "[0].requests[1].chat_template"
-    assert client_template("chat_template") is None and client_template(None) is None
-
-
-@pytest.mark.parametrize("header, accepted", [
-    (b"Bearer s3cret", True), (b"bearer s3cret", True), (b"BEARER  s3cret", True), (b"bearer s3cre", False),
-    (b"Basic s3cret", False), (b"bearers3cret", False), (b"", False), (b"Bearer s3cret ", False)])
-def test_the_api_key_is_taken_with_the_bearer_scheme_in_any_case(header, accepted):
-    from serve.middleware import LoradockMiddleware
-
-    assert LoradockMiddleware.authorized({"headers": [(b"authorization", header)]}, "s3cret") is accepted

@@ -49,10 +49,10 @@ def serve_args(registry, config: Path, *extra) -> list[str]:
 def settings(registry, adapters, tmp_path_factory) -> Path:
     """The LoRA adapter at start-up, the prompt-tuning one hot-loaded by name; prefills chunked at 32
     tokens, so long prompts are split and batched with other requests' decode steps."""
-    from hub.client import push
+    from hub.client import Registry
 
-    push(str(adapters["lora"]), LORA, endpoint=registry.url, token=registry.write_token)
-    push(str(adapters["prompt-tuning"]), PROMPT_TUNING, endpoint=registry.url, token=registry.write_token)
+    Registry(registry.url, registry.write_token).push(str(adapters["lora"]), LORA)
+    Registry(registry.url, registry.write_token).push(str(adapters["prompt-tuning"]), PROMPT_TUNING)
     path = tmp_path_factory.mktemp("fault-settings") / "serve.yaml"
     path.write_text(yaml.safe_dump({"adapter": [LORA], "max_lora_rank": 8, "max_model_len": 256, "max_loras": 2,
                                     "vllm": {"max_num_batched_tokens": 32}}))
@@ -183,9 +183,9 @@ def streamed_chat(url: str, body: dict) -> str:
 def test_a_frozen_registry_is_a_503_within_seconds_and_serving_resumes_when_it_answers(served, registry, adapters):
     """SIGSTOP: the registry's socket accepts connections and never answers. A request for an adapter
     not loaded yet must not wait for it longer than a few seconds; the others go on."""
-    from hub.client import push
+    from hub.client import Registry
 
-    push(str(adapters["by-path"]), "alice/faults-later", endpoint=registry.url, token=registry.write_token)
+    Registry(registry.url, registry.write_token).push(str(adapters["by-path"]), "alice/faults-later")
     body = {"model": "alice/faults-later", "messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 4}
     os.kill(registry.process.pid, signal.SIGSTOP)
     try:

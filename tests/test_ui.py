@@ -45,7 +45,7 @@ def served(registry, trained_adapters, tmp_path_factory):
     """`loradock serve` with ui/reverse@v1; ui/reverse@v2 (the sort adapter, pushed as a second revision),
     ui/templated (its own chat template) and ui/rank-32 (refused: rank above --max-lora-rank) wait in the
     registry to be hot-loaded."""
-    from hub.client import push
+    from hub.client import Registry
 
     tmp = tmp_path_factory.mktemp("ui-serve")
     good = trained_adapters["reverse"]
@@ -55,12 +55,10 @@ def served(registry, trained_adapters, tmp_path_factory):
     # The adapters live in an organisation alice writes to (the registry refuses a namespace nobody owns).
     subprocess.run(loradock_command("hub", "org", "add", "ui", "--member", "alice:write", "--root", registry.root),
                    check=True, capture_output=True)
-    commits = {}
+    commits, door = {}, Registry(registry.url, registry.write_token)
     for name, folder in (("reverse", good), ("templated", templated), ("rank-32", variant(good, tmp / "r32", {"r": 32}, to_rank_32))):
-        commits[f"ui/{name}"] = push(str(folder), f"ui/{name}", tag="v1", endpoint=registry.url,
-                                     token=registry.write_token).commit
-    commits["ui/reverse@v2"] = push(str(trained_adapters["sort"]), "ui/reverse", tag="v2", endpoint=registry.url,
-                                    token=registry.write_token).commit
+        commits[f"ui/{name}"] = door.push(folder, f"ui/{name}", tag="v1").commit
+    commits["ui/reverse@v2"] = door.push(trained_adapters["sort"], "ui/reverse", tag="v2").commit
     env = {**os.environ, "HF_HUB_DISABLE_XET": "1"}
     server = ServeProcess(["--adapter", "ui/reverse@v1", "--registry", registry.url, "--token", registry.write_token,
                            "--max-lora-rank", "16", "--max-model-len", "256"], tmp / "serve.log", env).start()
@@ -75,7 +73,7 @@ def app_env(served, monkeypatch, tmp_path):
     monkeypatch.setenv(ENDPOINT_ENV, f"{served.url}/v1")
     monkeypatch.setenv(REGISTRY_ENV, served.registry.url)
     monkeypatch.setenv(VOTES_ENV, str(tmp_path / "votes.sqlite"))
-    monkeypatch.setenv("HF_TOKEN", served.registry.write_token)
+    monkeypatch.setenv("LORADOCK_TOKEN", served.registry.write_token)
     return tmp_path / "votes.sqlite"
 
 
@@ -344,10 +342,10 @@ def test_a_real_browser_compares_and_votes(served, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     port, votes_db = free_port(), tmp_path / "votes.sqlite"
-    ui = subprocess.Popen([sys.executable, "-m", "loradock.cli", "ui", "--endpoint", f"{served.url}/v1", "--registry",
+    ui = subprocess.Popen([sys.executable, "-m", "loradock.cli", "ui", "--base-url", f"{served.url}/v1", "--registry",
                            served.registry.url, "--port", str(port), "--votes", str(votes_db)], cwd=REPO,
                           stdout=subprocess.PIPE, stderr=(tmp_path / "ui.log").open("w"), text=True,
-                          env={**os.environ, "HF_TOKEN": served.registry.write_token})
+                          env={**os.environ, "LORADOCK_TOKEN": served.registry.write_token})
     browser = None
     try:
         assert ui.stdout.readline().startswith(f"loradock ui: http://127.0.0.1:{port}")
@@ -451,12 +449,12 @@ def listener():
 
 
 def launch_settings(monkeypatch, tmp_path, endpoint: str, password: str | None = None) -> None:
-    """What `loradock ui --endpoint ENDPOINT [--password ...]` hands the app, with a serving key and a Hub token."""
+    """What `loradock ui --base-url ENDPOINT [--password ...]` hands the app, with a serving key and a Hub token."""
     monkeypatch.setenv(ENDPOINT_ENV, f"{endpoint}/v1")
     monkeypatch.setenv(REGISTRY_ENV, f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv(VOTES_ENV, str(tmp_path / "votes.sqlite"))
     monkeypatch.setenv("LORADOCK_API_KEY", KEY)
-    monkeypatch.setenv("HF_TOKEN", HUB_TOKEN)
+    monkeypatch.setenv("LORADOCK_TOKEN", HUB_TOKEN)
     if password:
         monkeypatch.setenv("LORADOCK_UI_PASSWORD", password)
     else:
@@ -546,7 +544,7 @@ def test_beyond_localhost_the_start_up_says_access_needs_the_password_and_the_br
     port = free_port()
     env = {**os.environ, "LORADOCK_API_KEY": KEY, "LORADOCK_UI_PASSWORD": PASSWORD}
     ui = subprocess.Popen([sys.executable, "-m", "loradock.cli", "ui", "--host", "0.0.0.0", "--port", str(port),
-                           "--endpoint", f"{launch}/v1", "--registry", f"http://127.0.0.1:{free_port()}",
+                           "--base-url", f"{launch}/v1", "--registry", f"http://127.0.0.1:{free_port()}",
                            "--votes", str(tmp_path / "votes.sqlite")], cwd=REPO, stdout=subprocess.PIPE,
                           stderr=(tmp_path / "ui.log").open("w"), text=True, env=env)
     browser = None

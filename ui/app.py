@@ -1,4 +1,4 @@
-"""loradock ui [--endpoint http://127.0.0.1:8000/v1] [--registry URL] [--port 8501]
+"""loradock ui [--base-url http://127.0.0.1:8000/v1] [--registry URL] [--port 8501]
 
 The comparison screen (a Streamlit script; `loradock ui` runs it and hands its settings over in
 the environment). The same conversation goes to the base model and to one to three adapters
@@ -30,7 +30,7 @@ import streamlit as st
 
 from hub.adapter import AdapterRef
 from loradock.errors import LoradockError, NotFound, Unreachable
-from ui import ENDPOINT_ENV, PASSWORD_ENV, REGISTRY_ENV, VOTES_ENV, ratings, view, votes
+from ui import API_KEY_ENV, ENDPOINT_ENV, PASSWORD_ENV, REGISTRY_ENV, VOTES_ENV, ratings, view, votes
 from ui.client import Answer, Endpoint, EndpointDown, Sampling
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
@@ -51,7 +51,7 @@ class Choice:
 
 
 def endpoint_url() -> str:
-    """The endpoint `loradock ui --endpoint` was started with: the only place the serving key goes."""
+    """The endpoint `loradock ui --base-url` was started with: the only place the serving key goes."""
     return os.environ.get(ENDPOINT_ENV, DEFAULT_ENDPOINT)
 
 
@@ -69,11 +69,11 @@ def votes_path() -> Path:
 @st.cache_data(ttl=30, show_spinner=False)
 def registry_adapters(base: str, registry: str) -> tuple[list[tuple[str, str]], str | None]:
     """([(name, commit)], the problem when the registry cannot be read): a failure is cached too, for 30 s."""
-    from hub.client import token_for
+    from hub.client import registry as door
     from ui.registry import hot_loadable
 
     try:
-        return [(a.name, a.commit) for a in hot_loadable(base, registry, token_for(registry))], None
+        return [(a.name, a.commit) for a in hot_loadable(base, door(registry))], None
     except Unreachable as e:
         return [], f"registry unreachable: {e.problem} ({e.fix})"
     except LoradockError as e:  # it answered, and refused (a token, offline mode): say what to change
@@ -82,25 +82,25 @@ def registry_adapters(base: str, registry: str) -> tuple[list[tuple[str, str]], 
 
 @st.cache_data(show_spinner=False)  # pinned to a commit: it never changes
 def adapter_card(repo_id: str, commit: str, registry: str):
-    from hub.client import token_for
+    from hub.client import registry as door
     from ui.registry import adapter_card as read_card
 
-    return read_card(repo_id, commit, registry, token_for(registry))
+    return read_card(repo_id, commit, door(registry))
 
 
 def sidebar(state) -> Choice:
     bar = st.sidebar
     bar.title("loradock compare")
     url = endpoint_url()
-    bar.text(f"Endpoint: {url}\nRegistry: {registry_url()}")  # read-only: set with `loradock ui --endpoint/--registry`
-    choice = Choice(Endpoint(url, api_key=os.environ.get("LORADOCK_API_KEY")))
+    bar.text(f"Endpoint: {url}\nRegistry: {registry_url()}")  # read-only: set with `loradock ui --base-url/--registry`
+    choice = Choice(Endpoint(url, api_key=os.environ.get(API_KEY_ENV)))
     try:
         state.cards = choice.endpoint.models()
         bar.success(f"endpoint up: {len(state.cards)} model(s)")
     except EndpointDown as e:  # keep the last models seen, so the selection survives; retried on every rerun
         bar.error("endpoint down")
         st.error(view.escape_markdown(f"The endpoint is not answering: {e}. Start it with `loradock serve`, or restart "
-                                      "this screen with `loradock ui --endpoint URL`; your next message tries again."))
+                                      "this screen with `loradock ui --base-url URL`; your next message tries again."))
     cards = state.get("cards", [])
     bases = [c.id for c in cards if not c.parent]
     choice.base = bar.selectbox("Base model", bases, help="the model every adapter is compared with")

@@ -7,8 +7,9 @@ Hub token to them only. Listening beyond localhost needs a password (or an expli
 """
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from loradock.config import add_config_flags
+from loradock.config import API_KEY_HELP, BASE_URL_HELP, REGISTRY_HELP, TOKEN_HELP, add_config_flags, subcommand
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
 
@@ -17,10 +18,13 @@ DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
 class UIConfig:
     """What `loradock ui` runs: the screen's address, the endpoint and registry it reads, its votes."""
 
-    endpoint: str = field(default=DEFAULT_ENDPOINT, metadata={
-        "help": "the OpenAI-compatible endpoint, e.g. `loradock serve`'s; an API key is read from LORADOCK_API_KEY"})
+    base_url: str = field(default=DEFAULT_ENDPOINT, metadata={"help": "the models to compare: " + BASE_URL_HELP,
+                                                             "was": ("endpoint",)})
+    api_key: str | None = field(default=None, metadata={
+        "help": API_KEY_HELP + "; a flag shows in `ps`, so prefer the variable", "secret": True})
     registry: str | None = field(default=None, metadata={
-        "help": "registry URL for hot-loadable adapters and their cards (none: $HF_ENDPOINT, else http://127.0.0.1:8090)"})
+        "help": "for hot-loadable adapters and their cards: " + REGISTRY_HELP})
+    token: str | None = field(default=None, metadata={"help": TOKEN_HELP, "secret": True})
     host: str = field(default="127.0.0.1", metadata={
         "help": "address to listen on; beyond localhost (e.g. 0.0.0.0) it needs --password"})
     port: int = field(default=8501, metadata={"help": "port to listen on"})
@@ -46,39 +50,51 @@ def register(subparsers) -> None:
     register_votes(subparsers)
 
 
+VOTES_HELP = "the votes database (none: $LORADOCK_UI_VOTES, else $LORADOCK_HOME/ui/votes.sqlite)"
+
+
+@dataclass
+class ReportArgs:
+    """Every pair of revisions that met in Blind A/B (ties and 'both bad' count half a win each way),
+    and all of them ranked on Chatbot Arena's scale (400 * log10 strength, mean 1000), with
+    percentile-bootstrap intervals."""
+
+    votes: str | None = field(default=None, metadata={"help": VOTES_HELP, "metavar": "PATH"})
+    format: Literal["markdown", "json"] = field(default="markdown", metadata={"help": "markdown tables or json"})
+    output: str | None = field(default=None, metadata={"help": "write the report here (none: print it)",
+                                                       "metavar": "FILE"})
+    resamples: int = field(default=2000, metadata={"help": "bootstrap resamples for the intervals"})
+    seed: int = field(default=0, metadata={"help": "the bootstrap's seed (the same seed, the same intervals)"})
+
+
+@dataclass
+class ExportArgs:
+    """Write preferences.jsonl (prompt, chosen, rejected, system when set) and sft.jsonl (prompt,
+    response) from the votes that picked a side, optionally only those with an adapter or a revision
+    on either side; with --push, commit both to a dataset repo of the registry in one commit."""
+
+    votes: str | None = field(default=None, metadata={"help": VOTES_HELP, "metavar": "PATH"})
+    adapter: str | None = field(default=None, metadata={"help": "only votes with this adapter repo on either side",
+                                                        "metavar": "REPO"})
+    revision: str | None = field(default=None, metadata={
+        "help": "only votes with this commit sha (or a prefix of 7 or more characters) on either side",
+        "metavar": "SHA"})
+    output: str | None = field(default=None, metadata={
+        "help": "the folder to write (none: exports/TIME beside the votes database, as the screen's Export button "
+                "does)", "metavar": "DIR"})
+    push: str | None = field(default=None, metadata={
+        "help": "commit both files to this dataset repo of the registry", "metavar": "REPO_ID"})
+    registry: str | None = field(default=None, metadata={"help": REGISTRY_HELP, "metavar": "URL"})
+    token: str | None = field(default=None, metadata={"help": TOKEN_HELP, "secret": True})
+
+
 def register_votes(subparsers) -> None:
     votes = subparsers.add_parser("votes", help="the blind A/B votes: win rates and a ranking, or training data")
     sub = votes.add_subparsers(dest="votes_command", metavar="SUBCOMMAND", required=True)
-    report = sub.add_parser("report", help="win rate per pair of revisions and a Bradley-Terry ranking, with 95%% intervals",
-                            description="Every pair of revisions that met in Blind A/B (ties and 'both bad' count "
-                                        "half a win each way), and all of them ranked on Chatbot Arena's scale "
-                                        "(400 * log10 strength, mean 1000), with percentile-bootstrap intervals.")
-    add_votes_flag(report)
-    report.add_argument("--format", choices=("markdown", "json"), default="markdown", help="markdown tables or JSON")
-    report.add_argument("--output", metavar="FILE", help="write the report here (default: print it)")
-    report.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples for the intervals")
-    report.add_argument("--seed", type=int, default=0, help="the bootstrap's seed (the same seed, the same intervals)")
-    report.set_defaults(func=run_report)
-    export = sub.add_parser("export", help="the decided votes as preferences.jsonl and sft.jsonl, optionally pushed",
-                            description="Write preferences.jsonl (prompt, chosen, rejected, system when set) and "
-                                        "sft.jsonl (prompt, response) from the votes that picked a side, optionally "
-                                        "only those with an adapter or a revision on either side; with --push, "
-                                        "commit both to a dataset repo of the registry in one commit.")
-    add_votes_flag(export)
-    export.add_argument("--adapter", metavar="REPO", help="only votes with this adapter repo on either side")
-    export.add_argument("--revision", metavar="SHA", help="only votes with this commit sha (or a prefix of 7 or more "
-                                                          "characters) on either side")
-    export.add_argument("--output", metavar="DIR", help="the folder to write (default: exports/TIME beside the votes "
-                                                        "database, as the screen's Export button does)")
-    export.add_argument("--push", metavar="REPO_ID", help="commit both files to this dataset repo of the registry")
-    export.add_argument("--registry", help="registry URL (default: $HF_ENDPOINT, else http://127.0.0.1:8090)")
-    export.add_argument("--token", help="token for the registry (default: HF_TOKEN, else `loradock hub login`'s)")
-    export.set_defaults(func=run_export)
-
-
-def add_votes_flag(p) -> None:
-    p.add_argument("--votes", metavar="PATH", help="the votes database (default: $LORADOCK_UI_VOTES, else "
-                                                   "$LORADOCK_HOME/ui/votes.sqlite)")
+    subcommand(sub, "report", ReportArgs, run_report, "votes-report.yaml",
+               help="win rate per pair of revisions and a Bradley-Terry ranking, with 95%% intervals")
+    subcommand(sub, "export", ExportArgs, run_export, "votes-export.yaml",
+               help="the decided votes as preferences.jsonl and sft.jsonl, optionally pushed")
 
 
 def votes_database(flag: str | None):
@@ -165,8 +181,9 @@ def check_args(args: UIConfig) -> list[tuple[str, str]]:
                          "pass --password (or set LORADOCK_UI_PASSWORD) so each visitor must type it first; or "
                          "listen on --host 127.0.0.1; or pass --insecure-no-password when something else guards "
                          "the address"))
-    if not args.endpoint.startswith(("http://", "https://")):
-        problems.append((f"--endpoint {args.endpoint!r} is not an http(s) URL", f"pass e.g. --endpoint {DEFAULT_ENDPOINT}"))
+    if not args.base_url.startswith(("http://", "https://")):
+        problems.append((f"--base-url {args.base_url!r} is not an http(s) URL",
+                         f"pass e.g. --base-url {DEFAULT_ENDPOINT}"))
     if args.registry and not args.registry.startswith(("http://", "https://")):
         problems.append((f"--registry {args.registry!r} is not an http(s) URL", "pass e.g. --registry http://127.0.0.1:8090"))
     if not 0 < args.port < 65536:
@@ -186,12 +203,12 @@ def run_ui(args) -> int:
     import signal
     from pathlib import Path
 
-    from hub.client import endpoint_url
+    from hub.client import TOKEN_ENV, endpoint_url
     from loradock.config import from_command_line, print_config
     from loradock.errors import LoradockError
     from loradock.home import home
     from loradock.procs import Service
-    from ui import ENDPOINT_ENV, PASSWORD_ENV, REGISTRY_ENV, VOTES_ENV
+    from ui import API_KEY_ENV, ENDPOINT_ENV, PASSWORD_ENV, REGISTRY_ENV, VOTES_ENV
 
     config = from_command_line(UIConfig, args, what="the UI configuration").args
     if getattr(args, "print_config", False):
@@ -200,12 +217,14 @@ def run_ui(args) -> int:
     problems = check_args(config)
     if problems:
         raise LoradockError("; ".join(p for p, _ in problems), "; ".join(f for _, f in problems))
-    endpoint = config.endpoint.rstrip("/")
+    endpoint = config.base_url.rstrip("/")
     endpoint = endpoint if endpoint.endswith("/v1") else endpoint + "/v1"
     env = {**os.environ, ENDPOINT_ENV: endpoint, REGISTRY_ENV: endpoint_url(config.registry)}
     env.pop(PASSWORD_ENV, None)
-    if config.password:
-        env[PASSWORD_ENV] = config.password
+    # Secrets reach the screen's process in its environment, never on its command line.
+    for name, value in ((PASSWORD_ENV, config.password), (API_KEY_ENV, config.api_key), (TOKEN_ENV, config.token)):
+        if value:
+            env[name] = value
     if config.votes:
         env[VOTES_ENV] = str(Path(config.votes).resolve())
     url, log = f"http://{config.host}:{config.port}", home() / "logs" / f"ui-{config.port}.log"

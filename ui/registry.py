@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from hub.adapter import CONFIG, METRICS, RUN_CONFIG, AdapterRef
 from hub.adapter.card import CardInfo
 from hub.adapter.records import read_metrics
+from hub.client import Registry
 
 CARD_FILES = (CONFIG, METRICS, RUN_CONFIG)
 
@@ -20,14 +21,12 @@ class RegistryAdapter:
     commit: str
 
 
-def hot_loadable(base_model: str, endpoint: str, token: str | None) -> list[RegistryAdapter]:
+def hot_loadable(base_model: str, registry: Registry) -> list[RegistryAdapter]:
     """Every adapter of `base_model` in the registry: its main branch and each of its tags."""
-    from hub.client import check_reachable, list_adapters
-
     # huggingface_hub retries a refused connection for ~20 s: the screen must not hang that long.
-    check_reachable(endpoint, timeout=3, fix="start it with `loradock hub serve`, or pass `loradock ui --registry URL`")
+    registry.check_reachable(timeout=3, fix="start it with `loradock hub serve`, or pass `loradock ui --registry URL`")
     options = []
-    for row in list_adapters(base_model=base_model, endpoint=endpoint, token=token):
+    for row in registry.list_adapters(base_model=base_model):
         options.append(RegistryAdapter(row["repo_id"], row["sha"]))
         options += [RegistryAdapter(str(AdapterRef(row["repo_id"], tag)), sha) for tag, sha in row["tag_commits"].items()]
     return options
@@ -54,12 +53,10 @@ class AdapterCard:
                 "eval loss": self.metrics.get("eval_loss"), "steps": self.metrics.get("steps")}
 
 
-def adapter_card(repo_id: str, commit: str, endpoint: str, token: str | None) -> AdapterCard:
+def adapter_card(repo_id: str, commit: str, registry: Registry) -> AdapterCard:
     """The card of `repo_id` at `commit`, read from the registry (the files land in the Hub cache)."""
-    from hub.client import download_files
-
     # An adapter pushed without loradock may lack metrics.json or run_config.yaml.
-    folder = download_files(repo_id, commit, CARD_FILES, endpoint=endpoint, token=token)
+    folder = registry.files(repo_id, commit, CARD_FILES)
     if folder is None:
         return AdapterCard(repo_id, commit, None, {}, "")
     metrics = read_metrics(folder)

@@ -254,18 +254,6 @@ def push(files: list[Path], repo_id: str, registry: str | None = None, token: st
     Raises:
         LoradockError: a bad repo id; the registry's refusals and absence, as hub/'s typed errors.
     """
-    from huggingface_hub import CommitOperationAdd
+    from hub.client import registry as door
 
-    from hub.adapter import check_repo_id
-    from hub.client import endpoint_url, hub_api, hub_errors, token_for
-
-    check_repo_id(repo_id)
-    endpoint = endpoint_url(registry)
-    api = hub_api(endpoint, token_for(endpoint, token))
-    with hub_errors(endpoint, repo_id):
-        # As hub.client.push does: create_repo(exist_ok=True) misreads a read-only token's 403.
-        if not api.repo_exists(repo_id, repo_type="dataset"):
-            api.create_repo(repo_id, repo_type="dataset")
-        info = api.create_commit(repo_id, [CommitOperationAdd(path_in_repo=f.name, path_or_fileobj=str(f)) for f in files],
-                                 commit_message=message, repo_type="dataset")
-    return info.oid
+    return door(registry, token).push_dataset_files(repo_id, files, message)

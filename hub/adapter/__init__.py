@@ -24,7 +24,7 @@ REQUIRED_FILES = (WEIGHTS, CONFIG)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 PULL_MARKER = ".loradock-pull.json"  # written by a pull: the repo, revision and commit the folder holds
 
-# The HTTP header loradock's own clients (the comparison screen, `loradock eval --endpoint`) set on
+# The HTTP header loradock's own clients (the comparison screen, `loradock eval --base-url`) set on
 # every request to the model it names: a load balancer in front of several `loradock serve` replicas
 # can hash on it to keep an adapter on one replica (`loradock balance --affinity`).
 MODEL_HEADER = "X-Loradock-Model"

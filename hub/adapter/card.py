@@ -124,6 +124,14 @@ def build_card(folder: Path, repo_name: str | None = None):
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{card_body(name, info)}")
 
 
+def model_card(body: str, **metadata) -> str:
+    """The README.md of a model (a base model, a merged one): `metadata` as the Hub's card front
+    matter (`ModelCardData`'s fields: base_model, license, library_name, tags, ...), then `body`."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    return str(ModelCard(f"---\n{ModelCardData(**metadata).to_yaml()}\n---\n{body}"))
+
+
 def write_card(folder: Path) -> None:
     (Path(folder) / CARD).write_text(str(build_card(folder)), encoding="utf-8")
 

@@ -5,7 +5,9 @@ beats its parent.
 Each revision speaks for itself through the `metrics.json` that `loradock train` wrote into it: its
 objective, its parent (repo and commit), its data (a registry dataset's commit, and the sha256 of
 the rows), its steps and its held-out figures. The votes come from the comparison screen's
-database (`ui.votes`), rated per pair of commits by `ui.ratings`.
+database (`ui.votes`), rated per pair of commits by `ui.ratings`: the evidence joins the registry's
+records and the votes this package collects, so both commands live here. The registry is read
+through `hub.client.Registry`.
 
     loradock lineage alice/reverse@v2
     loradock promote alice/reverse@v2 --tag prod      # refused without evidence; --force overrides
@@ -14,23 +16,41 @@ database (`ui.votes`), rated per pair of commits by `ui.ratings`.
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from hub import client
+from hub.adapter import AdapterRef
+from hub.client import Registry, Revision
+from hub.objects import ref_name_problem
+from loradock.config import REGISTRY_HELP, TOKEN_HELP, subcommand
 from loradock.errors import LoradockError
+from ui.cli import VOTES_HELP
 
 HEADLINE = ("exact_match", "rouge_l")  # the held-out figures compared, in order
 MAX_DEPTH = 100  # a chain longer than this is a loop in the records, not a history
 
 
 @dataclass
-class Revision:
-    repo_id: str
-    commit: str
+class RevisionRecord:
+    """A revision of an adapter and the record its training wrote into it."""
+    revision: Revision
     metrics: dict  # its metrics.json ({} when it has none)
-    tags: list[str] = field(default_factory=list)
+
+    @property
+    def repo_id(self) -> str:
+        return self.revision.repo_id
+
+    @property
+    def commit(self) -> str:
+        return self.revision.commit
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self.revision.tags)
 
     @property
     def name(self) -> str:
-        return f"{self.repo_id}@{self.commit}"
+        return self.revision.name
 
     @property
     def parent(self) -> dict | None:
@@ -59,62 +79,22 @@ class Revision:
         return f"{where} (sha256 {sha or '?'})"
 
 
-class Registry:
-    """The revisions of one registry, read through huggingface_hub."""
-
-    def __init__(self, endpoint: str | None = None, token: str | None = None):
-        from hub.client import endpoint_url, hub_api, token_for
-
-        self.endpoint = endpoint_url(endpoint)
-        self.token = token_for(self.endpoint, token)
-        self.api = hub_api(self.endpoint, self.token)
-
-    def revision(self, repo_id: str, revision: str) -> Revision:
-        """Raises: NotFound (no such repo or revision), Unreachable, RegistryRefused."""
-        from hub.adapter import METRICS
-        from hub.adapter.records import read_metrics
-        from hub.client import download_files, hub_errors
-
-        with hub_errors(self.endpoint, repo_id, revision):
-            commit = self.api.model_info(repo_id, revision=revision).sha
-            refs = self.api.list_repo_refs(repo_id)
-        folder = download_files(repo_id, commit, (METRICS,), self.endpoint, self.token)
-        metrics = read_metrics(folder) if folder else {}
-        return Revision(repo_id, commit, metrics, sorted(t.name for t in refs.tags if t.target_commit == commit))
-
-    def chain(self, spec: str) -> list[Revision]:
-        """The revision `spec` names, then its parent, and so on back to the first one."""
-        from hub.adapter import AdapterRef
-
-        ref = AdapterRef.parse(spec)
-        chain = [self.revision(ref.repo_id, ref.revision)]
-        while (parent := chain[-1].parent) and len(chain) < MAX_DEPTH:
-            chain.append(self.revision(parent["repo_id"], parent["commit"]))
-        return chain
-
-    def tag_target(self, repo_id: str, tag: str) -> str | None:
-        from hub.client import hub_errors
-
-        with hub_errors(self.endpoint, repo_id):
-            return next((t.target_commit for t in self.api.list_repo_refs(repo_id).tags if t.name == tag), None)
-
-    def move_tag(self, repo_id: str, tag: str, current: str | None, commit: str, message: str) -> None:
-        """Point `tag` (at `current` now, or nowhere) at `commit`. A Hub tag cannot be moved in
-        place: it is deleted and made again, and put back where it was if making it again fails."""
-        from hub.client import hub_errors
-
-        with hub_errors(self.endpoint, repo_id, tag):
-            if current:
-                self.api.delete_tag(repo_id, tag=tag)
-            try:
-                self.api.create_tag(repo_id, tag=tag, revision=commit, tag_message=message)
-            except BaseException:
-                if current:
-                    self.api.create_tag(repo_id, tag=tag, revision=current, tag_message="restored: a move failed")
-                raise
+def recorded(registry: Registry, repo_id: str, ref: str) -> RevisionRecord:
+    """Raises: RepoNotFound, RevisionNotFound, Unreachable, RegistryRefused."""
+    revision = registry.revision(repo_id, ref)
+    return RevisionRecord(revision, registry.run_record(repo_id, revision.commit))
 
 
-def versus(votes_path: Path | None, child: Revision, parent: Revision) -> dict | None:
+def chain(registry: Registry, spec: str) -> list[RevisionRecord]:
+    """The revision `spec` names, then its parent, and so on back to the first one."""
+    ref = AdapterRef.parse(spec)
+    revisions = [recorded(registry, ref.repo_id, ref.revision)]
+    while (parent := revisions[-1].parent) and len(revisions) < MAX_DEPTH:
+        revisions.append(recorded(registry, parent["repo_id"], parent["commit"]))
+    return revisions
+
+
+def versus(votes_path: Path | None, child: RevisionRecord, parent: RevisionRecord) -> dict | None:
     """The child's win rate over its parent in the blind votes (with its 95% interval); None
     without such votes."""
     from ui import ratings, votes
@@ -131,7 +111,7 @@ def versus(votes_path: Path | None, child: Revision, parent: Revision) -> dict |
     return None
 
 
-def describe(revision: Revision, parent: Revision | None, votes_path: Path | None) -> dict:
+def describe(revision: RevisionRecord, parent: RevisionRecord | None, votes_path: Path | None) -> dict:
     """One line of the lineage, as data."""
     m = revision.metrics
     headline = revision.headline
@@ -145,8 +125,9 @@ def describe(revision: Revision, parent: Revision | None, votes_path: Path | Non
 
 
 def lineage(spec: str, votes_path: Path | None, endpoint: str | None = None, token: str | None = None) -> list[dict]:
-    chain = Registry(endpoint, token).chain(spec)
-    return [describe(r, chain[i + 1] if i + 1 < len(chain) else None, votes_path) for i, r in enumerate(chain)]
+    revisions = chain(client.registry(endpoint, token), spec)
+    return [describe(r, revisions[i + 1] if i + 1 < len(revisions) else None, votes_path)
+            for i, r in enumerate(revisions)]
 
 
 def render_lineage(rows: list[dict]) -> str:
@@ -170,14 +151,14 @@ def render_lineage(rows: list[dict]) -> str:
 
 # --- promote ------------------------------------------------------------------------------------
 
-def evidence(registry: Registry, child: Revision, tag: str, current: str | None,
+def evidence(registry: Registry, child: RevisionRecord, tag: str, current: str | None,
              votes_path: Path | None) -> tuple[list[str], list[str]]:
     """(what speaks for the child, what stands against it or is missing) before `tag` may point at
     it: its parent's held-out score and votes, and the held-out score of the revision `tag` points
     at now, when that is another one scored on the same data."""
     found, problems = [], []
     if current and current not in (child.commit, (child.parent or {}).get("commit")):
-        holder = registry.revision(child.repo_id, current)
+        holder = recorded(registry, child.repo_id, current)
         if holder.headline and child.headline and holder.held_out_sha256 == child.held_out_sha256 \
                 and holder.headline[0] == child.headline[0] and child.headline[1] < holder.headline[1]:
             problems.append(f"held-out {child.headline[0]} {child.headline[1]:.3f} is below that of {holder.name} "
@@ -185,7 +166,7 @@ def evidence(registry: Registry, child: Revision, tag: str, current: str | None,
     if not child.parent:
         return found, [f"{child.name} records no parent revision to compare it with (it was not trained with "
                        "--init-adapter)"]
-    parent = registry.revision(child.parent["repo_id"], child.parent["commit"])
+    parent = recorded(registry, child.parent["repo_id"], child.parent["commit"])
     mine, theirs = child.headline, parent.headline
     if mine is None or theirs is None or mine[0] != theirs[0]:
         missing = " and ".join(r.name for r, h in ((child, mine), (parent, theirs)) if h is None) or "either"
@@ -218,19 +199,14 @@ def promote(spec: str, tag: str, force: bool, votes_path: Path | None, endpoint:
     Raises:
         LoradockError: the evidence is missing or against it and not `force`; no tag moved.
     """
-    from hub.adapter import AdapterRef
-    from hub.errors import BadRequest
-    from hub.storage import check_ref_name
-
     ref = AdapterRef.parse(spec)
-    try:
-        check_ref_name(tag, "tag")  # the registry's own rule, checked before anything is read
-    except BadRequest as e:
-        raise LoradockError(f"--tag {tag!r}: {e}", "pass a tag name such as prod; no tag was moved") from None
-    registry = Registry(endpoint, token)
-    child = registry.revision(ref.repo_id, ref.revision)
-    current = registry.tag_target(ref.repo_id, tag)
-    found, problems = evidence(registry, child, tag, current, votes_path)
+    problem = ref_name_problem(tag, "tag")  # the registry's own rule, checked before anything is read
+    if problem:
+        raise LoradockError(f"--tag {tag!r}: {problem}", "pass a tag name such as prod; no tag was moved")
+    door = client.registry(endpoint, token)
+    child = recorded(door, ref.repo_id, ref.revision)
+    current = door.tags(ref.repo_id).get(tag)
+    found, problems = evidence(door, child, tag, current, votes_path)
     if problems and not force:
         raise LoradockError(f"not moving {tag} to {child.name}: " + "; ".join(problems),
                             f"train a revision that beats its parent, or pass --force to move {tag} anyway; "
@@ -240,40 +216,47 @@ def promote(spec: str, tag: str, force: bool, votes_path: Path | None, endpoint:
         f" Evidence: {'; '.join(found)}." if found else "")
     if current == child.commit:
         return message.replace("->", "already at", 1)
-    registry.move_tag(ref.repo_id, tag, current, child.commit, message.strip())
+    door.move_tag(ref.repo_id, tag, current, child.commit, message.strip())
     return message.strip()
 
 
 # --- the commands -------------------------------------------------------------------------------
 
+@dataclass
+class LineageArgs:
+    """Print each revision back to the base: commit, tags, objective, steps, data (dataset commit and
+    sha256), held-out score and vote win rate over its parent where known."""
+
+    spec: str | None = field(default=None, metadata={"help": "the revision to start from", "positional": True,
+                                                     "metavar": "REPO@REVISION", "required": True})
+    format: Literal["text", "json"] = field(default="text", metadata={"help": "text or json"})
+    registry: str | None = field(default=None, metadata={"help": REGISTRY_HELP, "metavar": "URL"})
+    token: str | None = field(default=None, metadata={"help": TOKEN_HELP, "secret": True})
+    votes: str | None = field(default=None, metadata={"help": VOTES_HELP, "metavar": "PATH"})
+
+
+@dataclass
+class PromoteArgs:
+    """Point --tag at REPO@REVISION only when its held-out score is not below its parent's (same
+    held-out data) and, if votes compare the two, its win rate over the parent is above 50% at the
+    95% interval's lower bound. The tag's message records the evidence."""
+
+    spec: str | None = field(default=None, metadata={"help": "the revision to promote", "positional": True,
+                                                     "metavar": "REPO@REVISION", "required": True})
+    tag: str | None = field(default=None, metadata={"help": "the tag to move, e.g. prod", "required": True,
+                                                    "metavar": "TAG"})
+    force: bool = field(default=False, metadata={
+        "switch": True, "help": "move it without the evidence (the tag's message says so)"})
+    registry: str | None = field(default=None, metadata={"help": REGISTRY_HELP, "metavar": "URL"})
+    token: str | None = field(default=None, metadata={"help": TOKEN_HELP, "secret": True})
+    votes: str | None = field(default=None, metadata={"help": VOTES_HELP, "metavar": "PATH"})
+
+
 def register(subparsers) -> None:
-    p = subparsers.add_parser("lineage", help="an adapter revision's chain of parents back to its base model",
-                              description="Print each revision back to the base: commit, tags, objective, steps, "
-                                          "data (dataset commit and sha256), held-out score and vote win rate over "
-                                          "its parent where known.")
-    p.add_argument("spec", metavar="REPO@REVISION")
-    add_registry_flags(p)
-    p.add_argument("--format", choices=("text", "json"), default="text")
-    p.set_defaults(func=run_lineage)
-
-    p = subparsers.add_parser("promote", help="move a tag to a revision that beats its parent",
-                              description="Point --tag at REPO@REVISION only when its held-out score is not below its "
-                                          "parent's (same held-out data) and, if votes compare the two, its win rate "
-                                          "over the parent is above 50% at the 95% interval's lower bound. The "
-                                          "tag's message records the evidence.")
-    p.add_argument("spec", metavar="REPO@REVISION")
-    p.add_argument("--tag", required=True, help="the tag to move, e.g. prod")
-    p.add_argument("--force", action="store_true", help="move it without the evidence (the tag's message says so)")
-    add_registry_flags(p)
-    p.set_defaults(func=run_promote)
-
-
-def add_registry_flags(p) -> None:
-    from ui.cli import add_votes_flag
-
-    p.add_argument("--registry", help="registry URL (none: $HF_ENDPOINT, else http://127.0.0.1:8090)")
-    p.add_argument("--token", help="registry token (none: $HF_TOKEN, else `loradock hub login`'s)")
-    add_votes_flag(p)
+    subcommand(subparsers, "lineage", LineageArgs, run_lineage, "lineage.yaml",
+               help="an adapter revision's chain of parents back to its base model")
+    subcommand(subparsers, "promote", PromoteArgs, run_promote, "promote.yaml",
+               help="move a tag to a revision that beats its parent")
 
 
 def votes_of(args) -> Path:

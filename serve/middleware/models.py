@@ -1,0 +1,55 @@
+"""GET /v1/models: vLLM's listing, with a `loradock` field on each adapter's card (repo, revision,
+commit sha, method, rank, headline metric) and a card for each prompt-tuning adapter known, which
+vLLM does not list, having never loaded it."""
+
+import json
+
+from serve import runtime
+from serve.asgi import send_whole
+from serve.config import ServeConfig
+from serve.routes import LISTED
+
+
+class AnnotateModels:
+    def __init__(self, app, config: ServeConfig):
+        self.app, self.base_model = app, config.base_model
+
+    async def __call__(self, scope, receive, send):
+        if scope not in LISTED:
+            return await self.app(scope, receive, send)
+        return await self.app(scope, receive, self.annotated(send))
+
+    def annotated(self, send):
+        """Buffer vLLM's /v1/models answer and add our metadata to each adapter card."""
+        start, chunks = {}, []
+
+        async def wrapped(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+                return
+            chunks.append(message.get("body", b""))
+            if message.get("more_body"):
+                return
+            body = b"".join(chunks)
+            if start["status"] == 200:
+                body = json.dumps(self.annotate(json.loads(body))).encode()
+            await send_whole(send, start, body)
+
+        return wrapped
+
+    def annotate(self, listing: dict) -> dict:
+        listing["data"] = listing.get("data", []) + soft_prompt_cards(listing.get("data", []), self.base_model)
+        for card in listing["data"]:
+            if card.get("parent"):
+                adapter = runtime.known(card["id"]) or runtime.remember(card["id"], card["root"])
+                card["loradock"] = adapter.info
+        return listing
+
+
+def soft_prompt_cards(cards: list[dict], base_model: str) -> list[dict]:
+    """vLLM's card for each prompt-tuning adapter it does not list (the shape of its LoRA cards)."""
+    from vllm.entrypoints.serve.engine.protocol import ModelCard, ModelPermission
+
+    listed = {card["id"] for card in cards}
+    return [ModelCard(id=a.name, root=str(a.path), parent=base_model, permission=[ModelPermission()]).model_dump()
+            for a in runtime.soft_prompted() if a.name not in listed]
