@@ -25,7 +25,7 @@ from pathlib import Path
 from hub.adapter import CARD, CONFIG, METRICS, PULL_MARKER, AdapterRef, check_repo_id, read_json
 from hub.adapter.card import CardInfo, build_card
 from hub.adapter.checks import check_publishable, folder_files
-from hub.adapter.records import read_metrics
+from hub.adapter.records import RunRecord
 from hub.objects import SHA1_HEX
 from loradock.errors import LoradockError, RegistryRefused, RepoNotFound, RevisionNotFound, Unreachable
 from loradock.home import home
@@ -254,10 +254,11 @@ class Registry:
             commit = self.api.model_info(repo_id, revision=ref).sha
         return Revision(repo_id, ref, commit, tuple(sorted(t for t, c in self.tags(repo_id).items() if c == commit)))
 
-    def run_record(self, repo_id: str, commit: str) -> dict:
-        """The metrics.json training wrote into a revision, its damaged fields left out ({} without one)."""
+    def run_record(self, repo_id: str, commit: str) -> RunRecord:
+        """The record training wrote into a revision (metrics.json), its damaged fields left out;
+        an empty record without one."""
         folder = self.files(repo_id, commit, (METRICS,))
-        return read_metrics(folder) if folder else {}
+        return RunRecord.read(folder) if folder else RunRecord()
 
     def file_sha256(self, repo_id: str, revision: str, filename: str) -> str | None:
         """The sha256 the registry records for one LFS file of a revision (None without such a file)."""

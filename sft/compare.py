@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from hub.adapter import METHODS, SERVED_AS, UNSUPPORTED, WEIGHTS
+from hub.adapter.records import RunRecord
 from loradock.config import load_yaml
 from loradock.errors import LoradockError
 from loradock.procs import log_tail, loradock_command
@@ -110,14 +111,13 @@ def train_one(method: str, config: dict, folder: Path) -> dict:
     if done.returncode != 0:
         return {**row, "error": log_tail(log, 3).strip().splitlines()[-1] if log.exists() else "no output"}
     adapter = Path(config["output"])
-    metrics = json.loads((adapter / "metrics.json").read_text())
-    trainable, rest = metrics["trainable_parameters"], metrics["base_parameters"]
-    scores = metrics.get("eval_metrics") or {}
+    run = RunRecord.read(adapter)
+    trainable, rest = run.trainable_parameters, run.base_parameters
     return {**row, "trainable_parameters": trainable, "trainable_percent": round(100 * trainable / rest, 4),
-            "adapter_bytes": (adapter / WEIGHTS).stat().st_size, "train_runtime_s": metrics["train_runtime_s"],
-            "wall_s": wall, "tokens_per_second": metrics["tokens_per_second"], "peak_memory": metrics["peak_memory"],
-            "learning_rate": config["training"].get("learning_rate"), "eval_loss": metrics.get("eval_loss"),
-            "exact_match": scores.get("exact_match"), "rouge_l": scores.get("rouge_l")}
+            "adapter_bytes": (adapter / WEIGHTS).stat().st_size, "train_runtime_s": run.train_runtime_s,
+            "wall_s": wall, "tokens_per_second": run.tokens_per_second, "peak_memory": run.peak_memory,
+            "learning_rate": config["training"].get("learning_rate"), "eval_loss": run.eval_loss,
+            "exact_match": run.eval_metrics.get("exact_match"), "rouge_l": run.eval_metrics.get("rouge_l")}
 
 
 COLUMNS = ("method", "PEFT config", "trainable params", "% of base", "adapter size", "train time", "tokens/s",

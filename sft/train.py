@@ -26,6 +26,7 @@ import yaml
 from hub.adapter import METRICS, REQUIRED_FILES, RUN_CONFIG, WEIGHTS
 from hub.adapter.card import write_card
 from hub.adapter.checks import saved_weight_problems
+from hub.adapter.records import RunRecord
 from loradock.errors import LoradockError
 from sft.base_model import BUILD_INFO, resolve_base_model
 from sft.chat_format import check_chat_template
@@ -348,32 +349,28 @@ def run(config: ResolvedConfig) -> Path:
         return paths.output
 
     record, report = lineage(config, parent, data, held), prepared.train_report
-    metrics = {
-        "objective": args.objective, "parent": record["parent"], "dataset": record["dataset"],
-        "base_model": args.base_model, "base_model_revision": base_revision(base_path, model),
-        "dataset_sha256": report.sha256, "train_data": report.summary(), "eval_data": prepared.eval_summary,
-        "method": config.method.name, "trainable_parameters": trainable, "base_parameters": total - trainable,
-        "train_loss": round(result.training_loss, 4), "eval_loss_before": before.get("eval_loss"),
-        "eval_loss": after.get("eval_loss"), "eval_metrics_before": generation_scores(before),
-        "eval_metrics": generation_scores(after), "held_out_sha256": held_out_fingerprint(held_out),
-        "steps": result.global_step, "epochs": round(trainer.state.epoch or 0, 3),
-        "processes": trainer_args.world_size,
-        "global_batch": trainer_args.per_device_train_batch_size * trainer_args.world_size
+    run_record = RunRecord(
+        objective=args.objective, parent=record["parent"], dataset=record["dataset"],
+        base_model=args.base_model, base_model_revision=base_revision(base_path, model),
+        dataset_sha256=report.sha256, train_data=report.summary(), eval_data=prepared.eval_summary,
+        method=config.method.name, trainable_parameters=trainable, base_parameters=total - trainable,
+        train_loss=round(result.training_loss, 4), eval_loss_before=before.get("eval_loss"),
+        eval_loss=after.get("eval_loss"), eval_metrics_before=generation_scores(before),
+        eval_metrics=generation_scores(after), held_out_sha256=held_out_fingerprint(held_out),
+        steps=result.global_step, epochs=round(trainer.state.epoch or 0, 3), processes=trainer_args.world_size,
+        global_batch=trainer_args.per_device_train_batch_size * trainer_args.world_size
         * trainer_args.gradient_accumulation_steps,
-        "train_runtime_s": round(result.metrics["train_runtime"], 2),
-        "total_runtime_s": round(time.perf_counter() - started, 2),
-        "train_tokens": trainer._total_train_tokens,
-        "tokens_per_second": round(trainer._total_train_tokens / max(result.metrics["train_runtime"], 1e-9), 1),
-        "peak_memory": peak_memory(),
-        "resumed_from_step": int(checkpoint.name.split("-")[-1]) if checkpoint else None,
-        "log_history": trainer.state.log_history,
-    }
-    output = publish(trainer, config, paths, metrics, record, state_dict)
+        train_runtime_s=round(result.metrics["train_runtime"], 2),
+        total_runtime_s=round(time.perf_counter() - started, 2), train_tokens=int(trainer._total_train_tokens),
+        tokens_per_second=round(trainer._total_train_tokens / max(result.metrics["train_runtime"], 1e-9), 1),
+        peak_memory=peak_memory(), resumed_from_step=int(checkpoint.name.split("-")[-1]) if checkpoint else None,
+        log_history=trainer.state.log_history)
+    output = publish(trainer, config, paths, run_record, record, state_dict)
     wait_for_everyone()
     return output
 
 
-def publish(trainer, config: ResolvedConfig, paths: RunPaths, metrics: dict, record: dict | None = None,
+def publish(trainer, config: ResolvedConfig, paths: RunPaths, run_record: RunRecord, record: dict | None = None,
             state_dict: dict | None = None) -> Path:
     """Assemble the adapter folder beside the checkpoints and rename it into place (on the main process).
     `state_dict` is the model's, gathered whole from the processes' shards (FSDP, DeepSpeed ZeRO-3)."""
@@ -397,7 +394,7 @@ def publish(trainer, config: ResolvedConfig, paths: RunPaths, metrics: dict, rec
                             "with the full state dict gathered, then train again")
     trainer.processing_class.save_pretrained(staging)
     (staging / RUN_CONFIG).write_text(run_config_yaml(config, record))
-    (staging / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    (staging / METRICS).write_text(run_record.to_json())
     write_card(staging)
     missing = [name for name in REQUIRED_FILES if not (staging / name).exists()]
     if missing:
@@ -432,12 +429,11 @@ def main(config: ResolvedConfig) -> int:
         output = run(config)
     if not is_main():
         return 0  # the main process reports
-    metrics = json.loads((output / METRICS).read_text())
-    before, after = metrics["eval_loss_before"], metrics["eval_loss"]
-    summary = f"adapter written to {output}: train loss {metrics['train_loss']}"
+    written = RunRecord.read(output)
+    before, after = written.eval_loss_before, written.eval_loss
+    summary = f"adapter written to {output}: train loss {written.train_loss}"
     if after is not None:
         summary += f", eval loss {before:.4f} -> {after:.4f}" if before is not None else f", eval loss {after:.4f}"
-    scores = metrics.get("eval_metrics") or {}
-    summary += "".join(f", {name.replace('_', ' ')} {value:.1%}" for name, value in scores.items())
-    print(summary + f", {metrics['tokens_per_second']} tokens/s")
+    summary += "".join(f", {name.replace('_', ' ')} {value:.1%}" for name, value in written.eval_metrics.items())
+    print(summary + f", {written.tokens_per_second} tokens/s")
     return 0

@@ -91,6 +91,9 @@ DAMAGED_RECORDS = {  # case: (file, its text, words the push refusal names)
                      "metrics.json: eval_metrics is [1, 2], not a mapping of metric names to numbers"),
     "metrics-string-loss": ("metrics.json", '{"eval_loss": "x"}', 'metrics.json: eval_loss is "x", not a finite number'),
     "metrics-not-json": ("metrics.json", '{"eval_loss": ', "metrics.json is not readable JSON"),
+    "metrics-string-train-loss": ("metrics.json", '{"train_loss": "low", "steps": -1}',
+                                  'metrics.json: steps is -1, not a whole number; metrics.json: train_loss is "low", '
+                                  'not a finite number'),
     "metrics-a-list": ("metrics.json", "[0.25]", "metrics.json holds [0.25], not a mapping of fields"),
     "run-config-types": ("run_config.yaml", "data: 7\nparent: alice/x\ntraining: [1]\n",
                          "run_config.yaml: data is 7, not text; run_config.yaml: parent is \"alice/x\", not a mapping"),
@@ -113,6 +116,28 @@ def test_damaged_records_are_read_without_them_and_refused_at_push(tmp_path, cas
     with pytest.raises(LoradockError) as e:
         Registry("http://127.0.0.1:9", "unused").push(str(folder), "alice/damaged")
     assert words in e.value.problem and "nothing was pushed" in e.value.fix, e.value.message
+
+
+def test_the_run_record_is_one_type_from_training_to_every_reader(tmp_path):
+    """What training writes (`RunRecord.to_json`) reads back whole; a damaged field is left out and
+    the sound ones beside it kept; the card takes the run's parent and data from the record."""
+    from hub.adapter.records import RunRecord
+
+    parent = {"repo_id": "alice/a", "revision": "v1", "commit": "c" * 40, "base_model": "loradock/tiny-chat"}
+    dataset = {"repo_id": "alice/votes", "revision": "main", "commit": "d" * 40, "file": "sft.jsonl"}
+    written = RunRecord(objective="dpo", method="lora", parent=parent, dataset=dataset, steps=12, train_loss=0.5,
+                        eval_metrics={"exact_match": 0.75, "rouge_l": 0.9}, held_out_sha256="e" * 64,
+                        peak_memory={"device": "cpu", "mib": 812.5}, log_history=[{"step": 1, "loss": 2.0}])
+    folder = adapter_folder(tmp_path / "a")
+    (folder / "metrics.json").write_text(written.to_json())
+    assert RunRecord.read(folder) == written
+    assert written.headline == ("exact_match", 0.75) and written.held_out == "e" * 64
+    assert written.data() == f"datasets/alice/votes@{'d' * 12}/sft.jsonl (sha256 ?)"
+    card = CardInfo.from_folder(folder)  # no run_config.yaml: the record alone says what the run was
+    assert (card.parent, card.dataset, card.objective, card.datasets) == (parent, dataset, "dpo", ["alice/votes"])
+    damaged = json.loads(written.to_json()) | {"steps": "twelve", "peak_memory": 5}
+    assert RunRecord.from_dict(damaged) == RunRecord(**{**vars(written), "steps": None, "peak_memory": None})
+    assert not RunRecord.read(tmp_path / "nothing").recorded
 
 
 def test_a_damaged_field_leaves_the_sound_ones_beside_it(tmp_path):

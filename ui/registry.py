@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from hub.adapter import CONFIG, METRICS, RUN_CONFIG, AdapterRef
 from hub.adapter.card import CardInfo
-from hub.adapter.records import read_metrics
+from hub.adapter.records import RunRecord
 from hub.client import Registry
 
 CARD_FILES = (CONFIG, METRICS, RUN_CONFIG)
@@ -37,7 +37,7 @@ class AdapterCard:
     repo_id: str
     commit: str
     card: CardInfo | None  # rebuilt from the files, as the registry holds them at `commit`
-    metrics: dict
+    run: RunRecord
     run_config_yaml: str
     loss_curve: list[dict] = field(default_factory=list)  # {"step", "loss", "series": "train"|"eval"}
 
@@ -49,8 +49,8 @@ class AdapterCard:
                 "base model revision": card.base_model_revision, "method": card.method, "rank": card.rank,
                 "alpha": card.settings.get("alpha"),
                 "target modules": targets if isinstance(targets, str) else ", ".join(targets),
-                "dataset sha256": card.dataset_sha256, "eval loss before": self.metrics.get("eval_loss_before"),
-                "eval loss": self.metrics.get("eval_loss"), "steps": self.metrics.get("steps")}
+                "dataset sha256": card.dataset_sha256, "eval loss before": self.run.eval_loss_before,
+                "eval loss": self.run.eval_loss, "steps": self.run.steps}
 
 
 def adapter_card(repo_id: str, commit: str, registry: Registry) -> AdapterCard:
@@ -58,17 +58,17 @@ def adapter_card(repo_id: str, commit: str, registry: Registry) -> AdapterCard:
     # An adapter pushed without loradock may lack metrics.json or run_config.yaml.
     folder = registry.files(repo_id, commit, CARD_FILES)
     if folder is None:
-        return AdapterCard(repo_id, commit, None, {}, "")
-    metrics = read_metrics(folder)
+        return AdapterCard(repo_id, commit, None, RunRecord(), "")
+    run = RunRecord.read(folder)
     run_config = folder / RUN_CONFIG
-    return AdapterCard(repo_id, commit, CardInfo.from_folder(folder), metrics,
-                       run_config.read_text(encoding="utf-8") if run_config.exists() else "", loss_curve(metrics))
+    return AdapterCard(repo_id, commit, CardInfo.from_folder(folder), run,
+                       run_config.read_text(encoding="utf-8") if run_config.exists() else "", loss_curve(run))
 
 
-def loss_curve(metrics: dict) -> list[dict]:
-    """The train and eval losses of Trainer's log_history, one point per logged step."""
+def loss_curve(run: RunRecord) -> list[dict]:
+    """The train and eval losses of the Trainer's log_history, one point per logged step."""
     points = []
-    for entry in metrics.get("log_history") or []:
+    for entry in run.log_history:
         for key, series in (("loss", "train"), ("eval_loss", "eval")):
             if isinstance(entry.get(key), (int, float)) and "step" in entry:
                 points.append({"step": entry["step"], "loss": entry[key], "series": series})

@@ -2,7 +2,7 @@
 of parents back to its base model, and moving a tag to a revision only with the evidence that it
 beats its parent.
 
-Each revision speaks for itself through the `metrics.json` that `loradock train` wrote into it: its
+Each revision speaks for itself through the run record (`RunRecord`, metrics.json) that `loradock train` wrote into it: its
 objective, its parent (repo and commit), its data (a registry dataset's commit, and the sha256 of
 the rows), its steps and its held-out figures. The votes come from the comparison screen's
 database (`ui.votes`), rated per pair of commits by `ui.ratings`: the evidence joins the registry's
@@ -20,13 +20,13 @@ from typing import Literal
 
 from hub import client
 from hub.adapter import AdapterRef
+from hub.adapter.records import RunRecord
 from hub.client import Registry, Revision
 from hub.objects import ref_name_problem
 from loradock.config import REGISTRY_HELP, TOKEN_HELP, subcommand
 from loradock.errors import LoradockError
 from ui.cli import VOTES_HELP
 
-HEADLINE = ("exact_match", "rouge_l")  # the held-out figures compared, in order
 MAX_DEPTH = 100  # a chain longer than this is a loop in the records, not a history
 
 
@@ -34,7 +34,7 @@ MAX_DEPTH = 100  # a chain longer than this is a loop in the records, not a hist
 class RevisionRecord:
     """A revision of an adapter and the record its training wrote into it."""
     revision: Revision
-    metrics: dict  # its metrics.json ({} when it has none)
+    run: RunRecord  # empty when it has none
 
     @property
     def repo_id(self) -> str:
@@ -54,29 +54,8 @@ class RevisionRecord:
 
     @property
     def parent(self) -> dict | None:
-        parent = self.metrics.get("parent")
-        return parent if isinstance(parent, dict) and parent.get("repo_id") and parent.get("commit") else None
-
-    @property
-    def held_out(self) -> dict:
-        return self.metrics.get("eval_metrics") or {}
-
-    @property
-    def held_out_sha256(self) -> str | None:
-        """What its held-out figures were scored on (the prompts and references; for a run that
-        did not record those, its held-out file)."""
-        return self.metrics.get("held_out_sha256") or (self.metrics.get("eval_data") or {}).get("sha256")
-
-    @property
-    def headline(self) -> tuple[str, float] | None:
-        return next(((k, self.held_out[k]) for k in HEADLINE if self.held_out.get(k) is not None), None)
-
-    def data(self) -> str:
-        dataset = self.metrics.get("dataset") or {}
-        sha = (self.metrics.get("dataset_sha256") or "")[:12]
-        where = f"datasets/{dataset['repo_id']}@{dataset['commit'][:12]}/{dataset['file']}" if dataset.get("repo_id") \
-            else Path((self.metrics.get("train_data") or {}).get("path") or "?").name
-        return f"{where} (sha256 {sha or '?'})"
+        parent = self.run.parent
+        return parent if parent and parent.get("repo_id") and parent.get("commit") else None
 
 
 def recorded(registry: Registry, repo_id: str, ref: str) -> RevisionRecord:
@@ -113,14 +92,12 @@ def versus(votes_path: Path | None, child: RevisionRecord, parent: RevisionRecor
 
 def describe(revision: RevisionRecord, parent: RevisionRecord | None, votes_path: Path | None) -> dict:
     """One line of the lineage, as data."""
-    m = revision.metrics
-    headline = revision.headline
+    run, headline = revision.run, revision.run.headline
     return {"repo_id": revision.repo_id, "commit": revision.commit, "tags": revision.tags,
-            "objective": m.get("objective") or ("sft" if m else None), "method": m.get("method"),
-            "data": revision.data() if m else None, "dataset": m.get("dataset"), "dataset_sha256": m.get("dataset_sha256"),
-            "steps": m.get("steps"), "held_out": {headline[0]: headline[1]} if headline else None,
-            "parent": revision.parent, "base_model": m.get("base_model"),
-            "base_model_revision": m.get("base_model_revision"),
+            "objective": run.objective or ("sft" if run.recorded else None), "method": run.method,
+            "data": run.data() if run.recorded else None, "dataset": run.dataset, "dataset_sha256": run.dataset_sha256,
+            "steps": run.steps, "held_out": {headline[0]: headline[1]} if headline else None,
+            "parent": revision.parent, "base_model": run.base_model, "base_model_revision": run.base_model_revision,
             "votes_vs_parent": versus(votes_path, revision, parent) if parent else None}
 
 
@@ -159,21 +136,22 @@ def evidence(registry: Registry, child: RevisionRecord, tag: str, current: str |
     found, problems = [], []
     if current and current not in (child.commit, (child.parent or {}).get("commit")):
         holder = recorded(registry, child.repo_id, current)
-        if holder.headline and child.headline and holder.held_out_sha256 == child.held_out_sha256 \
-                and holder.headline[0] == child.headline[0] and child.headline[1] < holder.headline[1]:
-            problems.append(f"held-out {child.headline[0]} {child.headline[1]:.3f} is below that of {holder.name} "
-                            f"({holder.headline[1]:.3f}), which {tag} points at now")
+        theirs, mine = holder.run.headline, child.run.headline
+        if theirs and mine and holder.run.held_out == child.run.held_out and theirs[0] == mine[0] \
+                and mine[1] < theirs[1]:
+            problems.append(f"held-out {mine[0]} {mine[1]:.3f} is below that of {holder.name} ({theirs[1]:.3f}), "
+                            f"which {tag} points at now")
     if not child.parent:
         return found, [f"{child.name} records no parent revision to compare it with (it was not trained with "
                        "--init-adapter)"]
     parent = recorded(registry, child.parent["repo_id"], child.parent["commit"])
-    mine, theirs = child.headline, parent.headline
+    mine, theirs = child.run.headline, parent.run.headline
     if mine is None or theirs is None or mine[0] != theirs[0]:
         missing = " and ".join(r.name for r, h in ((child, mine), (parent, theirs)) if h is None) or "either"
         problems.append(f"no held-out score of {missing} to compare (train with --eval-data)")
-    elif child.held_out_sha256 != parent.held_out_sha256:
+    elif child.run.held_out != parent.run.held_out:
         problems.append(f"{child.name} and its parent were scored on different held-out data (sha256 "
-                        f"{(child.held_out_sha256 or '?')[:12]} and {(parent.held_out_sha256 or '?')[:12]})")
+                        f"{(child.run.held_out or '?')[:12]} and {(parent.run.held_out or '?')[:12]})")
     elif mine[1] < theirs[1]:
         problems.append(f"held-out {mine[0]} {mine[1]:.3f} is below its parent's {theirs[1]:.3f}")
     else:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hub.adapter import CARD, CONFIG, METHODS, SERVED_AS, chat_template, method_of, read_json
-from hub.adapter.records import CARD_FIELDS, CONFIG_FIELDS, is_count, is_number, read_metrics, read_run_config, sound
+from hub.adapter.records import CARD_FIELDS, CONFIG_FIELDS, RunRecord, is_count, is_number, read_run_config, sound
 
 
 @dataclass
@@ -45,17 +45,19 @@ class CardInfo:
 
     @classmethod
     def from_folder(cls, folder: Path) -> "CardInfo":
-        """Built from the folder's own files (adapter_config, metrics, run_config, template), each
-        field of the wrong type left out (`hub.adapter.records`)."""
+        """Built from the folder's own files (adapter_config, the run record, run_config, template),
+        each field of the wrong type left out (`hub.adapter.records`). What the run was (its parent,
+        data, figures) is the run record's; run_config.yaml, the recipe, fills in for a folder
+        without a record."""
         folder = Path(folder)
         adapter = sound(read_json(folder / CONFIG), CONFIG_FIELDS)[0]
-        metrics, run_config = read_metrics(folder), read_run_config(folder)
+        run, run_config = RunRecord.read(folder), read_run_config(folder)
         method = method_of(adapter)
         figures = []
-        if metrics.get("eval_loss") is not None:
-            figures.append(Metric("loss", "eval loss", round(metrics["eval_loss"], 4)))
-        figures += [Metric(k, k.replace("_", " "), v) for k, v in (metrics.get("eval_metrics") or {}).items()]
-        dataset = run_config.get("dataset")
+        if run.eval_loss is not None:
+            figures.append(Metric("loss", "eval loss", round(run.eval_loss, 4)))
+        figures += [Metric(k, k.replace("_", " "), v) for k, v in run.eval_metrics.items()]
+        dataset = run.dataset or run_config.get("dataset")
         if dataset and dataset.get("repo_id"):
             datasets = [dataset["repo_id"]]
         else:
@@ -65,11 +67,11 @@ class CardInfo:
             method=method.name if method else None, settings=method.card_settings(adapter) if method else {},
             datasets=datasets, metrics=figures,
             held_out=Path(run_config.get("eval_data") or run_config.get("data") or "held-out").name,
-            base_model_revision=metrics.get("base_model_revision"), dataset_sha256=metrics.get("dataset_sha256"),
+            base_model_revision=run.base_model_revision, dataset_sha256=run.dataset_sha256,
             training=run_config.get("training"), chat_template=chat_template(folder),
-            # a run_config without `objective` was written before there was a choice: instruction tuning
-            objective=run_config.get("objective") or ("sft" if run_config else None),
-            parent=run_config.get("parent"), dataset=dataset)
+            # a record without `objective` was written before there was a choice: instruction tuning
+            objective=run.objective or run_config.get("objective") or ("sft" if run.recorded or run_config else None),
+            parent=run.parent or run_config.get("parent"), dataset=dataset)
 
     @classmethod
     def from_card_data(cls, data) -> "CardInfo":

@@ -6,18 +6,22 @@ Anyone who can push writes these files, so every reader takes them through here:
 the fields of the right type and names the others. adapter_config.json is required: a field of the
 wrong type refuses the adapter at push and before serving (`hub.adapter.checks`). The records and
 the card are optional: serving, listing and the UI read them without their damaged fields
-(`read_metrics`, `read_run_config`; a sound adapter is still served, its figure shown as none),
+(`RunRecord.read`, `read_run_config`; a sound adapter is still served, its figure shown as none),
 and `loradock push` refuses a folder whose records are damaged (`record_problems`), each problem
 naming the file and the field.
 
-    from hub.adapter.records import read_metrics
-    read_metrics("runs/reverse").get("eval_loss")  # a number, or None
+The run record (`RunRecord`) is what training writes about itself, one type for its writer and
+every reader:
+
+    from hub.adapter.records import RunRecord
+    RunRecord.read("runs/reverse").eval_loss  # a number, or None
 """
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hub.adapter import CONFIG, METRICS, RUN_CONFIG
@@ -64,10 +68,13 @@ CONFIG_FIELDS = {
     "num_transformer_submodules": COUNT, "adapter_len": COUNT, "adapter_layers": COUNT,
 }
 METRICS_FIELDS = {
-    "eval_loss": NUMBER, "eval_loss_before": NUMBER, "eval_metrics": SCORES, "eval_metrics_before": SCORES,
-    "base_model_revision": TEXT, "dataset_sha256": TEXT, "held_out_sha256": TEXT, "steps": COUNT,
-    "parent": PARENT, "dataset": DATASET, "train_data": record("path", "sha256"),
-    "eval_data": record("path", "sha256"), "log_history": ENTRIES,
+    "objective": TEXT, "method": TEXT, "base_model": TEXT, "base_model_revision": TEXT, "parent": PARENT,
+    "dataset": DATASET, "dataset_sha256": TEXT, "train_data": record("path", "sha256"),
+    "eval_data": record("path", "sha256"), "held_out_sha256": TEXT, "train_loss": NUMBER, "eval_loss_before": NUMBER,
+    "eval_loss": NUMBER, "eval_metrics_before": SCORES, "eval_metrics": SCORES, "steps": COUNT, "epochs": NUMBER,
+    "processes": COUNT, "global_batch": COUNT, "trainable_parameters": COUNT, "base_parameters": COUNT,
+    "train_runtime_s": NUMBER, "total_runtime_s": NUMBER, "train_tokens": COUNT, "tokens_per_second": NUMBER,
+    "peak_memory": MAPPING, "resumed_from_step": COUNT, "log_history": ENTRIES,
 }
 RUN_CONFIG_FIELDS = {
     "base_model": TEXT, "data": TEXT, "eval_data": TEXT, "objective": TEXT, "training": MAPPING,
@@ -145,3 +152,80 @@ def config_field_problems(config: dict) -> list[str]:
     """adapter_config.json's fields of the wrong type, each with the file named and the fix."""
     return [f"{CONFIG}: {problem}; re-save the adapter with PEFT's save_pretrained"
             for problem in sound(config, CONFIG_FIELDS)[1]]
+
+
+HEADLINE = ("exact_match", "rouge_l")  # the held-out figures a revision is judged by, in order
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a training run records about itself, as `loradock train` writes it (metrics.json) and
+    the card, lineage, promote, compare and the comparison screen read it. Read from a file, a field
+    of the wrong type is left out (`read_metrics`): anyone who can push writes one."""
+
+    objective: str | None = None  # "sft" or "dpo"
+    method: str | None = None  # the PEFT method's name
+    base_model: str | None = None
+    base_model_revision: str | None = None  # the base weights' sha256 (or the Hub commit)
+    parent: dict | None = None  # the adapter it continued: {repo_id, revision, commit, base_model}; None: fresh
+    dataset: dict | None = None  # the registry dataset its rows came from: {repo_id, revision, commit, file}
+    dataset_sha256: str | None = None  # of the rows trained on
+    train_data: dict | None = None  # {path, sha256, rows read, kept, dropped, ...}
+    eval_data: dict | None = None
+    held_out_sha256: str | None = None  # what the held-out figures were scored on
+    train_loss: float | None = None
+    eval_loss_before: float | None = None
+    eval_loss: float | None = None
+    eval_metrics_before: dict = field(default_factory=dict)  # {exact_match, rouge_l} untrained
+    eval_metrics: dict = field(default_factory=dict)  # the same, trained
+    steps: int | None = None
+    epochs: float | None = None
+    processes: int | None = None
+    global_batch: int | None = None
+    trainable_parameters: int | None = None
+    base_parameters: int | None = None
+    train_runtime_s: float | None = None
+    total_runtime_s: float | None = None
+    train_tokens: int | None = None
+    tokens_per_second: float | None = None
+    peak_memory: dict | None = None  # {device, mib}
+    resumed_from_step: int | None = None
+    log_history: list = field(default_factory=list)  # the Trainer's, one entry per logged step
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunRecord":
+        """The record in `values` (a metrics.json's mapping): its sound fields; the rest ignored."""
+        kept = sound(values, METRICS_FIELDS)[0]
+        return cls(**{f.name: kept[f.name] for f in dataclasses.fields(cls) if kept.get(f.name) is not None})
+
+    @classmethod
+    def read(cls, folder: Path) -> "RunRecord":
+        """The folder's metrics.json (an empty record without one)."""
+        return cls.from_dict(read_metrics(folder))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, default=str) + "\n"
+
+    @property
+    def recorded(self) -> bool:
+        """Whether a training run wrote this (an adapter pushed without loradock has no record)."""
+        return self != RunRecord()
+
+    @property
+    def held_out(self) -> str | None:
+        """What the held-out figures were scored on (the prompts and references; for a run that
+        did not record those, its held-out file)."""
+        return self.held_out_sha256 or (self.eval_data or {}).get("sha256")
+
+    @property
+    def headline(self) -> tuple[str, float] | None:
+        """The held-out figure the revision is judged by: exact match, else ROUGE-L."""
+        return next(((k, self.eval_metrics[k]) for k in HEADLINE if self.eval_metrics.get(k) is not None), None)
+
+    def data(self) -> str:
+        """Where its rows came from, for a person: a registry dataset at its commit, else the file's name."""
+        sha = (self.dataset_sha256 or "")[:12]
+        dataset = self.dataset or {}
+        where = (f"datasets/{dataset['repo_id']}@{(dataset.get('commit') or '?')[:12]}/{dataset.get('file')}"
+                 if dataset.get("repo_id") else Path((self.train_data or {}).get("path") or "?").name)
+        return f"{where} (sha256 {sha or '?'})"
