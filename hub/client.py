@@ -413,7 +413,7 @@ class Registry:
 
     # --- pulling ---
 
-    def pull(self, spec: str, to: str | Path | None = None) -> PullResult:
+    def pull(self, spec: "str | AdapterRef", to: str | Path | None = None) -> PullResult:
         """Download a pinned snapshot, checking every file against the registry's hashes as it arrives
         (sha256 for LFS files, git blob sha1 for the rest), then move it into place in one rename.
 
@@ -423,7 +423,7 @@ class Registry:
         """
         from hub.transfer import download_file
 
-        ref = AdapterRef.parse(spec)
+        ref = spec if isinstance(spec, AdapterRef) else AdapterRef.parse(spec)
         repo_id, revision, endpoint = ref.repo_id, ref.revision, self.url
         with self.errors(repo_id, revision):
             info = self.api.model_info(repo_id, revision=revision, files_metadata=True)  # sizes and hashes

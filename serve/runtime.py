@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hub import pulled
 from hub.adapter import METHODS, PULL_MARKER, AdapterRef, chat_template, read_json
@@ -27,6 +28,9 @@ from hub.adapter.card import CardInfo
 from hub.adapter.checks import ServedBase, check_folder
 from loradock.errors import AdapterRefused, Forbidden, LoradockError, NotFound
 from serve.config import ServeConfig
+
+if TYPE_CHECKING:
+    from hub.client import PullResult
 
 UNKNOWN_TTL_S = 10.0  # short: an adapter pushed just after a miss is served soon after
 UNKNOWN_MAX = 4096
@@ -65,15 +69,21 @@ _locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # name -> (its lock, [ca
 _pull_slots: dict[asyncio.AbstractEventLoop, asyncio.Semaphore] = {}
 
 
-def describe(name: str, folder: Path) -> Adapter:
+def describe(name: str, folder: Path, pinned: "PullResult | None" = None,
+             adapter_config: dict | None = None) -> Adapter:
+    """The adapter `name` served from `folder`: `pinned`, the pull that just fetched it (else its
+    pull marker says where it came from), and its adapter_config.json as the check read it."""
     folder = Path(folder)
-    pulled = read_json(folder / PULL_MARKER)
-    card = CardInfo.from_folder(folder)
-    if AdapterRef.looks_like(name):  # one pulled folder serves every name of its commit
-        ref = AdapterRef.of(name)
-        pulled = {**pulled, "repo_id": ref.repo_id, "revision": ref.revision}
+    card = CardInfo.from_folder(folder, adapter_config)
+    if pinned is not None:
+        where = {"repo_id": pinned.repo_id, "revision": pinned.revision, "commit": pinned.commit}
+    else:
+        where = read_json(folder / PULL_MARKER)
+        if AdapterRef.looks_like(name):  # one pulled folder serves every name of its commit
+            ref = AdapterRef.of(name)
+            where = {**where, "repo_id": ref.repo_id, "revision": ref.revision}
     metric = card.headline
-    info = {"repo_id": pulled.get("repo_id"), "revision": pulled.get("revision"), "commit": pulled.get("commit"),
+    info = {"repo_id": where.get("repo_id"), "revision": where.get("revision"), "commit": where.get("commit"),
             "method": card.method, "rank": card.rank, "base_model": card.base_model,
             "metric": {"name": metric.name, "value": metric.value} if metric else None}
     served_by = METHODS[card.method].served_by if card.method in METHODS else "vllm-lora"
@@ -88,8 +98,9 @@ def lease(folder: Path) -> "pulled.Lease | None":
         return None
 
 
-def remember(name: str, folder: Path, held: "pulled.Lease | None" = None) -> Adapter:
-    adapter = describe(name, folder)
+def remember(name: str, folder: Path, held: "pulled.Lease | None" = None, pinned: "PullResult | None" = None,
+             adapter_config: dict | None = None) -> Adapter:
+    adapter = describe(name, folder, pinned, adapter_config)
     adapter.lease = held or lease(folder)
     if (previous := _known.get(name)) and previous.lease:
         previous.lease.release()
@@ -176,17 +187,17 @@ async def one_at_a_time(name: str):
             del _locks[name]
 
 
-def pull_and_lease(name: str, cfg: ServeConfig) -> tuple[Path, "pulled.Lease"]:
-    """Pull `name` (or find its copy), lease the copy, check it, then evict unleased copies over
-    the cap; runs in a worker thread."""
-    result, held = pulled.pull_leased(name, endpoint=cfg.registry, token=cfg.token)
+def pull_and_lease(ref: AdapterRef, cfg: ServeConfig) -> tuple["PullResult", "pulled.Lease", dict]:
+    """Pull `ref` (or find its copy), lease the copy, check it, then evict unleased copies over the
+    cap: (the pull, the lease, its adapter_config.json); runs in a worker thread."""
+    result, held = pulled.pull_leased(ref, endpoint=cfg.registry, token=cfg.token)
     try:
-        check_folder(result.path, served_base())
+        adapter_config = check_folder(result.path, served_base())
     except BaseException:
         held.release()
         raise
     pulled.evict(int(cfg.adapter_cache_mb * 2**20))
-    return result.path, held
+    return result, held, adapter_config
 
 
 async def fetch(name: str) -> Adapter:
@@ -220,8 +231,8 @@ async def fetch(name: str) -> Adapter:
         if unknown_recently(name):  # a pull of the same name, finished while this one waited
             raise missing
         try:
-            folder, held = await asyncio.to_thread(pull_and_lease, name, cfg)
+            pinned, held, adapter_config = await asyncio.to_thread(pull_and_lease, ref, cfg)
         except NotFound:
             note_unknown(name)
             raise
-        return remember(name, folder, held)
+        return remember(name, pinned.path, held, pinned, adapter_config)

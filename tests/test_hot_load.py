@@ -67,7 +67,7 @@ def server(registry, base_model_dir, tmp_path, monkeypatch):
     real_pull = client.Registry.pull
 
     def counted_pull(self, spec, *args, **kwargs):
-        pulls.append(spec)
+        pulls.append(str(spec))  # the name as a client sent it (a parsed AdapterRef reaches the pull)
         return real_pull(self, spec, *args, **kwargs)
 
     monkeypatch.setenv("LORADOCK_HOME", str(tmp_path / "home"))
@@ -102,6 +102,26 @@ def test_only_allowed_namespaces_are_asked_for(server, hot_adapters):
     configure(hot_load_namespaces=[])
     with pytest.raises(Forbidden, match=r"hot-loads adapters from \(none\)"):
         asyncio.run(runtime.fetch("alice/hot-b"))
+
+
+def test_a_first_request_reads_the_adapters_config_once(server, hot_adapters, registry):
+    """From the request's name to a known adapter, adapter_config.json is read once (by the check;
+    the card takes what it read), and the commit shown is the one the pull resolved."""
+    from hub.client import Registry
+
+    reads, watching = [], [True]
+
+    def audit(event, args):  # an audit hook cannot be removed: it stops counting instead
+        if watching[0] and event == "open" and str(args[0]).endswith("adapter_config.json") and args[1] in ("r", "rb"):
+            reads.append(args[0])
+
+    sys.addaudithook(audit)
+    try:
+        adapter = asyncio.run(runtime.fetch("alice/hot-c@main"))
+    finally:
+        watching[0] = False
+    assert len(reads) == 1, reads
+    assert adapter.info["commit"] == Registry(registry.url, registry.write_token).revision("alice/hot-c", "main").commit
 
 
 def test_unknown_names_cost_one_round_trip_per_ttl_and_leave_no_lock(server, hot_adapters, monkeypatch):

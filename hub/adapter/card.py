@@ -44,13 +44,13 @@ class CardInfo:
         return self.metrics[0] if self.metrics else None
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "CardInfo":
+    def from_folder(cls, folder: Path, adapter_config: dict | None = None) -> "CardInfo":
         """Built from the folder's own files (adapter_config, the run record, run_config, template),
         each field of the wrong type left out (`hub.adapter.records`). What the run was (its parent,
         data, figures) is the run record's; run_config.yaml, the recipe, fills in for a folder
-        without a record."""
+        without a record. `adapter_config`: adapter_config.json as the caller has read it already."""
         folder = Path(folder)
-        adapter = sound(read_json(folder / CONFIG), CONFIG_FIELDS)[0]
+        adapter = sound(read_json(folder / CONFIG) if adapter_config is None else adapter_config, CONFIG_FIELDS)[0]
         run, run_config = RunRecord.read(folder), read_run_config(folder)
         method = method_of(adapter)
         figures = []
