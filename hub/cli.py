@@ -255,14 +255,14 @@ def run_pull(args) -> int:
 def run_list(args) -> int:
     from hub.client import registry
 
-    rows = registry(args.registry, args.token).list_adapters(args.base_model, args.search, args.limit)
-    if not rows:
+    listed = registry(args.registry, args.token).list_adapters(args.base_model, args.search, args.limit)
+    if not listed:
         print("no adapters" + (f" for base model {args.base_model}" if args.base_model else ""))
         return 0
     header = ("adapter", "base model", "method", "rank", "tags", "commit", "headline metric")
-    table = [(r["repo_id"] + (" (private)" if r["private"] else ""), str(r["base_model"]), r["method"] or "-",
-              str(r["rank"] or "-"),
-              ",".join(r["tags"]) or "-", r["sha"][:12], r["metric"] or "-") for r in rows]
+    table = [(a.repo_id + (" (private)" if a.private else ""), str(a.card.base_model), a.card.method or "-",
+              str(a.card.rank or "-"), ",".join(a.tags) or "-", a.commit[:12],
+              f"{a.card.headline.name} {a.card.headline.value}" if a.card.headline else "-") for a in listed]
     widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
     for row in [header, *table]:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

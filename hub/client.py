@@ -190,6 +190,16 @@ class Revision:
 
 
 @dataclass(frozen=True)
+class ListedAdapter:
+    """An adapter as the registry lists it: its main branch's commit, its tags and what its card says."""
+    repo_id: str
+    commit: str  # main's
+    tags: dict[str, str]  # tag -> the commit it points at
+    card: CardInfo
+    private: bool = False
+
+
+@dataclass(frozen=True)
 class PushResult:
     repo_id: str
     commit: str
@@ -301,23 +311,19 @@ class Registry:
                                    token=self.token or False)
         return Path(path), sha
 
-    def list_adapters(self, base_model: str | None = None, search: str | None = None, limit: int = 50) -> list[dict]:
+    def list_adapters(self, base_model: str | None = None, search: str | None = None,
+                      limit: int = 50) -> list[ListedAdapter]:
         """Newest first, at most `limit` (each adapter costs one more request, for its tags)."""
-        rows = []
+        listed = []
         with self.errors(search or "(all repos)"):
             models = self.api.list_models(search=search, filter=[f"base_model:{base_model}"] if base_model else None,
                                           cardData=True, sort="last_modified", limit=limit)
             for m in models:
                 if not m.card_data or m.card_data.library_name != "peft":
                     continue
-                card, tags = CardInfo.from_card_data(m.card_data), self.api.list_repo_refs(m.id).tags
-                metric = card.headline
-                rows.append({
-                    "repo_id": m.id, "base_model": card.base_model, "method": card.method, "rank": card.rank,
-                    "tags": [t.name for t in tags], "tag_commits": {t.name: t.target_commit for t in tags},
-                    "sha": m.sha, "metric": f"{metric.name} {metric.value}" if metric else None, "private": m.private,
-                })
-        return rows
+                tags = {t.name: t.target_commit for t in self.api.list_repo_refs(m.id).tags}
+                listed.append(ListedAdapter(m.id, m.sha, tags, CardInfo.from_card_data(m.card_data), bool(m.private)))
+        return listed
 
     # --- writing ---
 

@@ -26,9 +26,9 @@ def hot_loadable(base_model: str, registry: Registry) -> list[RegistryAdapter]:
     # huggingface_hub retries a refused connection for ~20 s: the screen must not hang that long.
     registry.check_reachable(timeout=3, fix="start it with `loradock hub serve`, or pass `loradock ui --registry URL`")
     options = []
-    for row in registry.list_adapters(base_model=base_model):
-        options.append(RegistryAdapter(row["repo_id"], row["sha"]))
-        options += [RegistryAdapter(str(AdapterRef(row["repo_id"], tag)), sha) for tag, sha in row["tag_commits"].items()]
+    for listed in registry.list_adapters(base_model=base_model):
+        options.append(RegistryAdapter(listed.repo_id, listed.commit))
+        options += [RegistryAdapter(str(AdapterRef(listed.repo_id, tag)), sha) for tag, sha in listed.tags.items()]
     return options
 
 
