@@ -5,9 +5,9 @@ Measures the embedded registry. It starts `loradock hub serve` in a subprocess o
 
 transfer: for each size in MB (10**6 bytes) it builds an adapter-like folder (adapter_config.json
 and an adapter_model.safetensors of that many random bytes), then times, one after the other:
-- push: `hub.client.push` to bench/adapter-<size>mb (card, client hashing, LFS upload, server
+- push: `hub.client.Registry.push` to bench/adapter-<size>mb (card, client hashing, LFS upload, server
   hashing and fsync, commit), through the unmodified huggingface_hub client over 127.0.0.1;
-- pull: `hub.client.pull` into a fresh folder (download, hash check of every file, one pass);
+- pull: `hub.client.Registry.pull` into a fresh folder (download, hash check of every file, one pass);
 - copy: `shutil.copyfile` of the weights to a new path, then `os.fsync` (the registry fsyncs too).
 Pull and copy alternate for --rounds rounds and the medians are printed (this disk's speed varies
 run to run); "serve" is the registry alone, a GET of the weights read into memory. Prints MB/s of
@@ -80,12 +80,12 @@ def bench_size(size_mb: int, work: Path, endpoint: str, token: str, rounds: int)
     from hub.client import Registry
 
     weights = make_adapter(work / f"adapter-{size_mb}mb", size_mb)
-    repo_id = f"bench/adapter-{size_mb}mb"
-    push_s = timed(push, str(weights.parent), repo_id, endpoint=endpoint, token=token)
+    repo_id, door = f"bench/adapter-{size_mb}mb", Registry(endpoint, token)
+    push_s = timed(door.push, str(weights.parent), repo_id)
     url = f"{endpoint}/{repo_id}/resolve/main/adapter_model.safetensors"
     pulls, copies, serves = [], [], []
     for i in range(rounds):
-        pulls.append(timed(pull, repo_id, to=str(work / f"pulled-{size_mb}mb-{i}"), endpoint=endpoint, token=token))
+        pulls.append(timed(door.pull, repo_id, to=str(work / f"pulled-{size_mb}mb-{i}")))
         copies.append(timed(copy_fsync, weights, work / f"copy-{size_mb}mb-{i}.safetensors"))
         serves.append(timed(read_into_memory, url))
     return {"size": size_mb, "push": size_mb / push_s, "pull": size_mb / statistics.median(pulls),

@@ -44,10 +44,13 @@ def check_registry_config(config: RegistryConfig) -> list[str]:
 ROOT_HELP = "the registry's folder (none: $LORADOCK_HOME/registry); safe while `loradock hub serve` runs on it"
 
 
-def remote_fields():
-    """--registry (once --endpoint) and --token, for the commands that talk to a registry."""
-    return (field(default=None, metadata={"help": REGISTRY_HELP, "metavar": "URL", "was": ("endpoint",)}),
-            field(default=None, metadata={"help": TOKEN_HELP, "secret": True}))
+def registry_field():
+    """--registry (once --endpoint), for a command that talks to a registry."""
+    return field(default=None, metadata={"help": REGISTRY_HELP, "metavar": "URL", "was": ("endpoint",)})
+
+
+def token_field():
+    return field(default=None, metadata={"help": TOKEN_HELP, "secret": True})
 
 
 @dataclass
@@ -66,8 +69,8 @@ class PushArgs:
     model: bool = field(default=False, metadata={
         "switch": True, "help": "the folder is a base model (config.json + safetensors)"})
     max_file_size: int = field(default=5 * 2**30, metadata={"help": "refuse files larger than this many bytes"})
-    registry: str | None = remote_fields()[0]
-    token: str | None = remote_fields()[1]
+    registry: str | None = registry_field()
+    token: str | None = token_field()
 
 
 @dataclass
@@ -79,8 +82,8 @@ class PullArgs:
         "metavar": "REPO_ID[@REVISION]", "required": True})
     to: str | None = field(default=None, metadata={
         "help": "folder to put it in (none: $LORADOCK_HOME/pulled/REPO_ID/SHA)"})
-    registry: str | None = remote_fields()[0]
-    token: str | None = remote_fields()[1]
+    registry: str | None = registry_field()
+    token: str | None = token_field()
 
 
 @dataclass
@@ -90,15 +93,15 @@ class ListArgs:
     base_model: str | None = field(default=None, metadata={"help": "only adapters of this base model"})
     search: str | None = field(default=None, metadata={"help": "only repo ids containing this text"})
     limit: int = field(default=50, metadata={"help": "at most this many, newest first"})
-    registry: str | None = remote_fields()[0]
-    token: str | None = remote_fields()[1]
+    registry: str | None = registry_field()
+    token: str | None = token_field()
 
 
 @dataclass
 class LoginArgs:
     """Check a token against a registry and store it for that registry."""
 
-    registry: str | None = remote_fields()[0]
+    registry: str | None = registry_field()
     token: str | None = field(default=None, metadata={
         "help": "the token (asked for when missing; $LORADOCK_TOKEN works too, and $HF_TOKEN for huggingface.co or "
                 "the Hub $HF_ENDPOINT names)", "secret": True})
@@ -108,7 +111,7 @@ class LoginArgs:
 class LogoutArgs:
     """Forget the stored token of a registry."""
 
-    registry: str | None = remote_fields()[0]
+    registry: str | None = registry_field()
 
 
 @dataclass

@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from hub.adapter import PULL_MARKER
+from hub.adapter import PULL_MARKER, AdapterRef
 from loradock.errors import LoradockError
 from loradock.home import home
 
@@ -56,7 +56,7 @@ class Lease:
             self._fd = None
 
 
-def pull_leased(spec: "str | AdapterRef", endpoint: str | None = None, token: str | None = None):
+def pull_leased(spec: str | AdapterRef, endpoint: str | None = None, token: str | None = None):
     """`hub.client.Registry.pull` into this cache, and a lease on the copy taken before anyone can evict it:
     (PullResult, Lease).
 

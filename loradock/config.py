@@ -63,15 +63,6 @@ class Renamed(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_registry_flags(parser: argparse.ArgumentParser, was: tuple[str, ...] = ()) -> None:
-    """`--registry URL` and `--token TOKEN` (and `was`, old names of --registry, for one release)
-    on a command that is not on the dataclass story."""
-    parser.add_argument("--registry", metavar="URL", help=REGISTRY_HELP)
-    for old in was:
-        parser.add_argument(old, dest="registry", action=Renamed, new_flag="--registry", help=argparse.SUPPRESS)
-    parser.add_argument("--token", help=TOKEN_HELP)
-
-
 def default_of(f: dataclasses.Field):
     if f.default is not dataclasses.MISSING:
         return f.default

@@ -288,7 +288,7 @@ def test_broken_weights_and_configs_are_refused_before_serving_naming_the_tensor
 
 @pytest.mark.parametrize("case", BROKEN)
 def test_loradock_push_refuses_the_same_before_uploading(tmp_path, base_model_dir, case):
-    """`hub.client.push` checks the folder before it opens a connection: the endpoint here answers nothing."""
+    """`Registry.push` checks the folder before it opens a connection: the endpoint here answers nothing."""
     from hub.client import Registry
 
     spoil, words = BROKEN[case]
