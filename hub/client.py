@@ -26,6 +26,7 @@ from hub.adapter import CARD, CONFIG, METRICS, PULL_MARKER, AdapterRef, check_re
 from hub.adapter.card import CardInfo, build_card
 from hub.adapter.checks import check_publishable, folder_files
 from hub.adapter.records import RunRecord
+from hub.transfer import DISTRUST_FIX, checked_listing, move_into_place, pulled_sha, staged_path
 from hub.objects import SHA1_HEX
 from loradock.errors import LoradockError, RegistryRefused, RepoNotFound, RevisionNotFound, Unreachable
 from loradock.home import home
@@ -306,7 +307,7 @@ class Registry:
             sha = self.api.dataset_info(repo_id, revision=revision).sha
             if not isinstance(sha, str) or not SHA1_HEX.match(sha):
                 raise LoradockError(f"the registry at {self.url} answered that datasets/{repo_id}@{revision} is "
-                                    f"commit {sha!r}, not a 40-character commit sha", _DISTRUST_FIX)
+                                    f"commit {sha!r}, not a 40-character commit sha", DISTRUST_FIX)
             path = hf_hub_download(repo_id, filename, repo_type="dataset", revision=sha, endpoint=self.url,
                                    token=self.token or False)
         return Path(path), sha
@@ -433,16 +434,16 @@ class Registry:
         repo_id, revision, endpoint = ref.repo_id, ref.revision, self.url
         with self.errors(repo_id, revision):
             info = self.api.model_info(repo_id, revision=revision, files_metadata=True)  # sizes and hashes
-        sha, files = _checked_listing(info, endpoint, f"{repo_id}@{revision}")
+        sha, files = checked_listing(info, endpoint, f"{repo_id}@{revision}")
         dest = Path(to) if to else home() / "pulled" / repo_id / sha
-        if _pulled_sha(dest) == sha:
+        if pulled_sha(dest) == sha:
             return PullResult(repo_id, revision, sha, dest)
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise LoradockError(f"{dest} already exists and holds something else", "pass --to an empty or new folder")
         dest.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.pulling-"))
         try:
-            targets = [(f, _staged_path(staging, f.rfilename, endpoint, f"{repo_id}@{revision}")) for f in files]
+            targets = [(f, staged_path(staging, f.rfilename, endpoint, f"{repo_id}@{revision}")) for f in files]
             with ThreadPoolExecutor(max_workers=8) as pool:
                 results = pool.map(lambda job: (job[0], *download_file(endpoint, self.token, repo_id, sha, *job)),
                                    targets)
@@ -452,7 +453,7 @@ class Registry:
                                             f"{expected}; nothing was kept",
                                             "pull again; if it persists, the registry's copy is damaged")
             (staging / PULL_MARKER).write_text(json.dumps({"repo_id": repo_id, "revision": revision, "commit": sha}))
-            _move_into_place(staging, dest, sha)
+            move_into_place(staging, dest, sha)
         except urllib.error.HTTPError as e:
             raise LoradockError(f"downloading {repo_id}@{revision} failed: the registry answered {e.code} "
                                 f"{e.headers.get('X-Error-Message') or e.reason}; nothing was kept",
@@ -510,85 +511,3 @@ def check_model_folder(folder: Path, max_file_size: int) -> list[tuple[str, Path
     if not any(rel.endswith(".safetensors") for rel, _ in files):
         raise LoradockError(f"{folder} has no .safetensors weights", "save the model with safe_serialization=True")
     return files
-
-
-# --- what a pull refuses ---------------------------------------------------------------------
-
-_DISTRUST_FIX = ("check that --registry / LORADOCK_REGISTRY is the registry you mean, reached over https; "
-                 "if it is, its answer is damaged: tell its operator")
-
-
-def _checked_listing(info, endpoint: str, spec: str) -> tuple[str, list]:
-    """The commit and the files of a `model_info(files_metadata=True)` answer, refused before any
-    byte is downloaded where they could write outside the pull folder. The endpoint chooses every
-    name here (the commit is a folder name too): a compromised registry, or a man in the middle on
-    plain http, would choose `../../.bashrc`.
-
-    Raises:
-        LoradockError: naming the commit or the file, and what is wrong with it.
-    """
-    from hub.objects import is_repo_path
-
-    sha, files = info.sha, info.siblings
-    if not isinstance(sha, str) or not SHA1_HEX.match(sha):
-        raise LoradockError(f"the registry at {endpoint} answered that {spec} is commit {sha!r}, "
-                            "not a 40-character commit sha; nothing was kept", _DISTRUST_FIX)
-    if files is None:
-        raise LoradockError(f"the registry at {endpoint} did not list the files of {spec}; nothing was kept",
-                            _DISTRUST_FIX)
-    seen = set()
-    for f in files:
-        if f.rfilename == PULL_MARKER:
-            raise LoradockError(f"the registry at {endpoint} answered a file name that would overwrite the pull "
-                                f"marker for {spec}: {f.rfilename!r}; nothing was kept", _DISTRUST_FIX)
-        if not is_repo_path(f.rfilename):
-            raise _outside_the_repo(endpoint, spec, f.rfilename)
-        if f.rfilename in seen:
-            raise LoradockError(f"the registry at {endpoint} listed {f.rfilename!r} twice for {spec}; nothing was kept",
-                                _DISTRUST_FIX)
-        if not isinstance(f.size, int) or f.size < 0:
-            raise LoradockError(f"the registry at {endpoint} did not say how large {f.rfilename!r} is in {spec} "
-                                f"(size {f.size!r}); nothing was kept", _DISTRUST_FIX)
-        seen.add(f.rfilename)
-    return sha, files
-
-
-def _outside_the_repo(endpoint: str, spec: str, name: str) -> LoradockError:
-    return LoradockError(f"the registry at {endpoint} answered a file name outside the repo: {name!r} "
-                         f"(in {spec}); nothing was kept", _DISTRUST_FIX)
-
-
-def _staged_path(staging: Path, name: str, endpoint: str, spec: str) -> Path:
-    """`name` joined to the staging folder, resolved, and refused unless it is inside it (a second
-    guard behind `_checked_listing`)."""
-    from hub.transfer import path_in
-
-    target = path_in(staging, name)
-    if target is None:
-        raise _outside_the_repo(endpoint, spec, name)
-    return target
-
-
-def _move_into_place(staging: Path, dest: Path, sha: str) -> None:
-    """Rename the finished `staging` folder to `dest`. Another pull of the same commit can get
-    there first (`loradock serve` pulls `x@main` and `x@v1` at once when both are one commit, and
-    both go to `pulled/x/SHA`): its folder, complete and verified, is as good as ours, which the
-    caller then discards. Anything else already at `dest` is an error.
-
-    Raises:
-        OSError: `dest` holds something other than this commit.
-    """
-    try:
-        with contextlib.suppress(FileNotFoundError):  # an empty --to folder; gone if another pull raced us to it
-            dest.rmdir()
-        os.replace(staging, dest)
-    except OSError:
-        if _pulled_sha(dest) != sha:
-            raise
-
-
-def _pulled_sha(dest: Path) -> str | None:
-    try:
-        return json.loads((dest / PULL_MARKER).read_text())["commit"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None

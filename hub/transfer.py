@@ -1,4 +1,6 @@
-"""Verified downloads for `loradock pull`: each file streamed once, hashed as it is written.
+"""Verified downloads for `loradock pull`: each file streamed once, hashed as it is written; the
+registry's listing refused before any byte is fetched where it could write outside the pull folder;
+the finished folder moved into place in one rename.
 
 huggingface_hub resolves the revision and lists the files with their hashes; the bytes are read
 here, by hand, for two reasons no library covers: huggingface_hub checks a download's size but
@@ -9,15 +11,20 @@ followed without the token, as huggingface_hub does. The socket read and the has
 run in two threads, so verification costs no extra pass over the data.
 """
 
+import contextlib
 import hashlib
+import json
+import os
 import queue
 import threading
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from hub.objects import is_repo_path
+from hub.adapter import PULL_MARKER
+from hub.objects import SHA1_HEX, is_repo_path
 from hub.timeouts import READ_S
+from loradock.errors import LoradockError
 
 CHUNK = 8 << 20
 _DONE = object()  # end of the stream
@@ -111,3 +118,81 @@ def download_file(endpoint: str, token: str | None, repo_id: str, commit: str, s
     else:
         digest, expected = git_blob_hasher(sibling.size), sibling.blob_id
     return fetch(url, headers, target, digest, sibling.size), expected
+
+
+# --- what a pull refuses, and how its folder lands -----------------------------------------------
+
+DISTRUST_FIX = ("check that --registry / LORADOCK_REGISTRY is the registry you mean, reached over https; "
+                 "if it is, its answer is damaged: tell its operator")
+
+
+def checked_listing(info, endpoint: str, spec: str) -> tuple[str, list]:
+    """The commit and the files of a `model_info(files_metadata=True)` answer, refused before any
+    byte is downloaded where they could write outside the pull folder. The endpoint chooses every
+    name here (the commit is a folder name too): a compromised registry, or a man in the middle on
+    plain http, would choose `../../.bashrc`.
+
+    Raises:
+        LoradockError: naming the commit or the file, and what is wrong with it.
+    """
+    sha, files = info.sha, info.siblings
+    if not isinstance(sha, str) or not SHA1_HEX.match(sha):
+        raise LoradockError(f"the registry at {endpoint} answered that {spec} is commit {sha!r}, "
+                            "not a 40-character commit sha; nothing was kept", DISTRUST_FIX)
+    if files is None:
+        raise LoradockError(f"the registry at {endpoint} did not list the files of {spec}; nothing was kept",
+                            DISTRUST_FIX)
+    seen = set()
+    for f in files:
+        if f.rfilename == PULL_MARKER:
+            raise LoradockError(f"the registry at {endpoint} answered a file name that would overwrite the pull "
+                                f"marker for {spec}: {f.rfilename!r}; nothing was kept", DISTRUST_FIX)
+        if not is_repo_path(f.rfilename):
+            raise outside_the_repo(endpoint, spec, f.rfilename)
+        if f.rfilename in seen:
+            raise LoradockError(f"the registry at {endpoint} listed {f.rfilename!r} twice for {spec}; nothing was kept",
+                                DISTRUST_FIX)
+        if not isinstance(f.size, int) or f.size < 0:
+            raise LoradockError(f"the registry at {endpoint} did not say how large {f.rfilename!r} is in {spec} "
+                                f"(size {f.size!r}); nothing was kept", DISTRUST_FIX)
+        seen.add(f.rfilename)
+    return sha, files
+
+
+def outside_the_repo(endpoint: str, spec: str, name: str) -> LoradockError:
+    return LoradockError(f"the registry at {endpoint} answered a file name outside the repo: {name!r} "
+                         f"(in {spec}); nothing was kept", DISTRUST_FIX)
+
+
+def staged_path(staging: Path, name: str, endpoint: str, spec: str) -> Path:
+    """`name` joined to the staging folder, resolved, and refused unless it is inside it (a second
+    guard behind `checked_listing`)."""
+    target = path_in(staging, name)
+    if target is None:
+        raise outside_the_repo(endpoint, spec, name)
+    return target
+
+
+def move_into_place(staging: Path, dest: Path, sha: str) -> None:
+    """Rename the finished `staging` folder to `dest`. Another pull of the same commit can get
+    there first (`loradock serve` pulls `x@main` and `x@v1` at once when both are one commit, and
+    both go to `pulled/x/SHA`): its folder, complete and verified, is as good as ours, which the
+    caller then discards. Anything else already at `dest` is an error.
+
+    Raises:
+        OSError: `dest` holds something other than this commit.
+    """
+    try:
+        with contextlib.suppress(FileNotFoundError):  # an empty --to folder; gone if another pull raced us to it
+            dest.rmdir()
+        os.replace(staging, dest)
+    except OSError:
+        if pulled_sha(dest) != sha:
+            raise
+
+
+def pulled_sha(dest: Path) -> str | None:
+    try:
+        return json.loads((dest / PULL_MARKER).read_text())["commit"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
