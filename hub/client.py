@@ -256,8 +256,32 @@ class Registry:
 
     def tags(self, repo_id: str) -> dict[str, str]:
         """Each tag of the repo and the commit it points at."""
+        return self.refs(repo_id)[1]
+
+    def refs(self, repo_id: str) -> tuple[dict[str, str], dict[str, str]]:
+        """(branches, tags) of the repo, each name -> the commit it points at, read in one request."""
         with self.errors(repo_id):
-            return {t.name: t.target_commit for t in self.api.list_repo_refs(repo_id).tags}
+            refs = self.api.list_repo_refs(repo_id)
+        return {b.name: b.target_commit for b in refs.branches}, {t.name: t.target_commit for t in refs.tags}
+
+    def first_commit(self, repo_id: str) -> str:
+        """The oldest commit of the repo's main branch."""
+        with self.errors(repo_id, "main"):
+            return self.api.list_repo_commits(repo_id)[-1].commit_id
+
+    def read_file(self, repo_id: str, revision: str, filename: str) -> str | None:
+        """The text of one file of a revision (from the Hub cache when `revision` is a commit sha that
+        was read before); None when the revision has no such file."""
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        with self.errors(repo_id, revision):
+            try:
+                path = hf_hub_download(repo_id, filename, revision=revision, endpoint=self.url,
+                                       token=self.token or False)
+            except EntryNotFoundError:
+                return None
+        return Path(path).read_text(encoding="utf-8")
 
     def revision(self, repo_id: str, ref: str) -> Revision:
         """Raises: RepoNotFound, RevisionNotFound, Unreachable, RegistryRefused."""
@@ -368,6 +392,45 @@ class Registry:
                 self._create_repo(repo_id, repo_type="dataset")
             operations = [CommitOperationAdd(path_in_repo=f.name, path_or_fileobj=str(f)) for f in files]
             return self.api.create_commit(repo_id, operations, commit_message=message, repo_type="dataset").oid
+
+    def create_branch(self, repo_id: str, branch: str, revision: str) -> None:
+        """A new branch at `revision`.
+
+        Raises:
+            RegistryRefused: status 409 when a branch or tag of that name exists.
+        """
+        with self.errors(repo_id, revision):
+            self.api.create_branch(repo_id, branch=branch, revision=revision)
+
+    def commit_file(self, repo_id: str, branch: str, path: str, data: bytes, message: str,
+                    parent_commit: str | None = None) -> str:
+        """Commit one file (`data` at `path`) to `branch`; with `parent_commit`, only while the branch
+        is still at that commit (a compare-and-swap). Returns the new commit.
+
+        Raises:
+            RegistryRefused: status 412 when `branch` has moved on from `parent_commit`.
+        """
+        from huggingface_hub import CommitOperationAdd
+
+        with self.errors(repo_id, branch):
+            return self.api.create_commit(repo_id, [CommitOperationAdd(path_in_repo=path, path_or_fileobj=data)],
+                                          commit_message=message, revision=branch, parent_commit=parent_commit).oid
+
+    def subscribe(self, url: str, namespaces: list[str], secret: str) -> str:
+        """A webhook owned by the token's user, told of every change to the refs of the repos in
+        `namespaces` (users or organisations: the embedded registry matches either by name),
+        its deliveries signed with `secret` (`hub.signing`); its id.
+
+        Raises:
+            RegistryRefused: the registry has no webhooks, or refused this one (with its reason).
+        """
+        with self.errors("(webhooks)"):
+            return self.api.create_webhook(url=url, watched=[{"type": "user", "name": n} for n in namespaces],
+                                           domains=["repo"], secret=secret).id
+
+    def unsubscribe(self, webhook: str) -> None:
+        with self.errors("(webhooks)"):
+            self.api.delete_webhook(webhook)
 
     def _create_repo(self, repo_id: str, **kwargs):
         """Only a missing repo is created: create_repo(exist_ok=True) answers a read-only token's 403

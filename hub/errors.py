@@ -29,6 +29,10 @@ class EntryNotFound(HubError):
     pass
 
 
+class WebhookNotFound(HubError):
+    """The webhook does not exist, or belongs to another user."""
+
+
 class BadRequest(HubError):
     """Malformed or invalid input: the caller must change the request."""
 

@@ -34,6 +34,16 @@ class RepoSettings(BaseModel):
     gated: Literal["auto", "manual", False] | None = None
 
 
+class WebhookBody(BaseModel):
+    """`create_webhook` / `update_webhook`; `hub.webhooks.check_settings` checks the values."""
+
+    url: StrictStr | None = None
+    watched: list[dict] | None = None
+    domains: list[StrictStr] | None = None
+    secret: StrictStr | None = None
+    jobSourceId: StrictStr | None = None
+
+
 class TagBody(BaseModel):
     tag: StrictStr
     message: StrictStr | None = None

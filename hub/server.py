@@ -12,6 +12,7 @@ route: a body's pauses are bounded (`hub.slow_clients`), the path is decoded her
 `%2F` kept), and a request body is read and counted here, so no route sees more than `max_body` bytes.
 """
 
+import contextlib
 import logging
 import re
 from urllib.parse import unquote_to_bytes
@@ -22,17 +23,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hub import errors
+from hub.delivery import Deliveries
 from hub.routes import ROUTERS
 from hub.routes.deps import error_response
 from hub.slow_clients import BODY_IDLE_TIMEOUT, BoundBodyGaps
 from hub.storage import Registry
+from hub.webhooks import Webhooks
 
 MAX_BODY = 64 << 20  # bytes of a request body, LFS uploads excepted
 ERROR_CODES = {  # error -> (status, X-Error-Code)
     errors.RepoNotFound: (404, "RepoNotFound"), errors.RevisionNotFound: (404, "RevisionNotFound"),
-    errors.EntryNotFound: (404, "EntryNotFound"), errors.BadRequest: (400, None), errors.Unauthorized: (401, None),
-    errors.Forbidden: (403, None), errors.Conflict: (409, None), errors.PreconditionFailed: (412, None),
-    errors.TooLarge: (413, None), errors.NotSupported: (501, "NotSupported"),
+    errors.EntryNotFound: (404, "EntryNotFound"), errors.WebhookNotFound: (404, None), errors.BadRequest: (400, None),
+    errors.Unauthorized: (401, None), errors.Forbidden: (403, None), errors.Conflict: (409, None),
+    errors.PreconditionFailed: (412, None), errors.TooLarge: (413, None), errors.NotSupported: (501, "NotSupported"),
     errors.InsufficientStorage: (507, "InsufficientStorage"),  # not a 500, which huggingface_hub resends 5 times
 }
 
@@ -40,9 +43,11 @@ ERROR_CODES = {  # error -> (status, X-Error-Code)
 def create_app(registry: Registry, max_body: int = MAX_BODY, body_idle_timeout: float = BODY_IDLE_TIMEOUT) -> ASGIApp:
     """The registry's ASGI app over `registry`; request bodies over `max_body` bytes are refused
     (LFS uploads excepted: they stream to disk and are capped by the size announced for them), and
-    so are bodies that pause for `body_idle_timeout` seconds (`hub.slow_clients`)."""
-    app = FastAPI(title="loradock registry", docs_url=None, redoc_url=None, openapi_url=None)
+    so are bodies that pause for `body_idle_timeout` seconds (`hub.slow_clients`). Webhook deliveries
+    (`hub.delivery`) run while the app does: from its startup to its shutdown."""
+    app = FastAPI(title="loradock registry", docs_url=None, redoc_url=None, openapi_url=None, lifespan=delivering)
     app.state.registry = registry
+    app.state.webhooks = Webhooks(registry)
     app.add_exception_handler(errors.HubError, hub_error)
     app.add_exception_handler(RequestValidationError, invalid_body)
     app.add_exception_handler(StarletteHTTPException, http_error)
@@ -51,6 +56,16 @@ def create_app(registry: Registry, max_body: int = MAX_BODY, body_idle_timeout: 
         app.include_router(router)
     app.router.redirect_slashes = False
     return BoundBodyGaps(keep_encoded_slashes(app), body_idle_timeout)
+
+
+@contextlib.asynccontextmanager
+async def delivering(app: FastAPI):
+    deliveries = Deliveries(app.state.webhooks)
+    deliveries.start()
+    try:
+        yield
+    finally:
+        deliveries.stop()
 
 
 async def hub_error(request: Request, exc: errors.HubError):

@@ -16,10 +16,12 @@ its previous commit; blobs nobody references are invisible until `hub gc` reclai
 import contextlib
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import sqlite3
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,6 +89,17 @@ class Repo:
     def url_path(self) -> str:
         """Where the repo's pages and files live under the registry's URL (`datasets/` first for a dataset)."""
         return self.repo_id if self.type == "model" else f"{self.type}s/{self.repo_id}"
+
+
+@dataclass(frozen=True)
+class RefMoved:
+    """A branch or tag that moved, told to `Registry.ref_listeners` once its transaction committed."""
+
+    repo: Repo
+    action: str  # "update" (a commit to a branch), "create" or "delete" (a branch or tag)
+    ref: str  # refs/heads/NAME or refs/tags/NAME
+    old: str | None  # the commit it pointed at before; None for a new ref
+    new: str | None  # the commit it points at now; None for a deleted ref
 
 
 @dataclass(frozen=True)
@@ -183,6 +196,7 @@ class Registry:
         self.db_path = self.root / "registry.sqlite"
         self._cards: dict[str, dict] = {}  # README sha256 -> front matter
         self._local = threading.local()  # one SQLite connection per thread
+        self.ref_listeners: list[Callable[[RefMoved], None]] = []  # each must return at once (`hub.delivery`)
         with self._db(write=True) as db:
             _migrate(db)
             db.execute("INSERT OR IGNORE INTO settings VALUES ('upload_secret', ?)", (secrets.token_hex(32),))
@@ -209,6 +223,18 @@ class Registry:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
                 raise
+
+    def database(self, write: bool = False):
+        """`_db`, for the stores that keep their own tables in the registry's database (`hub.webhooks`)."""
+        return self._db(write)
+
+    def _moved(self, repo: Repo, action: str, ref: str, old: str | None, new: str | None) -> None:
+        """Tell the listeners a ref moved (called after the transaction that moved it committed)."""
+        for listener in self.ref_listeners:
+            try:
+                listener(RefMoved(repo, action, ref, old, new))
+            except Exception:  # the move is done: a listener's failure must not read as the request's
+                logging.getLogger(__name__).exception("a listener failed on %s %s of %s", action, ref, repo.repo_id)
 
     # --- namespaces and tokens ----------------------------------------------------------------
 
@@ -505,6 +531,7 @@ class Registry:
                                + ("" if taken["kind"] == kind else "; a branch and a tag may not share a name"))
             db.execute("INSERT INTO refs (repo_id, kind, name, commit_oid, message) VALUES (?, ?, ?, ?, ?)",
                        (repo.id, kind, name, commit.oid, message))
+        self._moved(repo, "create", _ref(kind, name), None, commit.oid)
         return commit
 
     def delete_ref(self, caller: Caller | None, repo: Repo, kind: str, name: str) -> None:
@@ -512,8 +539,12 @@ class Registry:
         if kind == "branch" and name == "main":
             raise BadRequest(f"main is the default branch of {repo.repo_id} and cannot be deleted")
         with self._db(write=True) as db:
-            if db.execute("DELETE FROM refs WHERE repo_id = ? AND kind = ? AND name = ?", (repo.id, kind, name)).rowcount == 0:
+            old = db.execute("SELECT commit_oid FROM refs WHERE repo_id = ? AND kind = ? AND name = ?",
+                             (repo.id, kind, name)).fetchone()
+            if old is None:
                 raise RevisionNotFound(f"{kind} {name} does not exist in {repo.repo_id}")
+            db.execute("DELETE FROM refs WHERE repo_id = ? AND kind = ? AND name = ?", (repo.id, kind, name))
+        self._moved(repo, "delete", _ref(kind, name), old[0], None)
 
     def card(self, commit: Commit) -> dict:
         """The YAML front matter of README.md at this commit ({} without one or when unreadable)."""
@@ -526,8 +557,6 @@ class Registry:
     def card_of(self, readme: FileEntry | None) -> dict:
         """The front matter of a README entry ({} for None, or when it is unreadable), without the
         fields of a type the Hub's clients cannot parse (`hub.cards.readable`)."""
-        import logging
-
         if readme is None:
             return {}
         if readme.sha256 not in self._cards:
@@ -638,6 +667,7 @@ class Registry:
             oid = self._insert_commit(db, repo.id, head, list(tree.values()), caller.user, title, message)
             db.execute("UPDATE refs SET commit_oid = ? WHERE repo_id = ? AND kind = 'branch' AND name = ?",
                        (oid, repo.id, branch))
+        self._moved(repo, "update", _ref("branch", branch), head, oid)
         return self.resolve(repo, oid)
 
     def squash(self, caller: Caller | None, repo: Repo, branch: str, message: str) -> Commit:
@@ -650,6 +680,7 @@ class Registry:
             if db.execute("UPDATE refs SET commit_oid = ? WHERE repo_id = ? AND kind = 'branch' AND name = ? AND "
                           "commit_oid = ?", (oid, repo.id, branch, head.oid)).rowcount == 0:
                 raise PreconditionFailed(f"{branch} of {repo.repo_id} moved while squashing; try again")
+        self._moved(repo, "update", _ref("branch", branch), head.oid, oid)
         return self.resolve(repo, oid)
 
     def _linked_entry(self, caller: Caller, op: AddFile) -> FileEntry:
@@ -716,6 +747,10 @@ def _delete_paths(tree: dict[str, FileEntry], deletions: list[DeletePath]) -> No
             raise EntryNotFound(f"A file with this name doesn't exist: {op.path}")
         for p in gone:
             del tree[p]
+
+
+def _ref(kind: str, name: str) -> str:
+    return f"refs/{'heads' if kind == 'branch' else 'tags'}/{name}"
 
 
 def _hash(token: str) -> str:

@@ -7,6 +7,7 @@ import posixpath
 from hub.objects import lfs_pointer
 from hub.accounts import Caller
 from hub.storage import Commit, FileEntry, Repo
+from hub.webhooks import Attempt, Webhook
 
 
 def whoami(caller: Caller) -> dict:
@@ -101,3 +102,14 @@ def refs(repo_refs: dict) -> dict:
 def commit_info(commit: Commit) -> dict:
     return {"id": commit.oid, "authors": [{"user": commit.author}], "date": commit.created_at,
             "title": commit.title, "message": commit.message}
+
+
+def webhook(hook: Webhook) -> dict:
+    """What huggingface_hub's `WebhookInfo` reads (the secret too: only its owner is shown a webhook)."""
+    return {"id": hook.id, "url": hook.url, "job": None, "watched": [{"type": w.type, "name": w.name} for w in hook.watched],
+            "domains": list(hook.domains), "secret": hook.secret, "disabled": hook.disabled}
+
+
+def delivery_attempt(attempt: Attempt) -> dict:
+    return {"delivery": attempt.delivery, "event": attempt.event, "attempt": attempt.attempt, "status": attempt.status,
+            "error": attempt.error, "at": attempt.at}

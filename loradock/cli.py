@@ -15,10 +15,10 @@ from hub import cli as hub_cli
 from serve import cli as serve_cli
 from sft import cli as sft_cli
 from ui import cli as ui_cli
-from ui import revisions
+from ui import revisions, rollouts
 
 # Each module exposes `register(subparsers)`, adding parsers whose `func(args) -> int` runs the command.
-COMMAND_MODULES = (sft_cli, hub_cli, serve_cli, ui_cli, revisions)
+COMMAND_MODULES = (sft_cli, hub_cli, serve_cli, ui_cli, revisions, rollouts)
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -61,6 +61,14 @@ class ServeConfig:
     unload_drain_timeout: float = field(default=5.0, metadata={
         "help": "seconds an unload waits for the requests using the adapter, holding new ones back; past it the "
                 "unload answers 409, unloads nothing, and the held requests go on"})
+    follow_refs: float = field(default=30.0, metadata={
+        "help": "seconds between resolving again the tags and branches clients name (org/name@prod): a moved ref is "
+                "answered by its new commit within this, and at once when the registry's webhook says so",
+        "metavar": "SECONDS"})
+    webhook_url: str | None = field(default=None, metadata={
+        "help": "the URL the registry reaches this server's webhook at (none: http://HOST:PORT/loradock/webhook, "
+                "127.0.0.1 for a server listening on every address; 'off': subscribe to none, follow by polling)",
+        "metavar": "URL"})
     max_model_len: int | None = field(default=None, metadata={"help": "context length (none: the model's)"})
     kv_cache_gib: int | None = field(default=None, metadata={
         "help": "KV cache size on a CPU, in whole GiB (none: 1/8 of the machine's memory, between 1 and 8)"})
@@ -74,7 +82,9 @@ class ServeConfig:
     vllm: dict = field(default_factory=dict, metadata={"flag": False})
     base_path: str | None = field(default=None, metadata={"flag": False})  # what vLLM loads for base_model
     startup_adapters: dict = field(default_factory=dict, metadata={"flag": False})  # served name -> pulled folder
+    startup_refs: dict = field(default_factory=dict, metadata={"flag": False})  # --adapter -> its commit at start-up
     hot_load_namespaces: list = field(default_factory=list, metadata={"flag": False})  # --adapter-namespace, resolved
+    webhook_secret: str | None = field(default=None, metadata={"flag": False})  # of the webhook subscribed with
 
     def loaded_by_path_file(self) -> "AdapterList":
         """Where vLLM's API server writes down the adapters loaded by path, for a restart."""
@@ -189,6 +199,11 @@ def validate(config: ServeConfig) -> list[str]:
         problems.append(f"--adapter-cache-mb {config.adapter_cache_mb} must be 0 or more")
     if config.restart_engine < 0:
         problems.append(f"--restart-engine {config.restart_engine} must be 0 or more")
+    if config.follow_refs <= 0:
+        problems.append(f"--follow-refs {config.follow_refs} must be above 0 seconds")
+    if config.webhook_url not in (None, "off") and not config.webhook_url.startswith(("http://", "https://")):
+        problems.append(f"--webhook-url {config.webhook_url!r} is not an http(s) URL; pass e.g. "
+                        "--webhook-url http://10.0.0.5:8000/loradock/webhook, or --webhook-url off")
     if config.unload_drain_timeout <= 0:
         problems.append(f"--unload-drain-timeout {config.unload_drain_timeout} must be above 0 seconds")
     for namespace in config.adapter_namespace:

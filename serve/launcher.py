@@ -29,16 +29,19 @@ from loradock.errors import AdapterRefused, LoradockError
 from loradock.home import built_base_model, home
 from loradock.procs import Service
 from serve.config import ServeConfig, serving_key
+from serve.follow import pinned_name
 from serve.plugin import ENGINE_DEATH_LINE
+from serve.routes import WEBHOOK
 
 
-def pull_startup_adapters(config: ServeConfig, base: ServedBase) -> tuple[dict[str, str], list]:
-    """{served name: local folder} for each --adapter, pulled and checked before vLLM starts, and
-    the leases on their copies, which this process holds while vLLM runs so that no eviction (by
-    this server or another sharing $LORADOCK_HOME) deletes them."""
+def pull_startup_adapters(config: ServeConfig, base: ServedBase) -> tuple[dict[str, str], dict[str, str], list]:
+    """{served name: local folder} for each --adapter, pulled and checked before vLLM starts (served
+    under its commit, `org/name@<sha>`, while the name clients send is followed: `serve.follow`),
+    {each --adapter: its commit}, and the leases on their copies, which this process holds while
+    vLLM runs so that no eviction (by this server or another sharing $LORADOCK_HOME) deletes them."""
     from hub import pulled
 
-    folders, leases = {}, []
+    folders, refs, leases = {}, {}, []
     try:
         for spec in config.adapter:
             result, held = pulled.pull_leased(spec, endpoint=config.registry, token=config.token)
@@ -48,13 +51,14 @@ def pull_startup_adapters(config: ServeConfig, base: ServedBase) -> tuple[dict[s
             except AdapterRefused as e:
                 raise LoradockError(e.problem, "drop this --adapter, or change the server settings named above") from None
             print(f"adapter {spec} -> commit {result.commit}", flush=True)
-            folders[spec] = str(result.path)
+            folders[pinned_name(result.repo_id, result.commit)] = str(result.path)
+            refs[spec] = result.commit
     except BaseException:
         for held in leases:
             held.release()
         raise
     pulled.evict(int(config.adapter_cache_mb * 2**20))
-    return folders, leases
+    return folders, refs, leases
 
 
 def hot_load_namespaces(config: ServeConfig) -> list[str]:
@@ -157,8 +161,9 @@ def prepare(config: ServeConfig) -> tuple[ServeConfig, list]:
         api_key=serving_key(config),
         kv_cache_gib=config.kv_cache_gib or default_kv_cache_gib(), base_path=built_base_model(config.base_model))
     base = ServedBase(config.base_model, config.base_path, config.max_lora_rank)
-    folders, leases = pull_startup_adapters(config, base)
-    return dataclasses.replace(config, startup_adapters=folders, hot_load_namespaces=hot_load_namespaces(config)), leases
+    folders, refs, leases = pull_startup_adapters(config, base)
+    return dataclasses.replace(config, startup_adapters=folders, startup_refs=refs,
+                               hot_load_namespaces=hot_load_namespaces(config)), leases
 
 
 def serve(config: ServeConfig, ready_timeout: float = 600) -> int:
@@ -168,6 +173,7 @@ def serve(config: ServeConfig, ready_timeout: float = 600) -> int:
 
     on_gpu = torch.cuda.is_available()
     config, leases = prepare(config)
+    config, webhook = subscribed(config)
     log, url = home() / "logs" / f"serve-{config.port}.log", f"http://{config.host}:{config.port}"
     config.loaded_by_path_file().clear()  # a new server: nothing loaded by path yet
     running: list[Service] = []
@@ -203,8 +209,44 @@ def serve(config: ServeConfig, ready_timeout: float = 600) -> int:
             vllm.stop()
         for held in leases:
             held.release()
+        if webhook:
+            unsubscribe(config, webhook)
     print("stopped", flush=True)
     return 0
+
+
+def subscribed(config: ServeConfig) -> tuple[ServeConfig, str | None]:
+    """The registry's webhook for the namespaces this server hot-loads from, made with a new secret
+    that only this server and the registry know: (the settings with that secret, the webhook's id),
+    or (the settings as they were, None) when it is off, or the registry has no webhooks or no
+    token to own one (the moved refs are then found every --follow-refs seconds)."""
+    import secrets
+
+    from hub.client import registry
+
+    if config.webhook_url == "off" or not config.token or not config.hot_load_namespaces:
+        return config, None
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    url = config.webhook_url or f"http://{host}:{config.port}{WEBHOOK}"
+    secret = secrets.token_hex(32)
+    try:
+        webhook = registry(config.registry, config.token).subscribe(url, config.hot_load_namespaces, secret)
+    except LoradockError as e:
+        print(f"warning: no webhook from {config.registry} ({e.problem}); moved tags and branches are found every "
+              f"{config.follow_refs:g} s (--follow-refs)", flush=True)
+        return config, None
+    print(f"following moved tags and branches through the registry's webhook {webhook} (to {url}), "
+          f"and every {config.follow_refs:g} s", flush=True)
+    return dataclasses.replace(config, webhook_secret=secret), webhook
+
+
+def unsubscribe(config: ServeConfig, webhook: str) -> None:
+    from hub.client import registry
+
+    try:
+        registry(config.registry, config.token).unsubscribe(webhook)
+    except LoradockError as e:
+        print(f"warning: the registry's webhook {webhook} stays: {e.problem}", flush=True)
 
 
 RESTART_FIX = ("a SIGKILL nobody sent is most often the kernel's out-of-memory killer (see `dmesg`): lower "

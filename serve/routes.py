@@ -13,8 +13,11 @@ COMPLETIONS = "/v1/completions"
 TOKENIZE = "/tokenize"
 LOAD = "/v1/load_lora_adapter"
 UNLOAD = "/v1/unload_lora_adapter"
+WEBHOOK = "/loradock/webhook"  # loradock's own: the registry's deliveries, signed
 
-OPEN = frozenset({HEALTH})  # answered without the API key: load balancers and `loradock serve` poll it
+# Answered without the API key: load balancers and `loradock serve` poll /health; a webhook
+# delivery carries its own credential (its signature).
+OPEN = frozenset({HEALTH, WEBHOOK})
 GENERATION = frozenset({CHAT, COMPLETIONS})  # the routes that answer as an adapter named by `model`
 
 
@@ -36,6 +39,7 @@ class Routes:
 # The concerns, in the order a request meets them (`serve.middleware.PIECES`).
 AUTHENTICATED = Routes(unless=OPEN)  # vLLM itself guards only /v1, /v2, /inference and /cohere
 TEMPLATE_CHECKED = Routes()  # any route whose request has a body: vLLM reads templates on many, and on new ones
+FOLLOWED = Routes("POST", GENERATION)  # a moving name is pinned to a commit before anything else reads it
 LISTED = Routes("GET", frozenset({MODELS}))
 ADMITTED = Routes("POST", GENERATION | {LOAD})  # an adapter is named (generation) or a folder offered (load)
 DRAINED = Routes("POST", GENERATION | {UNLOAD})

@@ -120,6 +120,16 @@ def forget(name: str) -> None:
         listed.write(by_path)
 
 
+def held_by_path(name: str) -> bool:
+    """Whether `name` is served from a folder given by path (loaded so, or an `--adapter` folder),
+    not from the registry: such a name is never resolved through the registry, whatever it looks like."""
+    cfg = config()
+    if cfg is None:
+        return False
+    folder = cfg.startup_adapters.get(name) or cfg.loaded_by_path_file().read().get(name)
+    return folder is not None and not (Path(folder) / PULL_MARKER).exists()
+
+
 def loaded_by_path(name: str, folder: str) -> Adapter:
     """An adapter loaded by path (POST /v1/load_lora_adapter): known, and written down so that a
     restart of vLLM (`loradock serve --restart-engine`) loads it again."""

@@ -7,7 +7,8 @@ from loradock.cli import main
 COMMANDS = [[], ["train"], ["eval"], ["data"], ["data", "check"], ["base"], ["base", "build"], ["push"], ["pull"],
             ["list"], ["hub"], ["hub", "serve"], ["hub", "token"], ["hub", "token", "create"], ["hub", "login"],
             ["hub", "logout"], ["serve"], ["balance"], ["ui"], ["votes"], ["votes", "report"],
-            ["votes", "export"], ["methods"], ["methods", "compare"], ["merge"], ["lineage"], ["promote"]]
+            ["votes", "export"], ["methods"], ["methods", "compare"], ["merge"], ["lineage"], ["promote"],
+            ["rollout"], ["rollout", "status"], ["rollout", "watch"], ["rollout", "abort"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "loradock")

@@ -62,16 +62,18 @@ def balancer(fleet, affinity: bool = False):
         yield service
 
 
-def ask(url: str, model: str, prompt: str) -> dict:
-    """One greedy chat request, with the header loradock's clients set; what came back and from where."""
+def ask(url: str, model: str, prompt: str, user: str | None = None) -> dict:
+    """One greedy chat request, with the header loradock's clients set; what came back, from where,
+    and the commit that answered."""
     response = httpx2.post(f"{url}/v1/chat/completions", headers={MODEL_HEADER: model}, timeout=180, json={
-        "model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 24})
+        "model": model, "messages": [{"role": "user", "content": prompt}], "temperature": 0, "max_tokens": 24,
+        **({"user": user} if user else {})})
     try:
         body = response.json()
     except ValueError:  # nginx's own error pages are HTML
         body = {"error": response.text[:300]}
     return {"status": response.status_code, "replica": response.headers.get("X-Loradock-Replica"),
-            "model": body.get("model"), "text": body["choices"][0]["message"]["content"] if response.is_success else body}
+            "commit": response.headers.get("X-Loradock-Commit"), "model": body.get("model"), "text": body["choices"][0]["message"]["content"] if response.is_success else body}
 
 
 def loaded(replica: ServeProcess) -> dict[str, str | None]:
@@ -137,8 +139,11 @@ def test_a_new_revision_is_served_by_sha_from_both_replicas_and_the_old_sha_stil
 
 
 def test_affinity_keeps_each_adapter_on_one_replica(fleet):
-    commits = fleet["commits"]
-    models = [f"alice/rr-sort@{commits['rr-sort']}", f"alice/rr-negated@{commits['rr-negated']}", "alice/rr-reverse@v2"]
+    # Commits no replica has loaded yet (by any name: a tag and a sha of one commit share its copy).
+    door = Registry(fleet["registry"].url, fleet["registry"].write_token)
+    commits = {name: door.push(folder, f"alice/affinity-{name}", tag="v1").commit for name, folder in fleet["folders"].items()}
+    models = [f"alice/affinity-rr-sort@{commits['rr-sort']}", f"alice/affinity-rr-negated@{commits['rr-negated']}",
+              "alice/affinity-rr-reverse@v1"]
     with balancer(fleet, affinity=True) as front:
         answers = {model: [ask(front.url, model, p) for p in PROMPTS] for model in models}
         assert all(a["status"] == 200 for model in models for a in answers[model]), answers
@@ -150,6 +155,110 @@ def test_affinity_keeps_each_adapter_on_one_replica(fleet):
         for r in fleet["replicas"]:
             assert (model in loaded(r)) == (f"127.0.0.1:{r.port}" == replica), (model, replica)
     print(f"\naffinity: {served}")
+
+
+def padded_to_rank(weights: dict, rank: int) -> dict:
+    """The same LoRA update at a larger rank: lora_A's rows and lora_B's columns padded with zeros."""
+    import torch
+
+    return {k: torch.cat([v, v.new_zeros(rank - v.shape[0], v.shape[1])]) if ".lora_A." in k else
+            torch.cat([v, v.new_zeros(v.shape[0], rank - v.shape[1])], dim=1) if ".lora_B." in k else v
+            for k, v in weights.items()}
+
+
+def commit_of(answer: dict) -> str | None:
+    return answer.get("commit")
+
+
+def test_a_promotion_reaches_both_replicas_under_load_canary_rollout_and_rollback(fleet):
+    """A client at constant load through the balancer on `@prod` while the tag moves, a canary splits
+    it, the canary completes, and a failing canary is rolled back by the replicas themselves: every
+    request answered, each by the old or the new commit, each replica switching within 2 s (webhook)."""
+    from hub import rollouts
+
+    registry, tmp = fleet["registry"], fleet["tmp"]
+    door = Registry(registry.url, registry.write_token)
+    repo, name = "alice/rr-prod", "alice/rr-prod@prod"
+    first = door.push(fleet["folders"]["rr-reverse"], repo, tag="prod").commit
+    second = door.push(fleet["folders"]["rr-sort"], repo).commit
+    third = door.push(fleet["folders"]["rr-negated"], repo).commit
+    wide = variant(fleet["folders"]["rr-reverse"], tmp / "rank-32", config={"r": 32},
+                   weights=lambda w: padded_to_rank(w, 32))  # sound, but above the replicas' --max-lora-rank 16
+    failing = door.push(wide, repo).commit
+    answers, stop = [], threading.Event()
+
+    def traffic():
+        for i in range(100000):
+            if stop.is_set():
+                return
+            started = time.monotonic()
+            answers.append((started, ask(front.url, name, PROMPTS[i % len(PROMPTS)], user=f"user-{i}")))
+
+    def steady(after: float, commits: set[str], settle: float = 2.0, count: int = 12) -> list[dict]:
+        """Wait for `count` answers started `settle` s after `after`; those answers."""
+        deadline = time.monotonic() + 240
+        while len([a for t, a in answers if t > after + settle]) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        later = [a for t, a in answers if t > after + settle]
+        assert {commit_of(a) for a in later} <= commits, (commits, later)
+        return later
+
+    with balancer(fleet) as front:
+        sender = threading.Thread(target=traffic)
+        sender.start()
+        try:
+            steady(time.monotonic(), {first}, settle=0)
+            moved = time.monotonic()
+            door.move_tag(repo, "prod", first, second, "promoted")
+            steady(moved, {second})
+            split = time.monotonic()  # a canary of `third`, half the conversations
+            rollouts.write(door, rollouts.Rollout(repo, "prod", second, third, share=50, started_at=time.time()),
+                           rollouts.branch_head(door, repo))
+            canary = steady(split, {second, third}, count=40)
+            assert {commit_of(a) for a in canary} == {second, third}
+            for user in ("user-1", "user-2", "user-3"):  # one conversation stays on one side, whichever replica
+                sides = {ask(front.url, name, PROMPTS[0], user=user)["commit"] for _ in range(4)}
+                assert len(sides) == 1, (user, sides)
+            registry.stop()  # a registry down mid-rollout: both replicas go on with what they know
+            try:
+                steady(time.monotonic(), {second, third}, settle=0, count=10)
+            finally:
+                registry.start()
+            completed = time.monotonic()
+            done = loradock_status(registry, repo)
+            assert done.returncode == 0, done.stdout + done.stderr
+            steady(completed, {third})
+            assert door.tags(repo)["prod"] == third
+            failing_at = time.monotonic()  # a canary the replicas cannot serve: answered by `third`, then ended
+            rollouts.write(door, rollouts.Rollout(repo, "prod", third, failing, share=90, started_at=time.time()),
+                           rollouts.branch_head(door, repo))
+            deadline = time.monotonic() + 300
+            while (record := rollouts.read(door, repo, "prod")).running and time.monotonic() < deadline:
+                time.sleep(0.5)
+            rolled_back = time.monotonic() - failing_at
+            assert record.state == "rolled_back", record
+            steady(time.monotonic(), {third}, settle=0.5)
+        finally:
+            stop.set()
+            sender.join(timeout=300)
+        by_sha = [ask(front.url, f"{repo}@{third}", p)["text"] for p in PROMPTS]
+        by_tag = [ask(front.url, name, p)["text"] for p in PROMPTS]
+    failed = [a for _, a in answers if a["status"] != 200 or a["model"] != name]
+    assert not failed, failed[:5]
+    assert {commit_of(a) for _, a in answers} <= {first, second, third}  # never the failing one
+    assert by_tag == by_sha
+    switches = {label: min((t - at for t, a in answers if t > at and commit_of(a) == c), default=None)
+                for label, at, c in (("move", moved, second), ("canary", split, third), ("complete", completed, third))}
+    print(f"\npromotion under load: {len(answers)} requests, none failed; first answer by the new commit "
+          f"after {switches} s; rolled back after {rolled_back:.1f} s ({record.reason})")
+
+
+def loradock_status(registry, repo: str):
+    import subprocess
+
+    return subprocess.run(loradock_command("rollout", "status", repo, "--tag", "prod", "--advance", "--registry",
+                                           registry.url, "--token", registry.write_token),
+                          capture_output=True, text=True, timeout=120)
 
 
 def test_every_request_is_answered_when_a_replica_is_killed_mid_run(fleet):

@@ -102,6 +102,7 @@ def command_dataclasses():
     from sft.merge import MergeArgs
     from ui.cli import ExportArgs, ReportArgs, UIConfig
     from ui.revisions import LineageArgs, PromoteArgs
+    from ui.rollouts import RolloutAbortArgs, RolloutStatusArgs, RolloutWatchArgs
 
     return {("train",): TrainArgs, ("serve",): ServeConfig, ("ui",): UIConfig, ("hub", "serve"): RegistryConfig,
             ("eval",): EvalArgs, ("data", "check"): DataCheckArgs, ("base", "build"): BaseBuildArgs,
@@ -111,7 +112,9 @@ def command_dataclasses():
             ("hub", "user", "add"): UserArgs, ("hub", "user", "remove"): UserArgs, ("hub", "user", "list"): RootArgs,
             ("hub", "org", "add"): OrgAddArgs, ("hub", "org", "remove-member"): OrgMemberArgs,
             ("hub", "org", "list"): RootArgs, ("hub", "gc"): GcArgs, ("votes", "report"): ReportArgs,
-            ("votes", "export"): ExportArgs, ("lineage",): LineageArgs, ("promote",): PromoteArgs}
+            ("votes", "export"): ExportArgs, ("lineage",): LineageArgs, ("promote",): PromoteArgs,
+            ("rollout", "status"): RolloutStatusArgs, ("rollout", "watch"): RolloutWatchArgs,
+            ("rollout", "abort"): RolloutAbortArgs}
 
 
 def leaf_commands(parser=None, words=()):
@@ -190,7 +193,10 @@ ROUND_TRIP = {("train",): (["--data", "d.jsonl", "--output", "o", "--lr", "1e-3"
               ("votes", "report"): (["--format", "json"], "format: json"),
               ("votes", "export"): (["--adapter", "alice/a"], "adapter: alice/a"),
               ("lineage",): (["alice/a@v2", "--format", "json"], "format: json"),
-              ("promote",): (["alice/a@v2", "--tag", "prod"], "tag: prod")}
+              ("promote",): (["alice/a@v2", "--tag", "prod", "--canary", "10"], "canary: 10"),
+              ("rollout", "status"): (["alice/a", "--tag", "prod", "--advance"], "advance: true"),
+              ("rollout", "watch"): (["alice/a", "--tag", "prod", "--every", "5"], "every: 5.0"),
+              ("rollout", "abort"): (["alice/a", "--tag", "prod"], "tag: prod")}
 
 
 @pytest.mark.parametrize("command", list(command_dataclasses()), ids=" ".join)

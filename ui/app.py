@@ -234,7 +234,8 @@ def show_turn(turn: dict, choice: Choice, state) -> None:
             slots[model] = column.empty()
         if not turn["answers"]:
             turn["answers"] = stream_answers(choice.endpoint, choice.sampling, turn, slots)
-            turn["commits"] = served_commits(choice.endpoint, turn["order"])
+            turn["commits"] = {**served_commits(choice.endpoint, turn["order"]),
+                               **{m: a.commit for m, a in turn["answers"].items() if a.commit}}
             state.turns.append(turn)
         for model, slot in slots.items():
             view.answer(slot, turn["answers"][model])

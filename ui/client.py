@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import httpx2
 import openai
 
-from hub.adapter import MODEL_HEADER
+from hub.adapter import COMMIT_HEADER, MODEL_HEADER
 
 
 class EndpointDown(Exception):
@@ -52,6 +52,7 @@ class Answer:
     total_s: float | None = None
     completion_tokens: int | None = None
     prompt_token_ids: list[int] | None = None
+    commit: str | None = None  # the commit that answered, as `loradock serve` says (X-Loradock-Commit)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -94,12 +95,13 @@ class Endpoint:
         """
         answer, started = Answer(model), time.perf_counter()
         try:
-            stream = self.openai.chat.completions.create(
+            raw = self.openai.chat.completions.with_raw_response.create(
                 model=model, messages=messages, stream=True, stream_options={"include_usage": True},
                 temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_tokens,
                 seed=sampling.seed, extra_body={"return_token_ids": True},
                 extra_headers={MODEL_HEADER: model})  # for a load balancer's adapter affinity
-            for chunk in stream:
+            answer.commit = raw.headers.get(COMMIT_HEADER)
+            for chunk in raw.parse():
                 extra = chunk.model_extra or {}
                 if extra.get("prompt_token_ids"):
                     answer.prompt_token_ids = extra["prompt_token_ids"]

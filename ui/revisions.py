@@ -11,6 +11,9 @@ through `hub.client.Registry`.
 
     loradock lineage alice/reverse@v2
     loradock promote alice/reverse@v2 --tag prod      # refused without evidence; --force overrides
+
+A canary (`--canary PERCENT`) moves no tag: it records a rollout in the registry, which
+`ui.rollouts` and `loradock rollout` carry on; `loradock lineage` shows the rollouts of each revision.
 """
 
 import json
@@ -19,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from hub import client
+from hub import rollouts as rollout_records
 from hub.adapter import AdapterRef
 from hub.adapter.records import RunRecord
 from hub.client import Registry, Revision
@@ -76,34 +80,59 @@ def chain(registry: Registry, spec: str) -> list[RevisionRecord]:
 def versus(votes_path: Path | None, child: RevisionRecord, parent: RevisionRecord) -> dict | None:
     """The child's win rate over its parent in the blind votes (with its 95% interval); None
     without such votes."""
+    return win_rate(votes_path, child.commit, parent.commit)
+
+
+def win_rate(votes_path: Path | None, commit: str, other: str) -> dict | None:
+    """`commit`'s win rate over `other` in the blind votes, `{"votes", "win_rate", "low", "high"}`
+    (the 95% interval); None without such votes."""
     from ui import ratings, votes
 
     if votes_path is None or not Path(votes_path).exists():
         return None
     for row in ratings.pairs(votes.outcomes(Path(votes_path))):
         sides = (row["revision_x"], row["revision_y"])
-        if sides == (child.commit, parent.commit):
+        if sides == (commit, other):
             return {"votes": row["votes"], "win_rate": row["win_rate"], "low": row["low"], "high": row["high"]}
-        if sides == (parent.commit, child.commit):
+        if sides == (other, commit):
             return {"votes": row["votes"], "win_rate": 1 - row["win_rate"], "low": 1 - row["high"],
                     "high": 1 - row["low"]}
     return None
 
 
-def describe(revision: RevisionRecord, parent: RevisionRecord | None, votes_path: Path | None) -> dict:
-    """One line of the lineage, as data."""
+def describe(revision: RevisionRecord, parent: RevisionRecord | None, votes_path: Path | None,
+             rollouts: tuple[rollout_records.Rollout, ...] = ()) -> dict:
+    """One line of the lineage, as data; `rollouts`: the recorded rollouts of its repo's tags."""
     run, headline = revision.run, revision.run.headline
     return {"repo_id": revision.repo_id, "commit": revision.commit, "tags": revision.tags,
             "objective": run.objective or ("sft" if run.recorded else None), "method": run.method,
             "data": run.data() if run.recorded else None, "dataset": run.dataset, "dataset_sha256": run.dataset_sha256,
             "steps": run.steps, "held_out": {headline[0]: headline[1]} if headline else None,
             "parent": revision.parent, "base_model": run.base_model, "base_model_revision": run.base_model_revision,
-            "votes_vs_parent": versus(votes_path, revision, parent) if parent else None}
+            "votes_vs_parent": versus(votes_path, revision, parent) if parent else None,
+            "rollouts": [{"tag": r.tag, "role": "candidate" if r.candidate == revision.commit else "stable",
+                          "state": r.state, "share": r.share, "reason": r.reason, "figures": r.figures,
+                          "stable": r.stable, "candidate": r.candidate, "updated_at": r.updated_at}
+                         for r in rollouts
+                         if revision.repo_id == r.repo_id and revision.commit in (r.stable, r.candidate)]}
+
+
+def recorded_rollouts(registry: Registry, repo_ids: set[str]) -> tuple[rollout_records.Rollout, ...]:
+    """The rollout record of each tag of these repos that has one."""
+    found = []
+    for repo_id in sorted(repo_ids):
+        branches, tags = registry.refs(repo_id)
+        head = branches.get(rollout_records.BRANCH)
+        if head:
+            found += [r for tag in sorted(tags) if (r := rollout_records.read(registry, repo_id, tag, head))]
+    return tuple(found)
 
 
 def lineage(spec: str, votes_path: Path | None, endpoint: str | None = None, token: str | None = None) -> list[dict]:
-    revisions = chain(client.registry(endpoint, token), spec)
-    return [describe(r, revisions[i + 1] if i + 1 < len(revisions) else None, votes_path)
+    door = client.registry(endpoint, token)
+    revisions = chain(door, spec)
+    rollouts = recorded_rollouts(door, {r.repo_id for r in revisions})
+    return [describe(r, revisions[i + 1] if i + 1 < len(revisions) else None, votes_path, rollouts)
             for i, r in enumerate(revisions)]
 
 
@@ -119,11 +148,24 @@ def render_lineage(rows: list[dict]) -> str:
         lines.append(f"{'  ' * depth}{'   ' if depth else ''}  {row['objective'] or 'unknown objective'}"
                      f"{' ' + row['method'] if row['method'] else ''}, {row['steps'] or '?'} steps on "
                      f"{row['data'] or 'unknown data'}; {held}{voted}")
+        lines += [f"{'  ' * depth}{'   ' if depth else ''}  {rollout_line(r)}" for r in row.get("rollouts", ())]
     last = rows[-1]
     if last["parent"] is None and last["base_model"]:
         lines.append(f"{'  ' * len(rows)}└─ base {last['base_model']}"
                      + (f" (revision {last['base_model_revision']})" if last["base_model_revision"] else ""))
     return "\n".join(lines)
+
+
+def rollout_line(r: dict) -> str:
+    """One rollout a revision took part in, for the lineage's text (the votes of a running one; an
+    ended one's reason names them)."""
+    votes = r["figures"].get("votes")
+    other, commit = ("stable", r["stable"]) if r["role"] == "candidate" else ("candidate", r["candidate"])
+    return (f"rollout of {r['tag']}: {r['role']} ({r['share']}% to the candidate; the {other} is {commit[:12]}), "
+            f"{r['state'].replace('_', ' ')}" + (f": {r['reason']}" if r["reason"] else "")
+            + (f"; votes {votes['win_rate']:.2f} [{votes['low']:.2f}, {votes['high']:.2f}] over {votes['votes']}"
+               if not r["reason"] and isinstance(votes, dict) and {"win_rate", "low", "high", "votes"} <= votes.keys()
+               else ""))
 
 
 # --- promote ------------------------------------------------------------------------------------
@@ -175,15 +217,20 @@ def promote(spec: str, tag: str, force: bool, votes_path: Path | None, endpoint:
     message, which says what the evidence was, or that it was forced past.
 
     Raises:
-        LoradockError: the evidence is missing or against it and not `force`; no tag moved.
+        LoradockError: a canary rollout of `tag` is running, or the evidence is missing or against
+            it and not `force`; no tag moved.
     """
     ref = AdapterRef.parse(spec)
-    problem = ref_name_problem(tag, "tag")  # the registry's own rule, checked before anything is read
-    if problem:
-        raise LoradockError(f"--tag {tag!r}: {problem}", "pass a tag name such as prod; no tag was moved")
+    check_tag(tag)
     door = client.registry(endpoint, token)
     child = recorded(door, ref.repo_id, ref.revision)
     current = door.tags(ref.repo_id).get(tag)
+    running = rollout_records.read(door, ref.repo_id, tag)
+    if running and running.running:
+        raise LoradockError(f"not moving {tag} to {child.name}: a canary rollout of {tag} to {running.candidate} is "
+                            f"running ({running.share}% of its requests)",
+                            f"end it first: `loradock rollout abort {ref.repo_id} --tag {tag}`, or complete it with "
+                            f"`loradock rollout status {ref.repo_id} --tag {tag} --advance`; no tag was moved")
     found, problems = evidence(door, child, tag, current, votes_path)
     if problems and not force:
         raise LoradockError(f"not moving {tag} to {child.name}: " + "; ".join(problems),
@@ -196,6 +243,17 @@ def promote(spec: str, tag: str, force: bool, votes_path: Path | None, endpoint:
         return message.replace("->", "already at", 1)
     door.move_tag(ref.repo_id, tag, current, child.commit, message.strip())
     return message.strip()
+
+
+def check_tag(tag: str) -> None:
+    """The registry's own rule for a tag name, checked before anything is read.
+
+    Raises:
+        LoradockError: naming --tag.
+    """
+    problem = ref_name_problem(tag, "tag")
+    if problem:
+        raise LoradockError(f"--tag {tag!r}: {problem}", "pass a tag name such as prod; no tag was moved")
 
 
 # --- the commands -------------------------------------------------------------------------------
@@ -217,7 +275,8 @@ class LineageArgs:
 class PromoteArgs:
     """Point --tag at REPO@REVISION only when its held-out score is not below its parent's (same
     held-out data) and, if votes compare the two, its win rate over the parent is above 50% at the
-    95% interval's lower bound. The tag's message records the evidence."""
+    95% interval's lower bound. The tag's message records the evidence. With --canary, on the same
+    evidence, move no tag: start a rollout of part of the tag's traffic (`loradock rollout`)."""
 
     spec: str | None = field(default=None, metadata={"help": "the revision to promote", "positional": True,
                                                      "metavar": "REPO@REVISION", "required": True})
@@ -225,6 +284,10 @@ class PromoteArgs:
                                                     "metavar": "TAG"})
     force: bool = field(default=False, metadata={
         "switch": True, "help": "move it without the evidence (the tag's message says so)"})
+    canary: int | None = field(default=None, metadata={
+        "help": "move no tag: start a canary rollout that answers this percent (1-99) of the tag's requests with "
+                "the revision; `loradock rollout status` completes or rolls it back on the evidence",
+        "metavar": "PERCENT"})
     registry: str | None = field(default=None, metadata={"help": REGISTRY_HELP, "metavar": "URL"})
     token: str | None = field(default=None, metadata={"help": TOKEN_HELP, "secret": True})
     votes: str | None = field(default=None, metadata={"help": VOTES_HELP, "metavar": "PATH"})
@@ -254,5 +317,10 @@ def run_lineage(args) -> int:
 
 
 def run_promote(args) -> int:
+    if args.canary is not None:
+        from ui.rollouts import canary  # ui.rollouts builds on this module
+
+        print(canary(args.spec, args.tag, args.canary, args.force, votes_of(args), args.registry, args.token))
+        return 0
     print(promote(args.spec, args.tag, args.force, votes_of(args), args.registry, args.token))
     return 0

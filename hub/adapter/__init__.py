@@ -28,6 +28,7 @@ PULL_MARKER = ".loradock-pull.json"  # written by a pull: the repo, revision and
 # every request to the model it names: a load balancer in front of several `loradock serve` replicas
 # can hash on it to keep an adapter on one replica (`loradock balance --affinity`).
 MODEL_HEADER = "X-Loradock-Model"
+COMMIT_HEADER = "X-Loradock-Commit"  # on an adapter's answer from `loradock serve`: the commit that answered
 
 # Ranks vLLM can serve (`vllm.config.lora.MaxLoRARanks`, 0.32); a test keeps this in step with vLLM.
 SERVABLE_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

@@ -1,10 +1,11 @@
 """GET /v1/models: vLLM's listing, with a `loradock` field on each adapter's card (repo, revision,
-commit sha, method, rank, headline metric) and a card for each prompt-tuning adapter known, which
-vLLM does not list, having never loaded it."""
+commit sha, method, rank, headline metric), a card for each prompt-tuning adapter known, which
+vLLM does not list, having never loaded it, and a card for each tag or branch clients have named
+(`serve.follow`), with the commit it resolves to now (and the rollout splitting it, if one does)."""
 
 import json
 
-from serve import runtime
+from serve import follow, runtime
 from serve.asgi import send_whole
 from serve.config import ServeConfig
 from serve.routes import LISTED
@@ -43,7 +44,23 @@ class AnnotateModels:
             if card.get("parent"):
                 adapter = runtime.known(card["id"]) or runtime.remember(card["id"], card["root"])
                 card["loradock"] = adapter.info
+        listing["data"] += followed_cards(listing["data"], self.base_model)
         return listing
+
+
+def followed_cards(cards: list[dict], base_model: str) -> list[dict]:
+    """A card per followed name: the card of the commit it resolves to now, under the name clients send."""
+    follower = follow.follower()
+    by_id = {card["id"]: card for card in cards}
+    added = []
+    for name, followed in sorted(follower.names.items() if follower else ()):
+        pinned = by_id.get(follow.pinned_name(followed.ref.repo_id, followed.commit))
+        card = by_id.get(name) or dict(pinned or {"id": name, "object": "model", "owned_by": "vllm", "root": None,
+                                                  "parent": base_model, "permission": []}, id=name)
+        card["loradock"] = {**(pinned or {}).get("loradock", {}), **card.get("loradock", {}), **followed.describe()}
+        if name not in by_id:
+            added.append(card)
+    return added
 
 
 def soft_prompt_cards(cards: list[dict], base_model: str) -> list[dict]:

@@ -1,0 +1,175 @@
+"""Moving names answered by commits (`serve.follow`): a generation request naming a registry adapter
+by a tag or a branch reaches vLLM naming the commit that answers it (`org/name@<sha>`), and its
+response names the model as the client did, with the commit in `X-Loradock-Commit`. A request
+naming a commit gets the header too.
+
+Also here: the registry's webhook deliveries (POST `serve.routes.WEBHOOK`, signed with the secret
+`loradock serve` subscribed with; no API key, the signature is the credential), which make the
+names of the repo they are about be resolved again at once; and unloading the commits no name
+answers with any more, once the requests on them are done (through the pieces after this one, so
+the unload drain holds them: a 409 from it means "still busy", and the unload is tried again).
+"""
+
+import asyncio
+import json
+import logging
+
+from hub.adapter import COMMIT_HEADER, AdapterRef
+from hub.signing import SeenDeliveries, verify_delivery
+from loradock.errors import Forbidden
+from serve import follow, runtime
+from serve.asgi import Body, JsonPiece, error_body, read_body, respond, rewritten, send_whole
+from serve.config import ServeConfig
+from serve.routes import FOLLOWED, UNLOAD, WEBHOOK
+
+RETRY_UNLOAD_S = 2.0
+logger = logging.getLogger("vllm.loradock")
+
+
+class FollowRefs(JsonPiece):
+    routes = FOLLOWED
+
+    def __init__(self, app, config: ServeConfig):
+        super().__init__(app, config)
+        self.follower = follow.follower()
+        if self.follower is not None:
+            self.follower.on_retired = self.retire
+        self.seen_deliveries = SeenDeliveries()
+
+    async def __call__(self, scope, receive, send):
+        if self.follower is None:
+            return await self.app(scope, receive, send)
+        if scope["path"] == WEBHOOK and scope["method"] == "POST":
+            return await self.delivered(scope, receive, send)
+        return await super().__call__(scope, receive, send)
+
+    async def handle(self, scope, body: Body, receive, replayed, send):
+        name = body.json.get("model") if isinstance(body.json, dict) else None
+        if not isinstance(name, str) or not AdapterRef.looks_like(name) or runtime.held_by_path(name):
+            return await self.app(scope, replayed, send)
+        if follow.is_pinned(name):
+            return await self.app(scope, replayed, with_commit(send, name.partition("@")[2]))
+        followed = await self.follower.followed(name)
+        if followed is None:  # not a name the registry resolves: answered as before (404, 503...)
+            return await self.app(scope, replayed, send)
+        commit = followed.commit_for(follow.conversation_key(body.json))
+        stable = followed.rollout.stable if followed.rollout is not None and followed.rollout.running else commit
+        if commit != stable and await self.answer(scope, receive, body.json, name, followed, commit, send, stable):
+            return None
+        return await self.answer(scope, receive, body.json, name, followed, stable, send)
+
+    async def answer(self, scope, receive, body: dict, name: str, followed: "follow.Followed", commit: str, send,
+                     fall_back_to: str | None = None) -> bool:
+        """Send the request on to `commit`; with `fall_back_to` (a canary's candidate answering), an
+        error status is counted against the candidate and nothing is sent, so that the stable
+        commit answers instead: False then."""
+        pinned = follow.pinned_name(followed.ref.repo_id, commit)
+        scope, replayed = rewritten(scope, receive, {**body, "model": pinned})
+        answered = with_commit(send, commit, renamed=(pinned, name), count=self.follower.count,
+                               swallow_errors=fall_back_to is not None)
+        await self.app(scope, replayed, answered)
+        return not answered.failed
+
+    # --- the registry's webhook ---
+
+    async def delivered(self, scope, receive, send):
+        raw = await read_body(receive)
+        secret = self.config.webhook_secret
+        if not secret:
+            return await respond(send, 404, error_body(404, "this server subscribed to no webhook"))
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            verify_delivery(secret, headers, raw, self.seen_deliveries)
+            repo = json.loads(raw)["repo"]["name"]
+        except Forbidden as e:
+            logger.warning("loradock: a webhook delivery was refused: %s", e.problem)
+            return await respond(send, 403, error_body(403, e.problem))
+        except (ValueError, KeyError, TypeError):
+            return await respond(send, 400, error_body(400, "a webhook delivery without repo.name"))
+        self.follower.moved(repo)
+        return await respond(send, 200, b'{"ok": true}')
+
+    # --- unloading the commits left behind ---
+
+    def retire(self, names: set[str]) -> None:
+        for name in names:
+            asyncio.get_running_loop().create_task(self.unload_when_idle(name))
+
+    async def unload_when_idle(self, name: str) -> None:
+        """Unload `name` through the unload drain, again while it is busy; not once a followed
+        name answers with it again."""
+        while name not in self.follower.serving():
+            status = await self.unload(name)
+            if status != 409:
+                if status == 200:
+                    logger.info("loradock: unloaded %s: no name served here answers with it", name)
+                return
+            await asyncio.sleep(RETRY_UNLOAD_S)
+
+    async def unload(self, name: str) -> int:
+        raw = json.dumps({"lora_name": name}).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": UNLOAD, "raw_path": UNLOAD.encode(), "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
+                 "client": ("127.0.0.1", 0), "server": ("127.0.0.1", self.config.port)}
+        sent, status = False, {}
+
+        async def receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": raw, "more_body": False}
+            await asyncio.Event().wait()  # the client never goes away
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+
+        await self.app(scope, receive, send)
+        return status.get("code", 500)
+
+
+def with_commit(send, commit: str, renamed: tuple[str, str] | None = None, count=None, swallow_errors: bool = False):
+    """A `send` that adds `X-Loradock-Commit: commit` to the response, counts its status under the
+    commit, and, with `renamed` (pinned, asked), names the model in the body as the client did.
+    With `swallow_errors`, a response with an error status (400 and up) is not sent at all; its
+    `failed` attribute says so."""
+    start = {}
+    chunks = []
+    old, new = (json.dumps(n).encode() for n in renamed) if renamed else (None, None)
+
+    def rename(chunk: bytes) -> bytes:
+        return chunk.replace(b'"model":' + old, b'"model":' + new) if renamed else chunk
+
+    async def wrapped(message):
+        if wrapped.failed:
+            return None
+        if message["type"] == "http.response.start":
+            if count is not None:
+                count(commit, message["status"])
+            if swallow_errors and message["status"] >= 400:
+                wrapped.failed = True
+                return None
+            headers = [*message.get("headers", []), (COMMIT_HEADER.lower().encode(), commit.encode())]
+            start.update(message, headers=headers)
+            if not renamed or streamed(headers):
+                return await send(start)
+            return None
+        if message["type"] != "http.response.body":
+            return await send(message)
+        if not renamed:
+            return await send(message)
+        if streamed(start["headers"]):
+            return await send({**message, "body": rename(message.get("body", b""))})
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            await send_whole(send, start, rename(b"".join(chunks)))
+        return None
+
+    wrapped.failed = False
+    return wrapped
+
+
+def streamed(headers) -> bool:
+    return any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
+
