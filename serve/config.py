@@ -65,6 +65,10 @@ class ServeConfig:
         "help": "seconds between resolving again the tags and branches clients name (org/name@prod): a moved ref is "
                 "answered by its new commit within this, and at once when the registry's webhook says so",
         "metavar": "SECONDS"})
+    canary_pairs: float = field(default=5.0, metadata={
+        "help": "percent of a canary's chat requests also asked of both commits in the background, the two answers "
+                "kept as a blind pair for the comparison screen's Canary tab ($LORADOCK_HOME/serve/canary-pairs-PORT.jsonl)",
+        "metavar": "PERCENT"})
     webhook_url: str | None = field(default=None, metadata={
         "help": "the URL the registry reaches this server's webhook at (none: http://HOST:PORT/loradock/webhook, "
                 "127.0.0.1 for a server listening on every address; 'off': subscribe to none, follow by polling)",
@@ -199,6 +203,8 @@ def validate(config: ServeConfig) -> list[str]:
         problems.append(f"--adapter-cache-mb {config.adapter_cache_mb} must be 0 or more")
     if config.restart_engine < 0:
         problems.append(f"--restart-engine {config.restart_engine} must be 0 or more")
+    if not 0 <= config.canary_pairs <= 100:
+        problems.append(f"--canary-pairs {config.canary_pairs:g} is not a percent; pass 0 to 100 (0: no pairs)")
     if config.follow_refs <= 0:
         problems.append(f"--follow-refs {config.follow_refs} must be above 0 seconds")
     if config.webhook_url not in (None, "off") and not config.webhook_url.startswith(("http://", "https://")):

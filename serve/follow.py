@@ -28,6 +28,7 @@ from functools import lru_cache
 from hub import rollouts
 from hub.adapter import AdapterRef
 from loradock.errors import Busy, LoradockError, NotFound
+from serve import runtime
 
 logger = logging.getLogger("vllm.loradock")
 SHA = re.compile(r"[0-9a-f]{40}")
@@ -109,10 +110,10 @@ def conversation_key(body: dict) -> str:
 
 
 class Follower:
-    """The moving names this server has been asked for, resolved through the registry.
-
-    `resolve_ref` is how a ref becomes (commit, rollout record, the rollouts branch's head): given,
-    so that the registry is reached from a worker thread and tests can hand in their own registry."""
+    """The moving names this server has been asked for, resolved through `registry` (a
+    `hub.client.Registry`, reached from worker threads) on their first request, then every
+    `interval` seconds and whenever `moved` is called; `on_retired` is handed the pinned names no
+    followed name answers with any more after a refresh."""
 
     def __init__(self, registry, interval: float, on_retired=None):
         self.registry = registry
@@ -130,7 +131,11 @@ class Follower:
     async def followed(self, name: str) -> Followed | None:
         """The followed name `name`, resolved on its first request; None when it is not a moving
         registry name (a pinned commit, the base, a name loaded by path) or the registry does not
-        know it (the request goes on as it is, and is answered as before: 404, 503...)."""
+        know it (the request goes on as it is, and is answered as before: a 404).
+
+        Raises:
+            Unreachable, RegistryRefused: the registry could not resolve a name never resolved before.
+        """
         if not AdapterRef.looks_like(name) or is_pinned(name):
             return None
         if (known := self.names.get(name)) is not None:
@@ -140,15 +145,19 @@ class Follower:
             ref = AdapterRef.parse(name)
         except LoradockError:
             return None
+        if runtime.unknown_recently(name):  # the registry said no moments ago: not asked again
+            return None
         lock = self._first.setdefault(name, asyncio.Lock())
         async with lock:
-            if name not in self.names:
-                try:
+            try:
+                if name not in self.names and not runtime.unknown_recently(name):
                     self.names[name] = await asyncio.to_thread(self.resolve, name, ref, None)
-                except LoradockError:
-                    return None
-                finally:
-                    self._first.pop(name, None)
+            except NotFound:
+                runtime.note_unknown(name)
+            finally:
+                self._first.pop(name, None)
+        if name not in self.names:
+            return None
         self.start()
         return self.names[name]
 
@@ -177,9 +186,15 @@ class Follower:
     # --- outcomes ---
 
     def count(self, commit: str, status: int) -> None:
+        """One answer of `commit`; a running canary's candidate failing past the minimum of requests
+        has its rollout judged at once, not at the next refresh."""
         counts = self.counts[commit]
         counts.requests += 1
         counts.errors += status >= 400
+        if status >= 400 and counts.requests >= ROLLBACK_MIN_REQUESTS:
+            for followed in self.names.values():
+                if followed.rollout is not None and followed.rollout.running and followed.rollout.candidate == commit:
+                    self.moved(followed.ref.repo_id)
 
     # --- following ---
 
@@ -202,7 +217,10 @@ class Follower:
                 only = None
             self._wake.clear()
             self._repos_to_refresh -= only or set()
-            await self.refresh(only)
+            try:
+                await self.refresh(only)
+            except Exception:  # noqa: BLE001 - a bug must not stop the following: said, and tried again next time
+                logger.exception("loradock: following the registry's refs failed")
 
     async def refresh(self, repos: set[str] | None = None) -> None:
         """Resolve the followed names again (of `repos` only, when given); a name the registry
@@ -257,7 +275,6 @@ def follower() -> Follower | None:
     """This server's follower, over the registry and interval `loradock serve` passed; None when vLLM
     runs without loradock or without a registry."""
     from hub.client import registry
-    from serve import runtime
 
     cfg = runtime.config()
     if cfg is None or not cfg.registry:

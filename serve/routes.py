@@ -39,7 +39,7 @@ class Routes:
 # The concerns, in the order a request meets them (`serve.middleware.PIECES`).
 AUTHENTICATED = Routes(unless=OPEN)  # vLLM itself guards only /v1, /v2, /inference and /cohere
 TEMPLATE_CHECKED = Routes()  # any route whose request has a body: vLLM reads templates on many, and on new ones
-FOLLOWED = Routes("POST", GENERATION)  # a moving name is pinned to a commit before anything else reads it
+FOLLOWED = Routes("POST", GENERATION | {UNLOAD})  # a moving name is pinned to a commit before anything else reads it
 LISTED = Routes("GET", frozenset({MODELS}))
 ADMITTED = Routes("POST", GENERATION | {LOAD})  # an adapter is named (generation) or a folder offered (load)
 DRAINED = Routes("POST", GENERATION | {UNLOAD})

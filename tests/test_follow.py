@@ -12,6 +12,7 @@ import pytest
 from hub import rollouts
 from hub.adapter import AdapterRef
 from hub.client import Registry
+from loradock.errors import Unreachable
 from loradock.procs import free_port
 from serve import follow
 from tests.conftest import adapter_folder
@@ -73,7 +74,8 @@ def test_a_registry_that_cannot_be_reached_leaves_the_last_commit_serving(regist
         following.names[name] = follow.Followed(name, AdapterRef.of(name), first)
         await following.refresh()
         assert following.names[name].commit == first
-        assert await following.followed(f"{repo_id}@other") is None  # never resolved: answered as before (503)
+        with pytest.raises(Unreachable):  # never resolved: the client gets the 503
+            await following.followed(f"{repo_id}@other")
 
     asyncio.run(run())
 
@@ -118,3 +120,34 @@ def test_a_candidate_that_fails_here_is_rolled_back_for_every_replica(registry, 
     assert door.tags(repo_id)["prod"] == first  # the tag never moved
     other = follower(registry)  # another replica reads the same record
     assert asyncio.run(other.followed(f"{repo_id}@prod")).commits() == {first}
+
+
+def test_serve_subscribes_to_the_registry_with_a_secret_of_its_own_and_unsubscribes(registry):
+    from serve.config import ServeConfig
+    from serve.launcher import subscribed, unsubscribe
+
+    config = ServeConfig(registry=registry.url, token=registry.write_token, host="0.0.0.0", port=8123,
+                         hot_load_namespaces=["alice", "loradock"])
+    door = Registry(registry.url, registry.write_token)
+    with_secret, webhook = subscribed(config)
+    hooks = {hook.id: hook for hook in door.api.list_webhooks()}
+    assert hooks[webhook].url == "http://127.0.0.1:8123/loradock/webhook"  # every address: reached on loopback
+    assert {w.name for w in hooks[webhook].watched} == {"alice", "loradock"}
+    assert with_secret.webhook_secret and hooks[webhook].secret == with_secret.webhook_secret
+    assert subscribed(ServeConfig(registry=registry.url, token=registry.write_token, hot_load_namespaces=["alice"],
+                                  webhook_url="off")) == (ServeConfig(registry=registry.url, token=registry.write_token,
+                                                                      hot_load_namespaces=["alice"], webhook_url="off"),
+                                                          None)
+    unsubscribe(with_secret, webhook)
+    assert webhook not in {hook.id for hook in door.api.list_webhooks()}
+
+
+@pytest.mark.parametrize("flags, problem", [
+    ({"follow_refs": 0}, "--follow-refs 0 must be above 0 seconds"),
+    ({"webhook_url": "ftp://host/x"}, "--webhook-url 'ftp://host/x' is not an http(s) URL"),
+    ({"canary_pairs": 101}, "--canary-pairs 101 is not a percent"),
+])
+def test_serve_refuses_settings_that_cannot_follow(flags, problem):
+    from serve.config import ServeConfig, validate
+
+    assert any(problem in p for p in validate(ServeConfig(**flags)))

@@ -16,6 +16,7 @@ import pytest
 
 from hub.adapter import MODEL_HEADER
 from hub.client import Registry
+from loradock import pairs
 from loradock.procs import Service, free_port, loradock_command
 from tests.conftest import ASSETS, ServeProcess, variant
 from tests.test_balancer import HAS_NGINX
@@ -40,7 +41,7 @@ def fleet(registry, trained_adapters, tmp_path_factory):
     commits = {name: door.push(folder, f"alice/{name}", tag="v1").commit for name, folder in folders.items()}
     env = {**os.environ, "HF_HUB_DISABLE_XET": "1"}
     args = ["--registry", registry.url, "--token", registry.write_token, "--adapter-namespace", "alice",
-            "--max-model-len", "256", "--max-loras", "2", "--kv-cache-gib", "1"]
+            "--max-model-len", "256", "--max-loras", "2", "--kv-cache-gib", "1", "--canary-pairs", "30"]
     replicas = []
     try:
         for i in range(2):  # one after the other: two start-ups at once on two cores only slow both
@@ -176,7 +177,7 @@ def test_a_promotion_reaches_both_replicas_under_load_canary_rollout_and_rollbac
     request answered, each by the old or the new commit, each replica switching within 2 s (webhook)."""
     from hub import rollouts
 
-    registry, tmp = fleet["registry"], fleet["tmp"]
+    registry, tmp, began = fleet["registry"], fleet["tmp"], time.time()
     door = Registry(registry.url, registry.write_token)
     repo, name = "alice/rr-prod", "alice/rr-prod@prod"
     first = door.push(fleet["folders"]["rr-reverse"], repo, tag="prod").commit
@@ -219,6 +220,13 @@ def test_a_promotion_reaches_both_replicas_under_load_canary_rollout_and_rollbac
             for user in ("user-1", "user-2", "user-3"):  # one conversation stays on one side, whichever replica
                 sides = {ask(front.url, name, PROMPTS[0], user=user)["commit"] for _ in range(4)}
                 assert len(sides) == 1, (user, sides)
+            restarted = fleet["replicas"][0]  # a replica restarted mid-rollout takes it up from the registry
+            users = [f"conversation-{i}" for i in range(12)]
+            before = {user: ask(restarted.url, name, PROMPTS[1], user=user)["commit"] for user in users}
+            restarted.stop()
+            restarted.start()
+            assert {user: ask(restarted.url, name, PROMPTS[1], user=user)["commit"] for user in users} == before
+            assert set(before.values()) == {second, third}, before
             registry.stop()  # a registry down mid-rollout: both replicas go on with what they know
             try:
                 steady(time.monotonic(), {second, third}, settle=0, count=10)
@@ -243,14 +251,24 @@ def test_a_promotion_reaches_both_replicas_under_load_canary_rollout_and_rollbac
             sender.join(timeout=300)
         by_sha = [ask(front.url, f"{repo}@{third}", p)["text"] for p in PROMPTS]
         by_tag = [ask(front.url, name, p)["text"] for p in PROMPTS]
+        sampled = [p for p in pairs.read() if p.repo_id == repo and p.created_at >= began]
+        for pair in sampled[:4]:  # each side as that commit answers the conversation when asked by sha
+            assert (pair.stable, pair.candidate) == (second, third), pair
+            assert (pair.answer_stable, pair.answer_candidate) == (
+                ask(front.url, f"{repo}@{second}", pair.prompt)["text"], ask(front.url, f"{repo}@{third}", pair.prompt)["text"])
+    assert sampled, "no blind pair was sampled from the canary's traffic"
     failed = [a for _, a in answers if a["status"] != 200 or a["model"] != name]
     assert not failed, failed[:5]
-    assert {commit_of(a) for _, a in answers} <= {first, second, third}  # never the failing one
+    phases = ((moved, {first, second}), (split, {second, third}), (completed, {second, third}), (failing_at, {third}))
+    for (began_at, commits), (ended_at, _) in zip(phases, [*phases[1:], (float("inf"), None)]):
+        during = {commit_of(a) for t, a in answers if began_at <= t < ended_at}  # the old or the new, never a third
+        assert during <= commits, (commits, during)
     assert by_tag == by_sha
     switches = {label: min((t - at for t, a in answers if t > at and commit_of(a) == c), default=None)
                 for label, at, c in (("move", moved, second), ("canary", split, third), ("complete", completed, third))}
     print(f"\npromotion under load: {len(answers)} requests, none failed; first answer by the new commit "
-          f"after {switches} s; rolled back after {rolled_back:.1f} s ({record.reason})")
+          f"after {switches} s; rolled back after {rolled_back:.1f} s ({record.reason}); {len(sampled)} blind pairs "
+          "sampled from the canary")
 
 
 def loradock_status(registry, repo: str):

@@ -481,7 +481,9 @@ def test_restart_brings_back_the_command_line_adapters_and_the_api_key_closes_ev
     try:
         auth = {"Authorization": f"Bearer {key}"}
         models = httpx2.get(f"{again.url}/v1/models", headers=auth).json()["data"]
-        assert [m["id"] for m in models] == [BASE, "alice/reverse@v1"]
+        pinned = f"alice/reverse@{served.commits['reverse']}"  # vLLM holds the commit; the name is followed
+        assert [m["id"] for m in models] == [BASE, pinned, "alice/reverse@v1"]
+        assert models[2]["loradock"]["commit"] == served.commits["reverse"] and models[2]["root"] == models[1]["root"]
         assert httpx2.get(f"{again.url}/health").status_code == 200
         for method, path in [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/invocations"),
                              ("POST", "/adapters"), ("POST", "/tokenize"), ("GET", "/metrics"), ("GET", "/version"),

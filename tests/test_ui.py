@@ -20,7 +20,7 @@ from streamlit.testing.v1 import AppTest
 
 from loradock.procs import free_port, loradock_command
 from tests.conftest import REPO, ServeProcess, run_loradock, variant
-from ui import ENDPOINT_ENV, REGISTRY_ENV, VOTES_ENV
+from ui import ENDPOINT_ENV, PAIRS_ENV, REGISTRY_ENV, VOTES_ENV
 from ui.view import DIFF_MARK
 
 BASE = "loradock/tiny-chat"
@@ -700,3 +700,36 @@ def test_votes_export_without_decided_votes_is_refused_and_writes_nothing(run_cl
         assert not out.exists()
     bad = run_cli("votes", "export", "--votes", db, "--output", out, "--push", "no-namespace")
     assert bad.code == 2 and "invalid repo id 'no-namespace'" in bad.err and not out.exists()
+
+
+def test_the_canary_tab_shows_sampled_pairs_blind_and_records_both_commits(monkeypatch, tmp_path):
+    """Pairs `loradock serve` sampled from canary traffic (written here in its format): shown one at a
+    time, A and B in a per-session order, each vote stored with the two commits it compared."""
+    from loradock import pairs
+
+    stable, candidate = "a" * 40, "b" * 40
+    written = [pairs.CanaryPair(f"pair-{i}", 1000.0 + i, "alice/reverse", "prod", stable, candidate, "be brief",
+                                f"Reverse the words: x{i} y{i}", f"y{i} x{i}", f"x{i} y{i}") for i in range(2)]
+    for pair in written:
+        pairs.append(tmp_path / "serve" / "canary-pairs-8000.jsonl", pair)
+    (tmp_path / "serve" / "canary-pairs-8001.jsonl").write_text("not a pair\n{\"id\": 1}\n")  # skipped
+    monkeypatch.setenv(ENDPOINT_ENV, f"http://127.0.0.1:{free_port()}/v1")
+    monkeypatch.setenv(REGISTRY_ENV, f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv(VOTES_ENV, str(tmp_path / "votes.sqlite"))
+    monkeypatch.setenv(PAIRS_ENV, str(tmp_path / "serve"))
+    at = app()
+    assert any("2 pair(s) sampled from canary traffic" in c.value for c in at.caption)
+    assert written[0].prompt in texts(at) and written[1].prompt not in texts(at)  # the oldest first
+    shown = texts(at)
+    a, b = shown[shown.index("A") + 1], shown[shown.index("B") + 1]
+    assert {a, b} == {written[0].answer_stable, written[0].answer_candidate}
+    at.button(key="canary-pair-0-A").click().run()
+    assert not at.exception, at.exception
+    assert written[1].prompt in texts(at)
+    with sqlite3.connect(tmp_path / "votes.sqlite") as db:
+        row = db.execute("SELECT turn_id, prompt, answer_a, revision_a, revision_b, repo_a, choice FROM votes").fetchone()
+    winner = stable if a == written[0].answer_stable else candidate
+    assert row == ("canary-pair-0", written[0].prompt, a, winner, ({stable, candidate} - {winner}).pop(),
+                   "alice/reverse", "A")
+    at.button(key="canary-pair-1-B").click().run()
+    assert any("0 pair(s) sampled from canary traffic" in c.value for c in at.caption)

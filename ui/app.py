@@ -6,7 +6,9 @@ through the OpenAI-compatible endpoint; each model keeps its own history and the
 side by side, with their timings. Blind A/B mode puts any two of them (the base, an adapter, another
 revision of it) as A and B in random order, hides which answer is whose, and stores each vote with
 both sides' repo and commit in SQLite (ui/votes.py); the Votes tab rates them (ui/ratings.py). The
-registry supplies hot-loadable adapters, by name and by tag, and their cards (ui/registry.py).
+registry supplies hot-loadable adapters, by name and by tag, and their cards (ui/registry.py). The
+Canary tab puts the blind pairs `loradock serve` sampled from a canary's traffic to the vote
+(`loradock.pairs`).
 
 Everything a browser session has (its conversation, its id for votes) lives in st.session_state.
 The endpoint and the registry come from the launch settings only and are shown read-only: the
@@ -15,6 +17,7 @@ Started with a password (LORADOCK_UI_PASSWORD), a session sees the sign-in form 
 and asks nothing of the endpoint or the registry, until it has typed it.
 """
 
+import hashlib
 import hmac
 import os
 import queue
@@ -29,8 +32,9 @@ import httpx2
 import streamlit as st
 
 from hub.adapter import AdapterRef
+from loradock import pairs as canary
 from loradock.errors import LoradockError, NotFound, Unreachable
-from ui import API_KEY_ENV, ENDPOINT_ENV, PASSWORD_ENV, REGISTRY_ENV, VOTES_ENV, ratings, view, votes
+from ui import API_KEY_ENV, ENDPOINT_ENV, PAIRS_ENV, PASSWORD_ENV, REGISTRY_ENV, VOTES_ENV, ratings, view, votes
 from ui.client import Answer, Endpoint, EndpointDown, Sampling
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:8000/v1"
@@ -335,6 +339,43 @@ def votes_tab(state) -> None:
             st.download_button(target.name, target.read_bytes(), file_name=target.name, mime="application/jsonl")
 
 
+def pairs_path() -> Path:
+    return Path(os.environ.get(PAIRS_ENV) or canary.folder())
+
+
+def canary_tab(state) -> None:
+    """The blind pairs `loradock serve` sampled from canary traffic, one at a time, oldest first:
+    the same conversation answered by a tag's stable commit and by its candidate, as A and B in an
+    order drawn per session and pair. A vote lands in the votes store with both commits, where
+    `loradock rollout status` weighs it."""
+    path = votes_path()
+    voted = {row["turn_id"] for row in votes.session_votes(path, state.session_id)}
+    waiting = [pair for pair in canary.read(pairs_path()) if f"canary-{pair.id}" not in voted]
+    st.caption(f"{len(waiting)} pair(s) sampled from canary traffic ({pairs_path()}) wait for your vote; "
+               "`loradock serve --canary-pairs PERCENT` samples them while `loradock promote --canary` runs")
+    if not waiting:
+        return
+    pair = waiting[0]
+    sides = [("stable", pair.stable, pair.answer_stable), ("candidate", pair.candidate, pair.answer_candidate)]
+    if int(hashlib.sha256(f"{state.session_id}{pair.id}".encode()).hexdigest(), 16) % 2:
+        sides.reverse()
+    st.markdown(view.escape_markdown(f"{pair.repo_id}@{pair.tag}: which answer is better?"))
+    if pair.system:
+        st.caption(view.escape_markdown(f"system: {pair.system}"))
+    with st.chat_message("user"):
+        st.text(pair.prompt)
+    for column, label, (_, _, text) in zip(st.columns(2), "AB", sides):
+        column.text(label)
+        column.text(text)
+    for column, (vote, text) in zip(st.columns(len(view.VOTE_LABELS)), view.VOTE_LABELS.items()):
+        if column.button(text, key=f"canary-{pair.id}-{vote}"):
+            a, b = (votes.Side(f"{pair.repo_id}@{commit}", pair.repo_id, commit) for _, commit, _ in sides)
+            votes.record(path, votes.Vote(session_id=state.session_id, turn_id=f"canary-{pair.id}", system=pair.system,
+                                          prompt=pair.prompt, answer_a=sides[0][2], answer_b=sides[1][2], choice=vote,
+                                          a=a, b=b))
+            st.rerun()
+
+
 def signed_in(state) -> bool:
     """Whether this browser session may use the screen: always when `loradock ui` has no password;
     otherwise once the session has typed it (compared in constant time). Until then only the
@@ -363,7 +404,7 @@ def main() -> None:
     state.setdefault("session_id", uuid.uuid4().hex)
     state.setdefault("turns", [])
     choice = sidebar(state)
-    chat, cards, ballots = st.tabs(["Chat", "Adapter cards", "Votes"])
+    chat, cards, ballots, canaries = st.tabs(["Chat", "Adapter cards", "Votes", "Canary"])
     prompt = st.chat_input("Message every model")
     with chat:
         if choice.pair:
@@ -378,6 +419,8 @@ def main() -> None:
         cards_tab(choice)
     with ballots:
         votes_tab(state)
+    with canaries:
+        canary_tab(state)
 
 
 main()

@@ -29,6 +29,9 @@ class UIConfig:
         "help": "address to listen on; beyond localhost (e.g. 0.0.0.0) it needs --password"})
     port: int = field(default=8501, metadata={"help": "port to listen on"})
     votes: str | None = field(default=None, metadata={"help": "the votes database (none: $LORADOCK_HOME/ui/votes.sqlite)"})
+    canary_pairs: str | None = field(default=None, metadata={
+        "help": "the blind pairs `loradock serve` sampled from canary traffic, shown in the Canary tab: a folder of "
+                "canary-pairs-*.jsonl files or one file (none: $LORADOCK_HOME/serve)", "metavar": "PATH"})
     password: str | None = field(default=None, metadata={
         "help": "every browser session must type it before the screen shows or sends anything "
                 "(none: $LORADOCK_UI_PASSWORD, else no sign-in, which only localhost allows); a flag shows in `ps`, "
@@ -208,7 +211,7 @@ def run_ui(args) -> int:
     from loradock.errors import LoradockError
     from loradock.home import home
     from loradock.procs import Service
-    from ui import API_KEY_ENV, ENDPOINT_ENV, PASSWORD_ENV, REGISTRY_ENV, VOTES_ENV
+    from ui import API_KEY_ENV, ENDPOINT_ENV, PAIRS_ENV, PASSWORD_ENV, REGISTRY_ENV, VOTES_ENV
 
     config = from_command_line(UIConfig, args, what="the UI configuration").args
     if getattr(args, "print_config", False):
@@ -227,6 +230,8 @@ def run_ui(args) -> int:
             env[name] = value
     if config.votes:
         env[VOTES_ENV] = str(Path(config.votes).resolve())
+    if config.canary_pairs:
+        env[PAIRS_ENV] = str(Path(config.canary_pairs).resolve())
     url, log = f"http://{config.host}:{config.port}", home() / "logs" / f"ui-{config.port}.log"
     app = Service("Streamlit", streamlit_command(config.host, config.port), log, env=env, grace=30)
     stopping = []

@@ -3,6 +3,10 @@ by a tag or a branch reaches vLLM naming the commit that answers it (`org/name@<
 response names the model as the client did, with the commit in `X-Loradock-Commit`. A request
 naming a commit gets the header too.
 
+While a canary splits a tag, a sample of its chat requests (`--canary-pairs` percent) is asked
+again of both commits in the background, and the two answers kept as a blind pair for the
+comparison screen (`loradock.pairs`).
+
 Also here: the registry's webhook deliveries (POST `serve.routes.WEBHOOK`, signed with the secret
 `loradock serve` subscribed with; no API key, the signature is the credential), which make the
 names of the repo they are about be resolved again at once; and unloading the commits no name
@@ -13,14 +17,19 @@ the unload drain holds them: a 409 from it means "still busy", and the unload is
 import asyncio
 import json
 import logging
+import random
+import re
+import time
+import uuid
 
 from hub.adapter import COMMIT_HEADER, AdapterRef
 from hub.signing import SeenDeliveries, verify_delivery
-from loradock.errors import Forbidden
+from loradock import pairs
+from loradock.errors import Forbidden, LoradockError
 from serve import follow, runtime
-from serve.asgi import Body, JsonPiece, error_body, read_body, respond, rewritten, send_whole
+from serve.asgi import Body, JsonPiece, error_body, read_body, refusal, respond, rewritten, send_whole
 from serve.config import ServeConfig
-from serve.routes import FOLLOWED, UNLOAD, WEBHOOK
+from serve.routes import CHAT, FOLLOWED, UNLOAD, WEBHOOK
 
 RETRY_UNLOAD_S = 2.0
 logger = logging.getLogger("vllm.loradock")
@@ -35,6 +44,7 @@ class FollowRefs(JsonPiece):
         if self.follower is not None:
             self.follower.on_retired = self.retire
         self.seen_deliveries = SeenDeliveries()
+        self._tasks: set[asyncio.Task] = set()
 
     async def __call__(self, scope, receive, send):
         if self.follower is None:
@@ -44,16 +54,30 @@ class FollowRefs(JsonPiece):
         return await super().__call__(scope, receive, send)
 
     async def handle(self, scope, body: Body, receive, replayed, send):
-        name = body.json.get("model") if isinstance(body.json, dict) else None
-        if not isinstance(name, str) or not AdapterRef.looks_like(name) or runtime.held_by_path(name):
+        key = "lora_name" if scope["path"] == UNLOAD else "model"
+        name = body.json.get(key) if isinstance(body.json, dict) else None
+        if (not isinstance(name, str) or name == self.config.base_model or not AdapterRef.looks_like(name)
+                or runtime.held_by_path(name)):
             return await self.app(scope, replayed, send)
+        if scope["path"] == UNLOAD:
+            return await self.unload_followed(scope, receive, body.json, name, replayed, send)
         if follow.is_pinned(name):
             return await self.app(scope, replayed, with_commit(send, name.partition("@")[2]))
-        followed = await self.follower.followed(name)
-        if followed is None:  # not a name the registry resolves: answered as before (404, 503...)
+        try:
+            runtime.allowed(AdapterRef.of(name), self.config)
+        except Forbidden:  # answered by the admission (403) before the registry is asked
+            return await self.app(scope, replayed, send)
+        try:
+            followed = await self.follower.followed(name)
+        except LoradockError as e:  # the registry is down or refused: said once, not asked again downstream
+            return await respond(send, *refusal(e, "model"))
+        if followed is None:  # not a name the registry has: answered as before (a 404)
             return await self.app(scope, replayed, send)
         commit = followed.commit_for(follow.conversation_key(body.json))
-        stable = followed.rollout.stable if followed.rollout is not None and followed.rollout.running else commit
+        rollout = followed.rollout if followed.rollout is not None and followed.rollout.running else None
+        if rollout and scope["path"] == CHAT and random.random() * 100 < self.config.canary_pairs:
+            self.background(self.sample_pair(body.json, followed.ref.repo_id, rollout))
+        stable = rollout.stable if rollout else commit
         if commit != stable and await self.answer(scope, receive, body.json, name, followed, commit, send, stable):
             return None
         return await self.answer(scope, receive, body.json, name, followed, stable, send)
@@ -69,6 +93,25 @@ class FollowRefs(JsonPiece):
                                swallow_errors=fall_back_to is not None)
         await self.app(scope, replayed, answered)
         return not answered.failed
+
+    async def unload_followed(self, scope, receive, body: dict, name: str, replayed, send):
+        """An unload of a followed name unloads the commit it answers with now (the unload drain
+        waits for the requests on it) and forgets the name: its next request resolves it again."""
+        followed = self.follower.names.get(name)
+        if followed is None:
+            return await self.app(scope, replayed, send)
+        pinned = follow.pinned_name(followed.ref.repo_id, followed.commit)
+        scope, replayed = rewritten(scope, receive, {**body, "lora_name": pinned})
+        status = {}
+
+        async def forgetting(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            elif not message.get("more_body") and status.get("code") == 200:
+                self.follower.names.pop(name, None)
+            await send(message)
+
+        return await self.app(scope, replayed, forgetting)
 
     # --- the registry's webhook ---
 
@@ -89,11 +132,39 @@ class FollowRefs(JsonPiece):
         self.follower.moved(repo)
         return await respond(send, 200, b'{"ok": true}')
 
+    # --- blind pairs from a canary's traffic ---
+
+    async def sample_pair(self, body: dict, repo_id: str, rollout) -> None:
+        """Ask both commits of a running canary the same chat request (whole, not streamed) and
+        append the two answers as a blind pair (`loradock.pairs`); a side that fails drops the pair."""
+        asked = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n")}
+        answers = {}
+        for side, commit in (("stable", rollout.stable), ("candidate", rollout.candidate)):
+            status, raw = await self.call(CHAT, {**asked, "model": follow.pinned_name(repo_id, commit)})
+            try:
+                answers[side] = json.loads(raw)["choices"][0]["message"]["content"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                return
+            if status != 200 or not isinstance(answers[side], str):
+                return
+        system, prompt = opening(body.get("messages"))
+        if prompt is None:
+            return
+        pair = pairs.CanaryPair(uuid.uuid4().hex, time.time(), repo_id, rollout.tag, rollout.stable, rollout.candidate,
+                                system, prompt, answers["stable"], answers["candidate"])
+        await asyncio.to_thread(pairs.append, pairs.path_for(self.config.port), pair)
+
     # --- unloading the commits left behind ---
+
+    def background(self, work) -> None:
+        """Run `work` on the event loop, kept until it is done (the loop holds tasks weakly)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def retire(self, names: set[str]) -> None:
         for name in names:
-            asyncio.get_running_loop().create_task(self.unload_when_idle(name))
+            self.background(self.unload_when_idle(name))
 
     async def unload_when_idle(self, name: str) -> None:
         """Unload `name` through the unload drain, again while it is busy; not once a followed
@@ -107,12 +178,17 @@ class FollowRefs(JsonPiece):
             await asyncio.sleep(RETRY_UNLOAD_S)
 
     async def unload(self, name: str) -> int:
-        raw = json.dumps({"lora_name": name}).encode()
+        return (await self.call(UNLOAD, {"lora_name": name}))[0]
+
+    async def call(self, path: str, body: dict) -> tuple[int, bytes]:
+        """POST `body` to `path` through the pieces after this one and vLLM, from inside the server:
+        (the status, the whole response body)."""
+        raw = json.dumps(body).encode()
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-                 "path": UNLOAD, "raw_path": UNLOAD.encode(), "query_string": b"", "root_path": "",
+                 "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
                  "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
                  "client": ("127.0.0.1", 0), "server": ("127.0.0.1", self.config.port)}
-        sent, status = False, {}
+        sent, status, chunks = False, {}, []
 
         async def receive():
             nonlocal sent
@@ -124,9 +200,21 @@ class FollowRefs(JsonPiece):
         async def send(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
 
         await self.app(scope, receive, send)
-        return status.get("code", 500)
+        return status.get("code", 500), b"".join(chunks)
+
+
+def opening(messages) -> tuple[str, str | None]:
+    """(the system prompt, '' when none; the last user message, None when there is no text one)."""
+    if not isinstance(messages, list):
+        return "", None
+    system = next((m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "system"), "")
+    users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    prompt = users[-1] if users and isinstance(users[-1], str) else None
+    return system if isinstance(system, str) else "", prompt
 
 
 def with_commit(send, commit: str, renamed: tuple[str, str] | None = None, count=None, swallow_errors: bool = False):
@@ -136,10 +224,12 @@ def with_commit(send, commit: str, renamed: tuple[str, str] | None = None, count
     `failed` attribute says so."""
     start = {}
     chunks = []
-    old, new = (json.dumps(n).encode() for n in renamed) if renamed else (None, None)
+    if renamed:  # `"model": "<pinned>"` as vLLM and the soft-prompt piece write it, spaced or not
+        pinned_field = re.compile(rb'("model"\s*:\s*)' + re.escape(json.dumps(renamed[0]).encode()))
+        asked = json.dumps(renamed[1]).encode().replace(b"\\", b"\\\\")
 
     def rename(chunk: bytes) -> bytes:
-        return chunk.replace(b'"model":' + old, b'"model":' + new) if renamed else chunk
+        return pinned_field.sub(rb"\g<1>" + asked, chunk) if renamed else chunk
 
     async def wrapped(message):
         if wrapped.failed:

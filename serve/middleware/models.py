@@ -44,21 +44,24 @@ class AnnotateModels:
             if card.get("parent"):
                 adapter = runtime.known(card["id"]) or runtime.remember(card["id"], card["root"])
                 card["loradock"] = adapter.info
-        listing["data"] += followed_cards(listing["data"], self.base_model)
+        listing["data"] += followed_cards(listing["data"])
         return listing
 
 
-def followed_cards(cards: list[dict], base_model: str) -> list[dict]:
-    """A card per followed name: the card of the commit it resolves to now, under the name clients send."""
+def followed_cards(cards: list[dict]) -> list[dict]:
+    """A card per followed name whose commit is served here now (loaded, or a prompt-tuning adapter
+    known): that commit's card, under the name clients send."""
     follower = follow.follower()
     by_id = {card["id"]: card for card in cards}
     added = []
     for name, followed in sorted(follower.names.items() if follower else ()):
         pinned = by_id.get(follow.pinned_name(followed.ref.repo_id, followed.commit))
-        card = by_id.get(name) or dict(pinned or {"id": name, "object": "model", "owned_by": "vllm", "root": None,
-                                                  "parent": base_model, "permission": []}, id=name)
-        card["loradock"] = {**(pinned or {}).get("loradock", {}), **card.get("loradock", {}), **followed.describe()}
-        if name not in by_id:
+        if pinned is None:  # not loaded (yet, or refused): listed once it has answered
+            continue
+        card = {**pinned, "id": name, "loradock": {**pinned.get("loradock", {}), **followed.describe()}}
+        if name in by_id:
+            by_id[name]["loradock"] = card["loradock"]
+        else:
             added.append(card)
     return added
 
