@@ -108,9 +108,8 @@ def sidebar(state) -> Choice:
     cards = state.get("cards", [])
     bases = [c.id for c in cards if not c.parent]
     choice.base = bar.selectbox("Base model", bases, help="the model every adapter is compared with")
-    for c in cards:
-        if c.parent:
-            choice.sources[c.id] = (c.loradock.get("repo_id"), c.commit)
+    for c in listed_adapters(cards):
+        choice.sources[c.id] = (c.loradock.get("repo_id"), c.commit)
     served = set(choice.sources)
     if choice.base:
         options, problem = registry_adapters(choice.base, registry_url())
@@ -126,7 +125,7 @@ def sidebar(state) -> Choice:
         where = "served" if name in served else "registry, loads on first use"
         return f"{name} · {commit[:7] if commit else 'no sha'} ({where})"
 
-    default = [c.id for c in cards if c.parent][:1]  # the server's first adapter (a set's order varies by run)
+    default = [c.id for c in listed_adapters(cards)][:1]  # the server's first adapter (a set's order varies by run)
     choice.adapters = bar.multiselect(f"Adapters (1 to {MAX_ADAPTERS})", list(choice.sources), default=default,
                                       format_func=label, max_selections=MAX_ADAPTERS)
     choice.blind = bar.toggle("Blind A/B", help="two of the models, as A and B in random order: the base, an adapter, "
@@ -139,6 +138,15 @@ def sidebar(state) -> Choice:
         max_tokens=int(bar.number_input("Max tokens", 1, 4096, 128)), seed=int(bar.number_input("Seed", 0, 2**31 - 1, 0)))
     choice.system = bar.text_area("System prompt", "", help="sent first to every model")
     return choice
+
+
+def listed_adapters(cards: list) -> list:
+    """The adapters the endpoint serves, each once: a commit `loradock serve` holds for a tag or
+    branch it follows (`org/name@<sha>` beside `org/name@prod`) is offered under the name only."""
+    adapters = [c for c in cards if c.parent]
+    followed = {(c.loradock.get("repo_id"), c.commit) for c in adapters if c.loradock.get("follows")}
+    return [c for c in adapters
+            if not ((c.loradock.get("repo_id"), c.commit) in followed and c.id == f"{c.loradock.get('repo_id')}@{c.commit}")]
 
 
 def blind_pair(bar, choice: Choice, label) -> tuple[str, str] | None:
