@@ -186,12 +186,15 @@ def test_a_promotion_reaches_both_replicas_under_load_canary_rollout_and_rollbac
     wide = variant(fleet["folders"]["rr-reverse"], tmp / "rank-32", config={"r": 32},
                    weights=lambda w: padded_to_rank(w, 32))  # sound, but above the replicas' --max-lora-rank 16
     failing = door.push(wide, repo).commit
-    answers, stop = [], threading.Event()
+    answers, stop, paused = [], threading.Event(), threading.Event()
 
     def traffic():
         for i in range(100000):
             if stop.is_set():
                 return
+            if paused.is_set():
+                time.sleep(0.1)
+                continue
             started = time.monotonic()
             answers.append((started, ask(front.url, name, PROMPTS[i % len(PROMPTS)], user=f"user-{i}")))
 
@@ -223,8 +226,10 @@ def test_a_promotion_reaches_both_replicas_under_load_canary_rollout_and_rollbac
             restarted = fleet["replicas"][0]  # a replica restarted mid-rollout takes it up from the registry
             users = [f"conversation-{i}" for i in range(12)]
             before = {user: ask(restarted.url, name, PROMPTS[1], user=user)["commit"] for user in users}
+            paused.set()  # a vLLM start-up shares two cores with nothing else, as everywhere in this suite
             restarted.stop()
             restarted.start()
+            paused.clear()
             assert {user: ask(restarted.url, name, PROMPTS[1], user=user)["commit"] for user in users} == before
             assert set(before.values()) == {second, third}, before
             registry.stop()  # a registry down mid-rollout: both replicas go on with what they know
@@ -257,6 +262,11 @@ def test_a_promotion_reaches_both_replicas_under_load_canary_rollout_and_rollbac
             assert (pair.answer_stable, pair.answer_candidate) == (
                 ask(front.url, f"{repo}@{second}", pair.prompt)["text"], ask(front.url, f"{repo}@{third}", pair.prompt)["text"])
     assert sampled, "no blind pair was sampled from the canary's traffic"
+    delivery = json.dumps({"repo": {"name": repo}}).encode()
+    for headers in ({}, {"X-Loradock-Delivery": "d1", "X-Loradock-Timestamp": str(int(time.time())),
+                         "X-Loradock-Signature": "sha256=" + "0" * 64}):  # unsigned, then forged: refused
+        refused = httpx2.post(f"{fleet['replicas'][1].url}/loradock/webhook", content=delivery, headers=headers)
+        assert refused.status_code == 403, refused.text
     failed = [a for _, a in answers if a["status"] != 200 or a["model"] != name]
     assert not failed, failed[:5]
     phases = ((moved, {first, second}), (split, {second, third}), (completed, {second, third}), (failing_at, {third}))
@@ -264,6 +274,8 @@ def test_a_promotion_reaches_both_replicas_under_load_canary_rollout_and_rollbac
         during = {commit_of(a) for t, a in answers if began_at <= t < ended_at}  # the old or the new, never a third
         assert during <= commits, (commits, during)
     assert by_tag == by_sha
+    for replica in fleet["replicas"]:  # the commits no name answers with any more were unloaded once idle
+        assert f"{repo}@{first}" not in loaded(replica) and f"{repo}@{failing}" not in loaded(replica)
     switches = {label: min((t - at for t, a in answers if t > at and commit_of(a) == c), default=None)
                 for label, at, c in (("move", moved, second), ("canary", split, third), ("complete", completed, third))}
     print(f"\npromotion under load: {len(answers)} requests, none failed; first answer by the new commit "

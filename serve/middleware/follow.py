@@ -45,10 +45,12 @@ class FollowRefs(JsonPiece):
             self.follower.on_retired = self.retire
         self.seen_deliveries = SeenDeliveries()
         self._tasks: set[asyncio.Task] = set()
+        self._served_scope: dict = {}
 
     async def __call__(self, scope, receive, send):
         if self.follower is None:
             return await self.app(scope, receive, send)
+        self._served_scope = scope  # what a request made here is built on (`call`): the app, its state
         if scope["path"] == WEBHOOK and scope["method"] == "POST":
             return await self.delivered(scope, receive, send)
         return await super().__call__(scope, receive, send)
@@ -184,10 +186,12 @@ class FollowRefs(JsonPiece):
         """POST `body` to `path` through the pieces after this one and vLLM, from inside the server:
         (the status, the whole response body)."""
         raw = json.dumps(body).encode()
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        served = {k: v for k, v in self._served_scope.items()  # vLLM reads its app from it; the routing is redone
+                  if not k.startswith("loradock.") and k not in ("endpoint", "route", "path_params")}
+        scope = {**served, "type": "http", "http_version": "1.1", "method": "POST", "scheme": "http",
                  "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
                  "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())],
-                 "client": ("127.0.0.1", 0), "server": ("127.0.0.1", self.config.port)}
+                 "client": ("127.0.0.1", 0)}
         sent, status, chunks = False, {}, []
 
         async def receive():
