@@ -151,3 +151,36 @@ def test_an_unload_past_the_drain_deadline_is_a_409_naming_the_setting():
     assert "adapter 'a/b' is still answering 1 request(s) after the 0.2 s drain deadline" in answer["error"]["message"]
     assert "--unload-drain-timeout" in answer["error"]["message"]
     assert answered[0] == 200 and base[0] == 200
+
+
+# --- the registry's webhook ----------------------------------------------------------------------
+
+def test_a_webhook_delivery_is_taken_only_signed_fresh_once_and_bounded(monkeypatch):
+    """The open webhook route: an unsigned, forged, replayed or oversized delivery is refused; a
+    signed one makes the names of its repo be resolved again at once."""
+    import time
+
+    from hub.adapter import AdapterRef
+    from hub.signing import signed_headers
+    from serve import follow
+    from serve.middleware.follow import MAX_DELIVERY, FollowRefs
+    from serve.routes import WEBHOOK
+
+    following = follow.Follower(registry=None, interval=3600)
+    following.names["alice/x@prod"] = follow.Followed("alice/x@prod", AdapterRef.of("alice/x@prod"), "a" * 40)
+    monkeypatch.setattr(follow, "follower", lambda: following)
+    piece = FollowRefs(echo, ServeConfig(base_model=BASE, webhook_secret="the-secret"))
+    delivery = json.dumps({"repo": {"name": "alice/x"}, "updatedRefs": []}).encode()
+
+    def headers(secret: str, delivery_id: str) -> list:
+        return [(k.lower().encode(), v.encode()) for k, v in signed_headers(secret, delivery_id, delivery,
+                                                                         int(time.time())).items()]
+
+    assert call(piece, "POST", WEBHOOK, delivery)[0] == 403  # unsigned
+    assert call(piece, "POST", WEBHOOK, delivery, headers("another-secret", "d1"))[0] == 403  # forged
+    assert call(piece, "POST", WEBHOOK, b"x" * (MAX_DELIVERY + 1), headers("the-secret", "d2"))[0] == 413
+    assert not following._repos_to_refresh
+    assert call(piece, "POST", WEBHOOK, delivery, headers("the-secret", "d3"))[0] == 200
+    assert following._repos_to_refresh == {"alice/x"}
+    status, _, answer = call(piece, "POST", WEBHOOK, delivery, headers("the-secret", "d3"))  # the same again
+    assert status == 403 and "received before" in answer["error"]["message"]

@@ -27,11 +27,12 @@ from hub.signing import SeenDeliveries, verify_delivery
 from loradock import pairs
 from loradock.errors import Forbidden, LoradockError
 from serve import follow, runtime
-from serve.asgi import Body, JsonPiece, error_body, read_body, refusal, respond, rewritten, send_whole
+from serve.asgi import Body, JsonPiece, error_body, refusal, respond, rewritten, send_whole
 from serve.config import ServeConfig
 from serve.routes import CHAT, FOLLOWED, UNLOAD, WEBHOOK
 
 RETRY_UNLOAD_S = 2.0
+MAX_DELIVERY = 1 << 20  # bytes of a webhook delivery: the registry's payloads are a few hundred
 logger = logging.getLogger("vllm.loradock")
 
 
@@ -80,19 +81,20 @@ class FollowRefs(JsonPiece):
         if rollout and scope["path"] == CHAT and random.random() * 100 < self.config.canary_pairs:
             self.background(self.sample_pair(body.json, followed.ref.repo_id, rollout))
         stable = rollout.stable if rollout else commit
-        if commit != stable and await self.answer(scope, receive, body.json, name, followed, commit, send, stable):
+        if commit != stable and await self.answer(scope, receive, body.json, name, followed, commit, send,
+                                                  fall_back=True):
             return None
         return await self.answer(scope, receive, body.json, name, followed, stable, send)
 
     async def answer(self, scope, receive, body: dict, name: str, followed: "follow.Followed", commit: str, send,
-                     fall_back_to: str | None = None) -> bool:
-        """Send the request on to `commit`; with `fall_back_to` (a canary's candidate answering), an
+                     fall_back: bool = False) -> bool:
+        """Send the request on to `commit`; with `fall_back` (a canary's candidate answering), an
         error status is counted against the candidate and nothing is sent, so that the stable
         commit answers instead: False then."""
         pinned = follow.pinned_name(followed.ref.repo_id, commit)
         scope, replayed = rewritten(scope, receive, {**body, "model": pinned})
         answered = with_commit(send, commit, renamed=(pinned, name), count=self.follower.count,
-                               swallow_errors=fall_back_to is not None)
+                               swallow_errors=fall_back)
         await self.app(scope, replayed, answered)
         return not answered.failed
 
@@ -118,10 +120,14 @@ class FollowRefs(JsonPiece):
     # --- the registry's webhook ---
 
     async def delivered(self, scope, receive, send):
-        raw = await read_body(receive)
+        """A delivery from the registry: checked (`hub.signing.verify_delivery`), then the names of
+        its repo resolved again. The route is open (no API key), so its body is bounded too."""
         secret = self.config.webhook_secret
         if not secret:
             return await respond(send, 404, error_body(404, "this server subscribed to no webhook"))
+        raw = await read_at_most(receive, MAX_DELIVERY)
+        if raw is None:
+            return await respond(send, 413, error_body(413, f"a webhook delivery is at most {MAX_DELIVERY} bytes"))
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             verify_delivery(secret, headers, raw, self.seen_deliveries)
@@ -209,6 +215,19 @@ class FollowRefs(JsonPiece):
 
         await self.app(scope, receive, send)
         return status.get("code", 500), b"".join(chunks)
+
+
+async def read_at_most(receive, limit: int) -> bytes | None:
+    """The request's body, or None once it passes `limit` bytes (the rest is not read)."""
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > limit:
+            return None
+        more = message.get("more_body", False)
+    return b"".join(chunks)
 
 
 def opening(messages) -> tuple[str, str | None]:
