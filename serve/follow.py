@@ -151,7 +151,7 @@ class Follower:
         async with lock:
             try:
                 if name not in self.names and not runtime.unknown_recently(name):
-                    self.names[name] = await asyncio.to_thread(self.resolve, name, ref, None)
+                    self.names[name] = await asyncio.to_thread(resolve, self.registry, name, ref, None)
             except NotFound:
                 runtime.note_unknown(name)
             finally:
@@ -160,28 +160,6 @@ class Follower:
             return None
         self.start()
         return self.names[name]
-
-    def resolve(self, name: str, ref: AdapterRef, previous: Followed | None) -> Followed:
-        """`name` resolved now (in a worker thread): its ref's commit, and the rollout of that ref
-        when it is a tag with one. The record is read again only when the rollouts branch moved.
-
-        Raises:
-            NotFound: no such repo or ref. Unreachable, RegistryRefused: the registry's.
-        """
-        branches, tags = self.registry.refs(ref.repo_id)
-        commit = tags.get(ref.revision) or branches.get(ref.revision)
-        if commit is None:
-            raise NotFound(f"{ref.repo_id} has no branch or tag {ref.revision!r}")
-        head = branches.get(rollouts.BRANCH)
-        rollout = None
-        if ref.revision in tags and head is not None:
-            if previous is not None and previous.rollout_head == head:
-                rollout = previous.rollout
-            else:
-                rollout = rollouts.read(self.registry, ref.repo_id, ref.revision, at=head)
-        if rollout is not None and rollout.running and rollout.stable != commit:
-            rollout = None  # the tag moved under it: the tag is what serves
-        return Followed(name, ref, commit, rollout, head)
 
     # --- outcomes ---
 
@@ -230,7 +208,7 @@ class Follower:
             if repos is not None and followed.ref.repo_id not in repos:
                 continue
             try:
-                now = await asyncio.to_thread(self.resolve, name, followed.ref, followed)
+                now = await asyncio.to_thread(resolve, self.registry, name, followed.ref, followed)
             except LoradockError as e:
                 logger.warning("loradock: %s still answered by %s: the registry could not resolve it (%s)",
                                name, followed.commit[:12], e.problem)
@@ -246,6 +224,29 @@ class Follower:
     def serving(self) -> set[str]:
         """The pinned names the followed names may answer with now."""
         return {pinned_name(f.ref.repo_id, c) for f in self.names.values() for c in f.commits()}
+
+
+def resolve(registry, name: str, ref: AdapterRef, previous: Followed | None) -> Followed:
+    """`name` resolved now (in a worker thread): its ref's commit, and the rollout of that ref
+    when it is a tag with one. The record is read again only when the rollouts branch moved.
+
+    Raises:
+        NotFound: no such repo or ref. Unreachable, RegistryRefused: the registry's.
+    """
+    branches, tags = registry.refs(ref.repo_id)
+    commit = tags.get(ref.revision) or branches.get(ref.revision)
+    if commit is None:
+        raise NotFound(f"{ref.repo_id} has no branch or tag {ref.revision!r}")
+    head = branches.get(rollouts.BRANCH)
+    rollout = None
+    if ref.revision in tags and head is not None:
+        if previous is not None and previous.rollout_head == head:
+            rollout = previous.rollout
+        else:
+            rollout = rollouts.read(registry, ref.repo_id, ref.revision, at=head)
+    if rollout is not None and rollout.running and rollout.stable != commit:
+        rollout = None  # the tag moved under it: the tag is what serves
+    return Followed(name, ref, commit, rollout, head)
 
 
 async def steward(registry, counts: dict[str, Counts], followed: Followed) -> Followed:

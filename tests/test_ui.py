@@ -73,6 +73,7 @@ def app_env(served, monkeypatch, tmp_path):
     monkeypatch.setenv(ENDPOINT_ENV, f"{served.url}/v1")
     monkeypatch.setenv(REGISTRY_ENV, served.registry.url)
     monkeypatch.setenv(VOTES_ENV, str(tmp_path / "votes.sqlite"))
+    monkeypatch.setenv(PAIRS_ENV, str(tmp_path / "no-canary-pairs"))  # not the pairs other tests' servers sampled
     monkeypatch.setenv("LORADOCK_TOKEN", served.registry.write_token)
     return tmp_path / "votes.sqlite"
 
@@ -343,7 +344,8 @@ def test_a_real_browser_compares_and_votes(served, tmp_path):
 
     port, votes_db = free_port(), tmp_path / "votes.sqlite"
     ui = subprocess.Popen([sys.executable, "-m", "loradock.cli", "ui", "--base-url", f"{served.url}/v1", "--registry",
-                           served.registry.url, "--port", str(port), "--votes", str(votes_db)], cwd=REPO,
+                           served.registry.url, "--port", str(port), "--votes", str(votes_db),
+                           "--canary-pairs", str(tmp_path / "no-canary-pairs")], cwd=REPO,
                           stdout=subprocess.PIPE, stderr=(tmp_path / "ui.log").open("w"), text=True,
                           env={**os.environ, "LORADOCK_TOKEN": served.registry.write_token})
     browser = None

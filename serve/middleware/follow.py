@@ -42,16 +42,15 @@ class FollowRefs(JsonPiece):
     def __init__(self, app, config: ServeConfig):
         super().__init__(app, config)
         self.follower = follow.follower()
+        self.inside = InServer(app, config, self.follower)
         if self.follower is not None:
-            self.follower.on_retired = self.retire
+            self.follower.on_retired = self.inside.retire
         self.seen_deliveries = SeenDeliveries()
-        self._tasks: set[asyncio.Task] = set()
-        self._served_scope: dict = {}
 
     async def __call__(self, scope, receive, send):
         if self.follower is None:
             return await self.app(scope, receive, send)
-        self._served_scope = scope  # what a request made here is built on (`call`): the app, its state
+        self.inside.served_scope = scope
         if scope["path"] == WEBHOOK and scope["method"] == "POST":
             return await self.delivered(scope, receive, send)
         return await super().__call__(scope, receive, send)
@@ -79,7 +78,7 @@ class FollowRefs(JsonPiece):
         commit = followed.commit_for(follow.conversation_key(body.json))
         rollout = followed.rollout if followed.rollout is not None and followed.rollout.running else None
         if rollout and scope["path"] == CHAT and random.random() * 100 < self.config.canary_pairs:
-            self.background(self.sample_pair(body.json, followed.ref.repo_id, rollout))
+            self.inside.background(self.inside.sample_pair(body.json, followed.ref.repo_id, rollout))
         stable = rollout.stable if rollout else commit
         if commit != stable and await self.answer(scope, receive, body.json, name, followed, commit, send,
                                                   fall_back=True):
@@ -140,7 +139,15 @@ class FollowRefs(JsonPiece):
         self.follower.moved(repo)
         return await respond(send, 200, b'{"ok": true}')
 
-    # --- blind pairs from a canary's traffic ---
+
+class InServer:
+    """Requests this server makes of itself, through the pieces after `FollowRefs` and vLLM, in the
+    background: a canary's blind pairs, and the unloads of the commits no followed name answers with."""
+
+    def __init__(self, app, config: ServeConfig, follower: "follow.Follower"):
+        self.app, self.config, self.follower = app, config, follower
+        self.served_scope: dict = {}  # a served request's scope, which these are built on: vLLM's app, its state
+        self._tasks: set[asyncio.Task] = set()
 
     async def sample_pair(self, body: dict, repo_id: str, rollout) -> None:
         """Ask both commits of a running canary the same chat request (whole, not streamed) and
@@ -161,8 +168,6 @@ class FollowRefs(JsonPiece):
         pair = pairs.CanaryPair(uuid.uuid4().hex, time.time(), repo_id, rollout.tag, rollout.stable, rollout.candidate,
                                 system, prompt, answers["stable"], answers["candidate"])
         await asyncio.to_thread(pairs.append, pairs.path_for(self.config.port), pair)
-
-    # --- unloading the commits left behind ---
 
     def background(self, work) -> None:
         """Run `work` on the event loop, kept until it is done (the loop holds tasks weakly)."""
@@ -189,10 +194,10 @@ class FollowRefs(JsonPiece):
         return (await self.call(UNLOAD, {"lora_name": name}))[0]
 
     async def call(self, path: str, body: dict) -> tuple[int, bytes]:
-        """POST `body` to `path` through the pieces after this one and vLLM, from inside the server:
-        (the status, the whole response body)."""
+        """POST `body` to `path` through the pieces after `FollowRefs` and vLLM, from inside the
+        server: (the status, the whole response body)."""
         raw = json.dumps(body).encode()
-        served = {k: v for k, v in self._served_scope.items()  # vLLM reads its app from it; the routing is redone
+        served = {k: v for k, v in self.served_scope.items()  # vLLM reads its app from it; the routing is redone
                   if not k.startswith("loradock.") and k not in ("endpoint", "route", "path_params")}
         scope = {**served, "type": "http", "http_version": "1.1", "method": "POST", "scheme": "http",
                  "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
