@@ -148,10 +148,11 @@ def test_create_list_get_update_enable_disable_delete(api, hooks, receivers):
     assert created.id in [hook.id for hook in api.list_webhooks()]
     assert api.get_webhook(created.id) == created
 
-    # huggingface_hub 2.5 sends watched and domains on every update (2.4 sent an empty list when not given)
+    # huggingface_hub 2.5 asks for the url, watched and domains on every update (2.4 did not)
     moved = api.update_webhook(created.id, url=url + "/v2", secret="other", watched=created.watched, domains=["repo"])
     assert (moved.url, moved.secret, moved.watched) == (url + "/v2", "other", created.watched)
-    rewatched = api.update_webhook(created.id, watched=[{"type": "org", "name": "loradock"}], domains=["repo", "discussion"])
+    rewatched = api.update_webhook(created.id, url=url + "/v2", watched=[{"type": "org", "name": "loradock"}],
+                                   domains=["repo", "discussion"])
     assert [(w.type, w.name) for w in rewatched.watched] == [("org", "loradock")]
     assert rewatched.domains == ["repo", "discussion"] and rewatched.url == url + "/v2"
     assert api.disable_webhook(created.id).disabled and api.get_webhook(created.id).disabled
