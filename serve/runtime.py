@@ -63,6 +63,7 @@ class Adapter:
 
 
 _known: dict[str, Adapter] = {}
+_by_path: set[str] = set()  # names loaded by path in this process (POST /v1/load_lora_adapter)
 _unloaded: set[str] = set()  # names forgotten since: not listed again until a request asks for them
 _unknown: "collections.OrderedDict[str, float]" = collections.OrderedDict()  # name -> when the registry said no
 _locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}  # name -> (its lock, [callers holding or awaiting it])
@@ -114,6 +115,7 @@ def forget(name: str) -> None:
     if adapter and adapter.lease:
         adapter.lease.release()
     _unloaded.add(name)
+    _by_path.discard(name)
     listed = config().loaded_by_path_file() if config() else None
     if listed and name in (by_path := listed.read()):
         del by_path[name]
@@ -123,10 +125,10 @@ def forget(name: str) -> None:
 def held_by_path(name: str) -> bool:
     """Whether `name` is served from a folder given by path (loaded so, or an `--adapter` folder),
     not from the registry: such a name is never resolved through the registry, whatever it looks like."""
+    if name in _by_path:
+        return True
     cfg = config()
-    if cfg is None:
-        return False
-    folder = cfg.startup_adapters.get(name) or cfg.loaded_by_path_file().read().get(name)
+    folder = cfg.startup_adapters.get(name) if cfg else None  # a start-up one: restarted with those loaded by path
     return folder is not None and not (Path(folder) / PULL_MARKER).exists()
 
 
@@ -134,6 +136,7 @@ def loaded_by_path(name: str, folder: str) -> Adapter:
     """An adapter loaded by path (POST /v1/load_lora_adapter): known, and written down so that a
     restart of vLLM (`loradock serve --restart-engine`) loads it again."""
     adapter = remember(name, Path(folder))
+    _by_path.add(name)
     listed = config().loaded_by_path_file()
     listed.write({**listed.read(), name: str(folder)})
     return adapter
