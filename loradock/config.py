@@ -17,7 +17,8 @@ TRL's and vLLM's parsers accept both); a field renamed keeps its old names (`met
 flags and YAML keys for one release, each use warned about. The registry is `--registry` and
 `--token` on every command that talks to it; an OpenAI-compatible endpoint is `--base-url` and
 `--api-key`. A yes/no setting is `--flag [BOOL]` (`--packing`, `--packing false`), or, marked
-`metadata["switch"]`, a switch that takes no value (`push --model DIR REPO`).
+`metadata["switch"]`, a switch that takes no value (`push --model DIR REPO`). A list whose flag
+names one item (`metadata["one"]`) is repeated under that name: `--grader A --grader B`, `graders: [A, B]`.
 """
 
 import argparse
@@ -112,9 +113,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, example: str) -> None
             how, text = {"action": "extend", "nargs": "+", "metavar": f.metadata.get("metavar")}, text + "; repeatable"
         else:
             how = {"metavar": f.metadata.get("metavar")}
-        parser.add_argument(flag_of(f.name), dest=f.name, default=argparse.SUPPRESS, help=text, **how)
-        if "_" in f.name:  # the underscore spelling, not listed twice in --help
-            parser.add_argument(f"--{f.name}", dest=f.name, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **how)
+        spelled = f.metadata.get("one", f.name)  # a list's flag is named for one item: --grader, graders:
+        parser.add_argument(flag_of(spelled), dest=f.name, default=argparse.SUPPRESS, help=text, **how)
+        for hidden in {f"--{spelled}", flag_of(f.name), f"--{f.name}"} - {flag_of(spelled)}:  # other spellings
+            parser.add_argument(hidden, dest=f.name, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **how)
         for old in f.metadata.get("was", ()):
             parser.add_argument(flag_of(old), dest=f.name, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
                                 action=Renamed, new_flag=flag_of(f.name),

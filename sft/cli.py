@@ -152,12 +152,12 @@ def add_eval(subparsers) -> None:
 
 def run_eval(args) -> int:
     from sft.commands import EvalArgs, check_eval
-    from sft.evaluate import adapter_base_model, evaluate, evaluate_endpoint, parse_metrics, render
+    from sft.evaluate import adapter_base_model, chosen_graders, evaluate, evaluate_endpoint, render
 
     config = from_command_line(EvalArgs, args, what="the evaluation", validate=lambda r: check_eval(r.args)).args
     if getattr(args, "print_config", False):
         return print_config(config)
-    metrics = parse_metrics(config.metrics)
+    metrics = chosen_graders(config.metrics, config.graders)
     if config.base_url:
         report = evaluate_endpoint(config.base_url, config.model, config.data, metrics, config.max_new_tokens,
                                    config.limit, config.api_key or os.environ.get("LORADOCK_API_KEY"), config.batch_size)

@@ -22,7 +22,12 @@ class EvalArgs:
     model: list[str] = field(default_factory=list, metadata={
         "help": "with --base-url: a served model (base or adapter name, e.g. alice/reverse@v1)", "metavar": "NAME"})
     api_key: str | None = field(default=None, metadata={"help": "with --base-url: " + API_KEY_HELP, "secret": True})
-    metrics: str = field(default="exact_match,rouge_l", metadata={"help": "comma-separated: exact_match, rouge_l"})
+    metrics: str = field(default="exact_match,rouge_l", metadata={
+        "help": "comma-separated built-in graders (exact_match, rouge_l), used when no --grader is named"})
+    graders: list[str] = field(default_factory=list, metadata={
+        "one": "grader", "metavar": "NAME[:ARG]",
+        "help": "a grader to score the answers with: exact_match, rouge_l, regex:PATTERN, json_schema:FILE, "
+                "python:MODULE:FUNCTION (a function of answer, reference, prompt returning a score in [0, 1])"})
     output: str | None = field(default=None, metadata={"help": "also write the full report (every prediction) as JSON here"})
     limit: int | None = field(default=None, metadata={"help": "only the first N rows"})
     max_new_tokens: int | None = field(default=None, metadata={"help": "tokens per answer (none: the longest reference plus 16)"})

@@ -53,7 +53,11 @@ class TrainArgs:
         "help": "continue from the last complete checkpoint of an interrupted run into the same --output"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing adapter in --output"})
     eval_generations: int = field(default=32, metadata={
-        "help": "held-out prompts answered (greedy) at each evaluation for exact match and ROUGE-L; 0: loss only"})
+        "help": "held-out prompts answered (greedy) at each evaluation and scored by the graders; 0: loss only"})
+    graders: list[str] = field(default_factory=list, metadata={
+        "one": "grader", "metavar": "NAME[:ARG]",
+        "help": "what scores the held-out answers (`loradock eval --grader`'s names); the first is the figure "
+                "`promote` judges by (none: exact_match and rouge_l)"})
     objective: str = field(default="sft", metadata={
         "help": "sft (instruction tuning, TRL SFTTrainer) or dpo (preference tuning of --init-adapter, TRL "
                 "DPOTrainer; `training:` then sets DPOConfig)"})
@@ -250,6 +254,7 @@ def validate(config: ResolvedConfig) -> list[str]:
     problems += objective_problems(config)
     if args.eval_generations < 0:
         problems.append(f"--eval-generations {args.eval_generations} must be 0 (loss only) or more")
+    problems += grader_problems(args.graders)
     problems += launch_problems(args)
     if config.peft.get("method") not in METHODS:
         return problems  # reported by the peft section
@@ -319,3 +324,15 @@ def method_problems(config: ResolvedConfig) -> list[str]:
     return problems
 
 
+def grader_problems(specs: list[str]) -> list[str]:
+    """Each grader name that does not parse, with its fix."""
+    from loradock import graders
+    from loradock.errors import LoradockError
+
+    problems = []
+    for spec in specs:
+        try:
+            graders.parse(spec)
+        except LoradockError as e:
+            problems.append(f"--grader: {e.problem} ({e.fix})")
+    return problems

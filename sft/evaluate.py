@@ -1,10 +1,11 @@
-"""loradock eval --base-model M [--adapter DIR] --data HELDOUT.jsonl [--metrics exact_match,rouge_l]
-loradock eval --base-url URL --model NAME [--model NAME ...] --data HELDOUT.jsonl
+"""loradock eval --base-model M [--adapter DIR] --data HELDOUT.jsonl [--grader NAME[:ARG] ...]
+loradock eval --base-url URL --model NAME [--model NAME ...] --data HELDOUT.jsonl [--grader NAME[:ARG] ...]
 
 Greedy generation for every held-out prompt with the base model and, when given, with the
 adapter on top of it (transformers + PEFT), scored against the reference answers. With
 --base-url, the same through an OpenAI-compatible server (`loradock serve`, or vLLM on a GPU):
-each --model (the base or an adapter name) answers every prompt as a chat completion.
+each --model (the base or an adapter name) answers every prompt as a chat completion. The answers
+are scored by the graders named (`loradock.graders`; exact match and ROUGE-L when none is).
 """
 
 import json
@@ -12,10 +13,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from hub.adapter import MODEL_HEADER
+from loradock import graders
 from loradock.errors import LoradockError
 from sft.data import RowProblem, prompt_and_reference, read_rows, to_messages
 
-METRICS = ("exact_match", "rouge_l")
+METRICS = graders.BUILT_IN
 
 
 def load_heldout(path: str, columns: dict | None = None, limit: int | None = None) -> tuple[list, int]:
@@ -36,25 +38,31 @@ def parse_metrics(spec: str) -> list[str]:
     unknown = [name for name in names if name not in METRICS]
     if unknown or not names:
         raise LoradockError(f"--metrics {spec!r}: unknown metric {', '.join(unknown) or '(none)'}",
-                            f"choose from {', '.join(METRICS)}")
+                            f"choose from {', '.join(METRICS)}, or name any grader with --grader")
     return names
 
 
-def score(predictions: list[str], references: list[str], metrics: list[str]) -> dict[str, float]:
-    """Mean of each metric over the rows, in [0, 1]. Exact match is the answer as a client receives
-    it, character for character (a leading space or a trailing newline is a miss, as in any client's
-    own comparison)."""
-    results = {}
-    if "exact_match" in metrics:
-        hits = sum(p == r for p, r in zip(predictions, references))
-        results["exact_match"] = hits / len(references)
-    if "rouge_l" in metrics:
-        from rouge_score import rouge_scorer
+def chosen_graders(metrics: str, named: list[str]) -> list[graders.Grader]:
+    """The graders an evaluation scores with: those named (`--grader`, `graders:`), else `--metrics`'."""
+    if not named:
+        return graders.parse_all(parse_metrics(metrics))
+    try:
+        return graders.parse_all(named)
+    except LoradockError as e:
+        raise LoradockError(f"--grader: {e.problem}", e.fix) from None
 
-        scorer = rouge_scorer.RougeScorer(["rougeL"])
-        total = sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references))
-        results["rouge_l"] = total / len(references)
-    return {name: round(value, 4) for name, value in results.items()}
+
+def samples(answers: list[str], items: list[tuple[list[dict], str]]) -> list[graders.Sample]:
+    return [graders.Sample(conversation[-1]["content"], answer, reference)
+            for answer, (conversation, reference) in zip(answers, items)]
+
+
+def score(predictions: list[str], references: list[str], named: list, prompts: list[str] | None = None
+          ) -> dict[str, float]:
+    """Mean of each grader's scores over the rows, in [0, 1] (`named`: graders or their names)."""
+    chosen = [g if isinstance(g, graders.Grader) else graders.parse(g) for g in named]
+    rows = [graders.Sample(prompt, p, r) for p, r, prompt in zip(predictions, references, prompts or [""] * len(references))]
+    return {name: scores.mean for name, scores in graders.grade_all(chosen, rows).items()}
 
 
 def greedy_token_ids(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int,
@@ -96,7 +104,7 @@ def adapter_base_model(adapter: str) -> str:
     return json.loads(config_path.read_text())["base_model_name_or_path"]
 
 
-def evaluate(base_model: str, data: str, adapter: str | None = None, metrics: list[str] = METRICS,
+def evaluate(base_model: str, data: str, adapter: str | None = None, metrics: list = METRICS,
              max_new_tokens: int | None = None, limit: int | None = None, batch_size: int = 16) -> dict:
     """Score the base model and the adapter on the same prompts; returns the report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,12 +133,18 @@ def evaluate(base_model: str, data: str, adapter: str | None = None, metrics: li
 
 
 def build_report(source: dict, data: str, items: list, skipped: int, max_new_tokens: int, sides: dict[str, list[str]],
-           metrics: list[str]) -> dict:
-    """The eval report: what answered (`source`), the metrics of each side, every example side by side."""
-    references = [r for _, r in items]
+                 metrics: list) -> dict:
+    """The eval report: what answered (`source`), each grader's mean on each side, the graders' settings,
+    the rows each grader could not score (scored 0) per side, and every example side by side."""
+    chosen = [g if isinstance(g, graders.Grader) else graders.parse(g) for g in metrics]
+    scored = {side: graders.grade_all(chosen, samples(answers, items)) for side, answers in sides.items()}
+    failures = {side: {name: {"rows": s.failures, "first": s.first_failure} for name, s in by_grader.items() if s.failures}
+                for side, by_grader in scored.items()}
     return {
         **source, "data": data, "rows": len(items), "rows_skipped": skipped, "max_new_tokens": max_new_tokens,
-        "metrics": {side: score(predictions, references, metrics) for side, predictions in sides.items()},
+        "metrics": {side: {name: s.mean for name, s in by_grader.items()} for side, by_grader in scored.items()},
+        "graders": [g.settings | {"name": g.spec} for g in chosen],
+        "grader_failures": {side: f for side, f in failures.items() if f},
         "examples": [
             {"prompt": c[-1]["content"], "reference": r, **{side: sides[side][i] for side in sides}}
             for i, (c, r) in enumerate(items)
@@ -138,7 +152,7 @@ def build_report(source: dict, data: str, items: list, skipped: int, max_new_tok
     }
 
 
-def evaluate_endpoint(endpoint: str, models: list[str], data: str, metrics: list[str] = METRICS,
+def evaluate_endpoint(endpoint: str, models: list[str], data: str, metrics: list = METRICS,
                       max_new_tokens: int | None = None, limit: int | None = None, api_key: str | None = None,
                       concurrency: int = 16) -> dict:
     """Score each served model on the same prompts, through the OpenAI API (temperature 0); the
@@ -191,9 +205,15 @@ def render(report: dict, n_examples: int = 3, width: int = 28) -> str:
     via = f" via {report['endpoint']}" if report.get("endpoint") else ""
     lines = [f"eval: {report['data']}{via} ({report['rows']} rows{skipped}, greedy, max {report['max_new_tokens']} new tokens)"]
     label_width = max(10, *(len(side) + 2 for side in sides))
-    lines.append(f"  {'model':<{label_width}}" + "".join(f"{name:>14}" for name in names))
+    widths = [max(14, len(name) + 2) for name in names]
+    lines.append(f"  {'model':<{label_width}}" + "".join(f"{name:>{w}}" for name, w in zip(names, widths)))
     for side in sides:
-        lines.append(f"  {side:<{label_width}}" + "".join(f"{report['metrics'][side][name]:>14.3f}" for name in names))
+        lines.append(f"  {side:<{label_width}}" + "".join(f"{report['metrics'][side][name]:>{w}.3f}"
+                                                          for name, w in zip(names, widths)))
+    for side, failed in report.get("grader_failures", {}).items():
+        for name, failure in failed.items():
+            lines.append(f"  {side}: {name} could not score {failure['rows']} of {report['rows']} rows (scored 0); "
+                         f"first: {failure['first']}")
     columns = ["prompt", "reference", *sides]
     lines += ["", "  " + " | ".join(f"{c:<{width}}" for c in columns)]
     for example in report["examples"][:n_examples]:

@@ -1,7 +1,7 @@
 """The held-out figures a training run reports: the fixed sample of held-out prompts answered at
 every evaluation and its fingerprint, the untrained adapter's figures (kept in the run's work
 folder, so a resumed run reports them too) and the trained one's, and the generation scores
-(exact match, ROUGE-L) among them. `sft.train` calls these; the scoring itself is `sft.evaluate`'s."""
+(each grader's mean) among them. `sft.train` calls these; the scoring itself is `sft.evaluate`'s."""
 
 import hashlib
 import json
@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable
 
 from sft.distributed import is_main
-from sft.evaluate import METRICS as METRIC_NAMES
 
 
 EVAL_BEFORE = "eval_before.json"
@@ -79,7 +78,8 @@ def held_out_fingerprint(held_out: list[tuple[list[dict], str]]) -> str | None:
     return hashlib.sha256("\n".join(canonical).encode()).hexdigest()
 
 
-def generation_scores(figures: dict) -> dict | None:
-    """{"exact_match": ..., "rouge_l": ...} from an evaluation's figures; None when it generated nothing."""
-    scores = {name: figures[f"eval_{name}"] for name in METRIC_NAMES if f"eval_{name}" in figures}
+def generation_scores(figures: dict, names: list[str]) -> dict | None:
+    """{grader name: mean score} from an evaluation's figures, in the graders' order; None when it
+    generated nothing."""
+    scores = {name: figures[f"eval_{name}"] for name in names if f"eval_{name}" in figures}
     return scores or None

@@ -3,7 +3,7 @@
 Runs one training job with a PEFT method (`--peft`, LoRA by default): check the data, train with
 TRL's SFTTrainer (`--objective sft`, instruction tuning) or DPOTrainer (`--objective dpo`,
 preference tuning of `--init-adapter` against a frozen copy of itself), evaluate (held-out loss,
-and exact match / ROUGE-L on a sample of held-out prompts), check the saved weights, and publish
+and the graders' scores of greedy answers to a sample of held-out prompts), check the saved weights, and publish
 the adapter folder atomically. `--init-adapter REPO@REVISION|DIR` starts from an existing
 adapter's weights (`sft.lineage`), which run_config.yaml and the card record as its `parent`.
 
@@ -28,6 +28,7 @@ from hub.adapter.card import write_card
 from hub.adapter.checks import saved_weight_problems
 from hub.adapter.records import RunRecord
 from loradock.errors import LoradockError
+from loradock.graders import BUILT_IN, parse_all
 from sft.base_model import BUILD_INFO, resolve_base_model
 from sft.chat_format import check_chat_template
 from sft.config import DEFAULT_MAX_LENGTH, ResolvedConfig
@@ -254,7 +255,8 @@ def check_trainable(model) -> None:
                             "settings; nothing was written")
 
 
-def build_trainer(config: ResolvedConfig, model, trainer_args, train_rows, eval_rows, tokenizer, held_out, fresh):
+def build_trainer(config: ResolvedConfig, model, trainer_args, train_rows, eval_rows, tokenizer, held_out, graders,
+                  fresh):
     """The objective's trainer. `fresh` is the PEFT config of a new adapter, or None when `model`
     already holds the parent adapter."""
     from sft.trainer import LoradockDPOTrainer, LoradockSFTTrainer
@@ -265,11 +267,11 @@ def build_trainer(config: ResolvedConfig, model, trainer_args, train_rows, eval_
         return LoradockDPOTrainer(
             model=model, args=trainer_args, train_dataset=to_preference_dataset(train_rows),
             eval_dataset=to_preference_dataset(eval_rows) if eval_rows else None, processing_class=tokenizer,
-            held_out=held_out)
+            held_out=held_out, graders=graders)
     return LoradockSFTTrainer(
         model=model, args=trainer_args, train_dataset=to_dataset(train_rows),
         eval_dataset=to_dataset(eval_rows) if eval_rows else None, processing_class=tokenizer,
-        peft_config=fresh, held_out=held_out)
+        peft_config=fresh, held_out=held_out, graders=graders)
 
 
 @dataclasses.dataclass
@@ -328,7 +330,8 @@ def run(config: ResolvedConfig) -> Path:
     if parent:
         model = PeftModel.from_pretrained(model, str(parent.folder), is_trainable=True)
     held_out = held_out_sample(eval_rows, args.eval_generations, config.training.get("seed", 42))
-    trainer = build_trainer(config, model, trainer_args, prepared.train_rows, eval_rows, tokenizer, held_out,
+    graders = parse_all(args.graders or list(BUILT_IN))
+    trainer = build_trainer(config, model, trainer_args, prepared.train_rows, eval_rows, tokenizer, held_out, graders,
                             fresh=None if parent else peft_config(config, base_path))
     check_trainable(trainer.model)
     trainable, total = trainer.model.get_nb_trainable_parameters()
@@ -349,14 +352,16 @@ def run(config: ResolvedConfig) -> Path:
         return paths.output
 
     record, report = lineage(config, parent, data, held), prepared.train_report
+    names = [g.spec for g in graders]
     run_record = RunRecord(
         objective=args.objective, parent=record["parent"], dataset=record["dataset"],
         base_model=args.base_model, base_model_revision=base_revision(base_path, model),
         dataset_sha256=report.sha256, train_data=report.summary(), eval_data=prepared.eval_summary,
         method=config.method.name, trainable_parameters=trainable, base_parameters=total - trainable,
         train_loss=round(result.training_loss, 4), eval_loss_before=before.get("eval_loss"),
-        eval_loss=after.get("eval_loss"), eval_metrics_before=generation_scores(before),
-        eval_metrics=generation_scores(after), held_out_sha256=held_out_fingerprint(held_out),
+        eval_loss=after.get("eval_loss"), eval_metrics_before=generation_scores(before, names),
+        eval_metrics=generation_scores(after, names), held_out_sha256=held_out_fingerprint(held_out),
+        graders=[g.settings | {"name": g.spec} for g in graders] if held_out else [],
         steps=result.global_step, epochs=round(trainer.state.epoch or 0, 3), processes=trainer_args.world_size,
         global_batch=trainer_args.per_device_train_batch_size * trainer_args.world_size
         * trainer_args.gradient_accumulation_steps,

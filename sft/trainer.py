@@ -4,8 +4,9 @@ One small subclass of each, because the checks belong to the loss computation it
 labels are all masked or a loss that is NaN/Inf stops the run (TRL would clamp the first to a
 silent zero and log the second), and each step's trained-token fraction and tokens/s are logged.
 Each evaluation also answers a fixed sample of held-out prompts (greedy) and scores the answers
-with exact match and ROUGE-L, logged beside the loss as `eval_exact_match` and `eval_rouge_l`
-(`HeldOutGenerations`, shared by both trainers; for DPO the reference answer is the chosen one).
+with the run's graders (exact match and ROUGE-L unless it names others), logged beside the loss as
+`eval_NAME` (`HeldOutGenerations`, shared by both trainers; for DPO the reference answer is the
+chosen one).
 """
 
 import time
@@ -23,9 +24,10 @@ class TrainingAborted(LoradockError):
 
 
 class HeldOutGenerations:
-    """Each evaluation also answers `held_out` (greedy) and scores the answers against the references."""
+    """Each evaluation also answers `held_out` (greedy) and scores the answers with `graders`."""
 
     held_out: list[tuple[list[dict], str]]  # (conversation, reference) pairs answered at each evaluation
+    graders: list  # loradock.graders.Grader
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
@@ -36,8 +38,8 @@ class HeldOutGenerations:
         return output
 
     def generation_scores(self) -> dict[str, float]:
-        """Exact match and ROUGE-L of greedy answers to the held-out sample, in [0, 1]."""
-        from sft.evaluate import METRICS, generate, score
+        """Each grader's mean score of greedy answers to the held-out sample, in [0, 1]."""
+        from sft.evaluate import generate, score
 
         tokenizer = self.processing_class
         references = [reference for _, reference in self.held_out]
@@ -50,7 +52,7 @@ class HeldOutGenerations:
         finally:
             self.model.train(was_training)
             tokenizer.padding_side = padding_side
-        return score(answers, references, list(METRICS))
+        return score(answers, references, self.graders, [c[-1]["content"] for c, _ in self.held_out])
 
 
 def check_finite(loss, mode: str, step: int, learning_rate: float) -> None:
@@ -66,9 +68,9 @@ class LoradockDPOTrainer(HeldOutGenerations, DPOTrainer):
     """DPO of a PEFT model that already holds the parent adapter: TRL copies it into a frozen adapter
     named "ref" and computes the reference log-probabilities with that one active."""
 
-    def __init__(self, *args, held_out: list[tuple[list[dict], str]] = (), **kwargs):
+    def __init__(self, *args, held_out: list[tuple[list[dict], str]] = (), graders: list = (), **kwargs):
         super().__init__(*args, **kwargs)
-        self.held_out = list(held_out)
+        self.held_out, self.graders = list(held_out), list(graders)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -78,10 +80,10 @@ class LoradockDPOTrainer(HeldOutGenerations, DPOTrainer):
 
 
 class LoradockSFTTrainer(HeldOutGenerations, SFTTrainer):
-    def __init__(self, *args, held_out: list[tuple[list[dict], str]] = (), **kwargs):
+    def __init__(self, *args, held_out: list[tuple[list[dict], str]] = (), graders: list = (), **kwargs):
         super().__init__(*args, **kwargs)
         self._window_start = (time.perf_counter(), 0)  # (time, cumulative tokens) at the last log
-        self.held_out = list(held_out)  # (conversation, reference) pairs answered at each evaluation
+        self.held_out, self.graders = list(held_out), list(graders)
         adapted = getattr(self.model, "base_model", None)
         if type(adapted).__name__ == "AdaptionPromptModel":
             # PEFT's llama-adapter keeps the model's forward as it was when wrapped, before TRL gave

@@ -55,3 +55,27 @@ def test_bad_heldout_rows_are_skipped_and_counted(tmp_path):
     path = write_jsonl(tmp_path / "h.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "x"}, "not json"])
     items, skipped = load_heldout(str(path))
     assert skipped == 2 and items == [([{"role": "user", "content": "a"}], "b")]
+
+
+def test_eval_scores_with_the_graders_named_and_reports_what_they_could_not_score(cli, tmp_path):
+    """On the tiny base: a JSON Schema grader and a Python grader that fails on every row; the row
+    counts as 0 and is reported, the run goes on."""
+    schema = tmp_path / "flat.json"
+    schema.write_text(json.dumps({"type": "object", "additionalProperties": {"type": "string"}}))
+    module = tmp_path / "mine.py"
+    module.write_text("def strict(answer):\n    raise RuntimeError('no verdict')\n")
+    report_path = tmp_path / "report.json"
+    result = cli("eval", "--base-model", "loradock/tiny-chat", "--data", ASSETS / "tasks" / "json" / "heldout.jsonl",
+                 "--limit", "6", "--grader", f"json_schema:{schema}", "--grader", f"python:{module}:strict",
+                 "--output", report_path)
+    assert result.code == 0, result.text[-3000:]
+    report = json.loads(report_path.read_text())
+    names = [f"json_schema:{schema}", f"python:{module}:strict"]
+    assert list(report["metrics"]["base"]) == names and report["metrics"]["base"][names[1]] == 0.0
+    assert 0 <= report["metrics"]["base"][names[0]] <= 1
+    assert [g["grader"] for g in report["graders"]] == ["json_schema", "python"]
+    assert report["graders"][0]["sha256"] and report["graders"][1]["function"] == "strict"
+    failed = report["grader_failures"]["base"][names[1]]
+    assert failed["rows"] == 6 and "RuntimeError: no verdict" in failed["first"]
+    assert names[0] not in report["grader_failures"]["base"]  # an answer that is not JSON is a 0, not a failure
+    assert "could not score 6 of 6 rows" in result.out

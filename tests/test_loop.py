@@ -103,10 +103,15 @@ def test_votes_on_v1_train_a_dpo_v2_that_beats_it_and_is_promoted(registry, base
                            "--training.loss_type", "sigmoid,sft", "--training.eval_steps", "200", *LORA)
         v2 = re.search(r"commit ([0-9a-f]{40})", loradock("push", tmp_path / "v2", REPO, "--tag", "v2")).group(1)
 
-        report = tmp_path / "eval.json"
+        report, graders = tmp_path / "eval.json", tmp_path / "loop_graders.py"
+        graders.write_text("def first_word(answer, reference):\n"
+                           "    return float(answer.split()[:1] == reference.split()[:1])\n")
         loradock("eval", "--base-url", f"{server.url}/v1", "--model", f"{REPO}@v1", "--model", f"{REPO}@v2",
-                 "--data", judge, "--output", report)
+                 "--data", judge, "--output", report, "--grader", "exact_match", "--grader",
+                 f"python:{graders}:first_word")
         before, after = exact_match(report, f"{REPO}@v1"), exact_match(report, f"{REPO}@v2")
+        for model, figures in json.loads(report.read_text())["metrics"].items():  # an exact answer has its first word
+            assert figures[f"python:{graders}:first_word"] >= figures["exact_match"], (model, figures)
         dpo = json.loads((tmp_path / "v2" / "metrics.json").read_text())
         print(f"\nloop: {wrong} votes from v1's wrong answers; held-out exact match through the endpoint: "
               f"v1 {before:.3f} -> v2 {after:.3f}; DPO run {dpo['train_runtime_s']} s ({dpo['steps']} steps)")

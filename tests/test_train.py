@@ -28,6 +28,15 @@ def small_split(tmp_path: Path, n_train=256, n_eval=32) -> tuple[Path, Path]:
     return write_jsonl(tmp_path / "train.jsonl", train), write_jsonl(tmp_path / "eval.jsonl", held)
 
 
+# A user's grader for the reverse task: the share of the prompt's words the answer keeps.
+WORDS_KEPT = '''
+def words_kept(answer, prompt):
+    words = prompt.split(":", 1)[1].split()
+    return sum(word in answer.split() for word in words) / len(words)
+'''
+WORDS = r"regex:^[a-z]+( [a-z]+)*$"
+
+
 def nothing_written(output: Path) -> bool:
     return not output.exists() and not (output.parent / f".{output.name}.loradock-run").exists()
 
@@ -41,6 +50,8 @@ def trained(tmp_path_factory, base_model_dir):
 
     tmp = tmp_path_factory.mktemp("train")
     train, held = small_split(tmp)
+    (tmp / "reverse_graders.py").write_text(WORDS_KEPT)
+    graders = ["--grader", "exact_match", "rouge_l", WORDS, f"python:{tmp / 'reverse_graders.py'}:words_kept"]
     output, seen = tmp / "adapter", {}
     original_train = LoradockSFTTrainer.train
 
@@ -53,7 +64,7 @@ def trained(tmp_path_factory, base_model_dir):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(LoradockSFTTrainer, "train", train_and_keep_the_model)
-        code = main(["train", "--data", str(train), "--eval-data", str(held), "--output", str(output), *QUICK])
+        code = main(["train", "--data", str(train), "--eval-data", str(held), "--output", str(output), *QUICK, *graders])
     assert code == 0
     return output, seen["before"], dict(seen["model"].named_parameters())
 
@@ -103,7 +114,15 @@ def test_metrics_are_honest(trained):
     assert any("eval_loss" in log for log in metrics["log_history"])
     evaluations = [log for log in metrics["log_history"] if "eval_loss" in log]
     assert all(0 <= log["eval_exact_match"] <= 1 and 0 <= log["eval_rouge_l"] <= 1 for log in evaluations)
-    assert set(metrics["eval_metrics"]) == {"exact_match", "rouge_l"} and metrics["eval_metrics_before"]
+    # The graders named, in their order: the first is the headline; each figure's grader is recorded.
+    kept = next(name for name in metrics["eval_metrics"] if name.endswith(":words_kept"))
+    assert list(metrics["eval_metrics"]) == ["exact_match", "rouge_l", WORDS, kept] and metrics["eval_metrics_before"]
+    assert all(0 <= log[f"eval_{WORDS}"] <= 1 and 0 <= log[f"eval_{kept}"] <= 1 for log in evaluations)
+    # The user's grader read each row's prompt (without it, it raises and scores 0), and training moved its figure.
+    assert 0 < metrics["eval_metrics"][kept] < 1 and metrics["eval_metrics"][kept] != metrics["eval_metrics_before"][kept]
+    recorded = {g["name"]: g for g in metrics["graders"]}
+    assert recorded[WORDS] == {"name": WORDS, "grader": "regex", "pattern": WORDS[len("regex:"):]}
+    assert recorded[kept]["function"] == "words_kept" and recorded[kept]["sha256"] == sha256(output.parent / "reverse_graders.py")
     assert metrics["method"] == "lora" and 0 < metrics["trainable_parameters"] < metrics["base_parameters"]
     card = yaml.safe_load((output / "README.md").read_text().split("---")[1])
     scores = {m["type"]: m["value"] for m in card["model-index"][0]["results"][0]["metrics"]}

@@ -194,6 +194,9 @@ def evidence(registry: Registry, child: RevisionRecord, tag: str, current: str |
     elif child.run.held_out != parent.run.held_out:
         problems.append(f"{child.name} and its parent were scored on different held-out data (sha256 "
                         f"{(child.run.held_out or '?')[:12]} and {(parent.run.held_out or '?')[:12]})")
+    elif graded_apart(child.run, parent.run, mine[0]):
+        problems.append(f"{child.name} and its parent were scored by different {mine[0]} graders "
+                        f"({child.run.grader(mine[0])} and {parent.run.grader(mine[0])})")
     elif mine[1] < theirs[1]:
         problems.append(f"held-out {mine[0]} {mine[1]:.3f} is below its parent's {theirs[1]:.3f}")
     else:
@@ -209,6 +212,15 @@ def evidence(registry: Registry, child: RevisionRecord, tag: str, current: str |
         found.append(f"win rate over its parent {votes['win_rate']:.2f} [{votes['low']:.2f}, {votes['high']:.2f}] "
                      f"over {votes['votes']} votes")
     return found, problems
+
+
+def graded_apart(one: RunRecord, other: RunRecord, name: str) -> bool:
+    """Whether two figures of the same name were made by graders that differ (a changed schema file or
+    Python module); runs that recorded no grader settings made theirs with the built-in ones."""
+    def settings(run: RunRecord) -> dict:
+        return {k: v for k, v in (run.grader(name) or {"grader": name}).items() if k != "name"}
+
+    return settings(one) != settings(other)
 
 
 def promote(spec: str, tag: str, force: bool, votes_path: Path | None, endpoint: str | None = None,

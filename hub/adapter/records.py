@@ -74,7 +74,7 @@ METRICS_FIELDS = {
     "eval_loss": NUMBER, "eval_metrics_before": SCORES, "eval_metrics": SCORES, "steps": COUNT, "epochs": NUMBER,
     "processes": COUNT, "global_batch": COUNT, "trainable_parameters": COUNT, "base_parameters": COUNT,
     "train_runtime_s": NUMBER, "total_runtime_s": NUMBER, "train_tokens": COUNT, "tokens_per_second": NUMBER,
-    "peak_memory": MAPPING, "resumed_from_step": COUNT, "log_history": ENTRIES,
+    "peak_memory": MAPPING, "resumed_from_step": COUNT, "log_history": ENTRIES, "graders": ENTRIES,
 }
 RUN_CONFIG_FIELDS = {
     "base_model": TEXT, "data": TEXT, "eval_data": TEXT, "objective": TEXT, "training": MAPPING,
@@ -154,8 +154,6 @@ def config_field_problems(config: dict) -> list[str]:
             for problem in sound(config, CONFIG_FIELDS)[1]]
 
 
-HEADLINE = ("exact_match", "rouge_l")  # the held-out figures a revision is judged by, in order
-
 
 @dataclass(frozen=True)
 class RunRecord:
@@ -176,8 +174,9 @@ class RunRecord:
     train_loss: float | None = None
     eval_loss_before: float | None = None
     eval_loss: float | None = None
-    eval_metrics_before: dict = field(default_factory=dict)  # {exact_match, rouge_l} untrained
+    eval_metrics_before: dict = field(default_factory=dict)  # {grader name: mean score} untrained
     eval_metrics: dict = field(default_factory=dict)  # the same, trained
+    graders: list = field(default_factory=list)  # the settings of each grader that made those figures, in order
     steps: int | None = None
     epochs: float | None = None
     processes: int | None = None
@@ -219,8 +218,13 @@ class RunRecord:
 
     @property
     def headline(self) -> tuple[str, float] | None:
-        """The held-out figure the revision is judged by: exact match, else ROUGE-L."""
-        return next(((k, self.eval_metrics[k]) for k in HEADLINE if self.eval_metrics.get(k) is not None), None)
+        """The held-out figure the revision is judged by: its first grader's (exact match, then ROUGE-L,
+        when the run named none)."""
+        return next(iter(self.eval_metrics.items()), None)
+
+    def grader(self, name: str) -> dict | None:
+        """The settings of the grader that made the figure `name` (None for a run that recorded none)."""
+        return next((g for g in self.graders if g.get("name") == name), None)
 
     def data(self) -> str:
         """Where its rows came from, for a person: a registry dataset at its commit, else the file's name."""
