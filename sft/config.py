@@ -59,8 +59,13 @@ class TrainArgs:
         "help": "what scores the held-out answers (`loradock eval --grader`'s names); the first is the figure "
                 "`promote` judges by (none: exact_match and rouge_l)"})
     objective: str = field(default="sft", metadata={
-        "help": "sft (instruction tuning, TRL SFTTrainer) or dpo (preference tuning of --init-adapter, TRL "
-                "DPOTrainer; `training:` then sets DPOConfig)"})
+        "help": "sft (instruction tuning, TRL SFTTrainer), dpo (preference tuning of --init-adapter, TRL "
+                "DPOTrainer; `training:` then sets DPOConfig) or grpo (reinforcement on --reward graders' scores of "
+                "sampled answers to the data's prompts, TRL GRPOTrainer; `training:` then sets GRPOConfig)"})
+    rewards: list[str] = field(default_factory=list, metadata={
+        "one": "reward", "metavar": "NAME[:ARG]",
+        "help": "with --objective grpo: a grader whose score of each sampled answer is its reward (`--grader`'s "
+                "names; the data's response is the reference); several are summed"})
     init_adapter: str | None = field(default=None, metadata={
         "help": "start from this adapter's weights instead of a fresh one: a registry adapter REPO@REVISION "
                 "(pulled, pinned to its commit) or a local adapter folder; its method, shapes and base must match"})
@@ -92,7 +97,7 @@ ALIASES = {
     "seed": ("training", "seed"),
 }
 
-OBJECTIVES = {"sft": "SFTConfig", "dpo": "DPOConfig"}  # --objective -> the TRL config `training:` passes to
+OBJECTIVES = {"sft": "SFTConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig"}  # --objective -> the TRL config of `training:`
 # What training records in run_config.yaml beside the settings (the parent and data it resolved);
 # read back with --config, they are not settings and are left out.
 RECORDED = ("parent", "dataset", "eval_dataset")
@@ -170,13 +175,16 @@ def upstream_section(name: str, module: str, class_name: str, defaults: dict) ->
     return Section(name, check, defaults=dict(defaults))
 
 
-SECTIONS = (Section("peft", check_peft), upstream_section("training", "trl", "SFTConfig", TRAINING_DEFAULTS))
-DPO_SECTIONS = (Section("peft", check_peft), upstream_section("training", "trl", "DPOConfig", TRAINING_DEFAULTS))
+# GRPO's where they differ from TRL's: fewer, shorter samples than its defaults (8 of up to 256 tokens),
+# sized for a CPU and the short answers of instruction tasks; raise them on a GPU.
+GRPO_DEFAULTS = {**TRAINING_DEFAULTS, "num_generations": 4, "max_completion_length": 128}
 
 
 def sections_for(objective) -> tuple[Section, ...]:
     """`training:` is checked against the objective's TRL config (an unknown objective is reported by `validate`)."""
-    return DPO_SECTIONS if objective == "dpo" else SECTIONS
+    name = OBJECTIVES.get(objective, "SFTConfig")
+    defaults = GRPO_DEFAULTS if objective == "grpo" else TRAINING_DEFAULTS
+    return Section("peft", check_peft), upstream_section("training", "trl", name, defaults)
 
 
 @dataclass
@@ -275,6 +283,18 @@ def objective_problems(config: ResolvedConfig) -> list[str]:
         close = difflib.get_close_matches(str(args.objective), list(OBJECTIVES), n=1)
         return [f"--objective {args.objective!r} is not one loradock trains" + (f"; did you mean {close[0]!r}?" if close
                 else "") + f" (objectives: {', '.join(OBJECTIVES)})"]
+    if args.rewards and args.objective != "grpo":
+        return [f"--reward is the reward of --objective grpo, and the objective is {args.objective}: pass "
+                "--objective grpo, or name held-out graders with --grader"]
+    if args.objective == "grpo":
+        problems = [] if args.rewards else [
+            "--objective grpo needs a reward: pass --reward NAME[:ARG] (a grader: exact_match, rouge_l, regex:PATTERN, "
+            "json_schema:FILE, python:MODULE:FUNCTION)"]
+        method = METHODS.get(config.peft.get("method"))
+        if method is not None and method.prompt_learning:
+            problems.append(f"--objective grpo trains LoRA-family and ia3 adapters here, not {method.name}: choose "
+                            "another --peft, or an --init-adapter of one of those")
+        return problems + [p.replace("--grader", "--reward", 1) for p in grader_problems(args.rewards)]
     if args.objective != "dpo":
         return []
     problems = []

@@ -51,7 +51,7 @@ def untrained_figures(trainer, work: Path, saved: dict | None) -> Callable[[], d
 def final_evaluation(trainer) -> dict:
     """The held-out figures after training: the evaluation at the last step when there was one."""
     last = trainer.state.log_history[-2:-1] or [{}]  # the entry before the train summary
-    if last[0].get("step") == trainer.state.global_step and "eval_loss" in last[0]:
+    if last[0].get("step") == trainer.state.global_step and any(key.startswith("eval_") for key in last[0]):
         return last[0]
     return trainer.evaluate()
 

@@ -192,14 +192,21 @@ def apply_device_defaults(config: ResolvedConfig) -> None:
 
 
 def training_arguments(config: ResolvedConfig, paths: RunPaths, has_eval: bool):
-    """TRL's SFTConfig (DPOConfig for --objective dpo) from the resolved settings."""
-    from trl import DPOConfig, SFTConfig
+    """TRL's SFTConfig (DPOConfig, GRPOConfig for --objective dpo, grpo) from the resolved settings."""
+    from trl import DPOConfig, GRPOConfig, SFTConfig
 
     training = dict(config.training)
     if not has_eval:
         training["eval_strategy"] = "no"
     if config.args.objective == "dpo":
         return DPOConfig(output_dir=str(paths.checkpoints), **training)
+    if config.args.objective == "grpo":
+        try:
+            return GRPOConfig(output_dir=str(paths.checkpoints), **training)
+        except ValueError as e:  # its batch arithmetic: the samples of a step split into whole groups
+            raise LoradockError(f"--objective grpo: {e}",
+                                "make --batch-size (times the processes and gradient accumulation) a multiple of "
+                                "--training.num_generations; nothing was written") from None
     # The data check has tokenized the rows and built the response-only masks (from the chat
     # template's {% generation %} markers, or found by rendering), so TRL takes them as they are.
     return SFTConfig(output_dir=str(paths.checkpoints), assistant_only_loss=False, **training)
@@ -259,8 +266,13 @@ def build_trainer(config: ResolvedConfig, model, trainer_args, train_rows, eval_
                   fresh):
     """The objective's trainer. `fresh` is the PEFT config of a new adapter, or None when `model`
     already holds the parent adapter."""
-    from sft.trainer import LoradockDPOTrainer, LoradockSFTTrainer
+    from sft.trainer import GraderReward, LoradockDPOTrainer, LoradockGRPOTrainer, LoradockSFTTrainer
 
+    if config.args.objective == "grpo":
+        return LoradockGRPOTrainer(
+            model=model, reward_funcs=[GraderReward(g) for g in parse_all(config.args.rewards)], args=trainer_args,
+            train_dataset=to_prompt_dataset(train_rows), eval_dataset=to_prompt_dataset(eval_rows) if eval_rows else None,
+            processing_class=tokenizer, peft_config=fresh, held_out=held_out, graders=graders)
     if config.args.objective == "dpo":
         # The model holds the parent as its "default" adapter; TRL copies it into a frozen "ref"
         # adapter and scores the reference with that one, so the reference is the parent, not the base.
@@ -272,6 +284,22 @@ def build_trainer(config: ResolvedConfig, model, trainer_args, train_rows, eval_
         model=model, args=trainer_args, train_dataset=to_dataset(train_rows),
         eval_dataset=to_dataset(eval_rows) if eval_rows else None, processing_class=tokenizer,
         peft_config=fresh, held_out=held_out, graders=graders)
+
+
+def to_prompt_dataset(rows: list):
+    """GRPO's rows: the conversation up to the answer (`prompt`), and the data's answer as the graders'
+    `reference`."""
+    from datasets import Dataset
+
+    from sft.data import prompt_and_reference
+
+    pairs = [prompt_and_reference(row.messages) for row in rows]
+    return Dataset.from_list([{"prompt": prompt, "reference": reference} for prompt, reference in pairs])
+
+
+def held_out_graders(args) -> list:
+    """What scores the held-out answers: the graders named, else a GRPO run's rewards and the built-in ones."""
+    return parse_all(args.graders or [*args.rewards, *BUILT_IN])
 
 
 @dataclasses.dataclass
@@ -330,7 +358,7 @@ def run(config: ResolvedConfig) -> Path:
     if parent:
         model = PeftModel.from_pretrained(model, str(parent.folder), is_trainable=True)
     held_out = held_out_sample(eval_rows, args.eval_generations, config.training.get("seed", 42))
-    graders = parse_all(args.graders or list(BUILT_IN))
+    graders = held_out_graders(args)
     trainer = build_trainer(config, model, trainer_args, prepared.train_rows, eval_rows, tokenizer, held_out, graders,
                             fresh=None if parent else peft_config(config, base_path))
     check_trainable(trainer.model)
@@ -353,6 +381,7 @@ def run(config: ResolvedConfig) -> Path:
 
     record, report = lineage(config, parent, data, held), prepared.train_report
     names = [g.spec for g in graders]
+    tokens = int(trainer._total_train_tokens or trainer.state.num_input_tokens_seen)  # GRPO counts the latter
     run_record = RunRecord(
         objective=args.objective, parent=record["parent"], dataset=record["dataset"],
         base_model=args.base_model, base_model_revision=base_revision(base_path, model),
@@ -366,8 +395,9 @@ def run(config: ResolvedConfig) -> Path:
         global_batch=trainer_args.per_device_train_batch_size * trainer_args.world_size
         * trainer_args.gradient_accumulation_steps,
         train_runtime_s=round(result.metrics["train_runtime"], 2),
-        total_runtime_s=round(time.perf_counter() - started, 2), train_tokens=int(trainer._total_train_tokens),
-        tokens_per_second=round(trainer._total_train_tokens / max(result.metrics["train_runtime"], 1e-9), 1),
+        total_runtime_s=round(time.perf_counter() - started, 2), train_tokens=tokens,
+        tokens_per_second=round(tokens / max(result.metrics["train_runtime"], 1e-9), 1),
+        rewards=[f.record() for f in getattr(trainer, "reward_funcs", ())],
         peak_memory=peak_memory(), resumed_from_step=int(checkpoint.name.split("-")[-1]) if checkpoint else None,
         log_history=trainer.state.log_history)
     output = publish(trainer, config, paths, run_record, record, state_dict)

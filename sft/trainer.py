@@ -1,4 +1,4 @@
-"""TRL's SFTTrainer and DPOTrainer with the guards and figures loradock adds.
+"""TRL's SFTTrainer, DPOTrainer and GRPOTrainer with the guards and figures loradock adds.
 
 One small subclass of each, because the checks belong to the loss computation itself: a batch whose
 labels are all masked or a loss that is NaN/Inf stops the run (TRL would clamp the first to a
@@ -6,14 +6,17 @@ silent zero and log the second), and each step's trained-token fraction and toke
 Each evaluation also answers a fixed sample of held-out prompts (greedy) and scores the answers
 with the run's graders (exact match and ROUGE-L unless it names others), logged beside the loss as
 `eval_NAME` (`HeldOutGenerations`, shared by both trainers; for DPO the reference answer is the
-chosen one).
+chosen one). GRPO's rewards are graders' scores (`GraderReward`), which say when a batch gives no
+learning signal.
 """
 
+import sys
 import time
 
 import torch
-from trl import DPOTrainer, SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
+from loradock import graders as grading
 from loradock.errors import LoradockError
 
 IGNORE_INDEX = -100
@@ -26,8 +29,10 @@ class TrainingAborted(LoradockError):
 class HeldOutGenerations:
     """Each evaluation also answers `held_out` (greedy) and scores the answers with `graders`."""
 
-    held_out: list[tuple[list[dict], str]]  # (conversation, reference) pairs answered at each evaluation
-    graders: list  # loradock.graders.Grader
+    def __init__(self, *args, held_out: list[tuple[list[dict], str]] = (), graders: list = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.held_out = list(held_out)  # (conversation, reference) pairs answered at each evaluation
+        self.graders = list(graders)  # loradock.graders.Grader: what scores the answers
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
@@ -68,10 +73,6 @@ class LoradockDPOTrainer(HeldOutGenerations, DPOTrainer):
     """DPO of a PEFT model that already holds the parent adapter: TRL copies it into a frozen adapter
     named "ref" and computes the reference log-probabilities with that one active."""
 
-    def __init__(self, *args, held_out: list[tuple[list[dict], str]] = (), graders: list = (), **kwargs):
-        super().__init__(*args, **kwargs)
-        self.held_out, self.graders = list(held_out), list(graders)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         check_finite(result[0] if return_outputs else result, "train" if self.model.training else "eval",
@@ -80,10 +81,9 @@ class LoradockDPOTrainer(HeldOutGenerations, DPOTrainer):
 
 
 class LoradockSFTTrainer(HeldOutGenerations, SFTTrainer):
-    def __init__(self, *args, held_out: list[tuple[list[dict], str]] = (), graders: list = (), **kwargs):
+    def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._window_start = (time.perf_counter(), 0)  # (time, cumulative tokens) at the last log
-        self.held_out, self.graders = list(held_out), list(graders)
         adapted = getattr(self.model, "base_model", None)
         if type(adapted).__name__ == "AdaptionPromptModel":
             # PEFT's llama-adapter keeps the model's forward as it was when wrapped, before TRL gave
@@ -115,3 +115,52 @@ class LoradockSFTTrainer(HeldOutGenerations, SFTTrainer):
                 logs["tokens_per_second"] = round((tokens - tokens_then) / (now - then), 1)
             self._window_start = (now, tokens)
         super().log(logs, start_time)
+
+
+class GraderReward:
+    """A grader as a GRPO reward function: each sampled answer's score, with the data's response as the
+    reference. A batch whose answers all score the same gives GRPO nothing to learn from (every
+    advantage is zero): the first is warned about, every one is counted, as are answers the grader
+    could not score (rewarded 0)."""
+
+    def __init__(self, grader: grading.Grader):
+        self.grader, self.__name__ = grader, grader.spec  # TRL logs rewards/NAME/mean
+        self.batches = self.constant_batches = self.failures = 0
+
+    def __call__(self, prompts, completions, reference=None, **kwargs) -> list[float]:
+        answers = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        asked = [p[-1]["content"] if isinstance(p, list) else p for p in prompts]
+        scores = self.grader.grade([grading.Sample(q, a, r) for q, a, r in
+                                    zip(asked, answers, reference or [None] * len(answers))])
+        self.batches += 1
+        if scores.failures:
+            if not self.failures:
+                print(f"warning: reward {self.grader.spec} could not score {scores.failures} of {len(answers)} answers "
+                      f"(rewarded 0): {scores.first_failure}", file=sys.stderr, flush=True)
+            self.failures += scores.failures
+        if len(set(scores.values)) == 1:
+            if not self.constant_batches:
+                print(f"warning: reward {self.grader.spec} gave every answer of a batch {scores.values[0]}: no learning "
+                      "signal from it there. A reward that is always 0 or 1 needs an easier or harder task, more "
+                      "--training.num_generations or a higher --training.temperature; counted in the run record",
+                      file=sys.stderr, flush=True)
+            self.constant_batches += 1
+        return scores.values
+
+    def record(self) -> dict:
+        return {**self.grader.settings, "name": self.grader.spec, "batches": self.batches,
+                "constant_batches": self.constant_batches, "failures": self.failures}
+
+
+class LoradockGRPOTrainer(HeldOutGenerations, GRPOTrainer):
+    """GRPO of a PEFT adapter, rewarded by graders. An evaluation is the held-out sample's greedy
+    answers scored by the run's graders (GRPO has no held-out loss of its own worth reporting)."""
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        from transformers import Trainer
+
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in self.generation_scores().items()}
+        # Trainer's own log: GRPOTrainer's would fold its running training averages into these figures.
+        Trainer.log(self, metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics

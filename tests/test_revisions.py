@@ -15,14 +15,15 @@ HELD_OUT = "a" * 64
 
 
 def revision(run_cli, tmp_path: Path, repo: str, name: str, exact: float | None, parent: str | None = None,
-             held_out: str = HELD_OUT, tag: str | None = None) -> str:
-    """Push an adapter whose metrics.json says its parent's commit and its held-out exact match."""
+             held_out: str = HELD_OUT, tag: str | None = None, figures: dict | None = None, graders: list = ()) -> str:
+    """Push an adapter whose metrics.json says its parent's commit and its held-out exact match (or
+    `figures`, made by `graders`)."""
     folder = adapter_folder(tmp_path / name, weights=name.encode() * 100)
     record = {"repo_id": repo, "revision": parent, "commit": parent, "base_model": "loradock/tiny-chat"} if parent else None
     (folder / "metrics.json").write_text(json.dumps({
         "objective": "dpo" if parent else "sft", "parent": record, "steps": 10, "method": "lora",
-        "dataset_sha256": "d" * 64, "eval_metrics": {"exact_match": exact, "rouge_l": 0.5} if exact is not None else None,
-        "held_out_sha256": held_out}))
+        "dataset_sha256": "d" * 64, "held_out_sha256": held_out, "graders": list(graders),
+        "eval_metrics": figures or ({"exact_match": exact, "rouge_l": 0.5} if exact is not None else None)}))
     (folder / "run_config.yaml").write_text(yaml.safe_dump({"parent": record, "objective": "dpo" if parent else "sft"}))
     pushed = run_cli("push", str(folder), repo, *(["--tag", tag] if tag else []))
     assert pushed.code == 0, pushed.text
@@ -110,3 +111,23 @@ def test_lineage_follows_the_parents_to_the_base(run_cli, hub_env, tmp_path):
     assert chain[0]["votes_vs_parent"]["votes"] == 8 and chain[1]["votes_vs_parent"] is None
     missing = run_cli("lineage", "alice/no-such-adapter@main")
     assert missing.code == 2 and "not found" in missing.err
+
+
+def test_promote_compares_the_first_figure_child_and_parent_share_made_by_the_same_grader(run_cli, hub_env, tmp_path):
+    """A GRPO child scored first by its reward is judged on the first figure its parent has too; a
+    figure of the same name made by another grader (a changed Python module) is no evidence."""
+    repo = "alice/graded"
+    checker = {"name": "python:checks:ok", "grader": "python", "module": "checks", "function": "ok"}
+    v1 = revision(run_cli, tmp_path, repo, "v1", None, tag="v1",
+                  figures={"python:checks:ok": 0.4, "exact_match": 0.5}, graders=[{**checker, "sha256": "1" * 64}])
+    grpo = revision(run_cli, tmp_path, repo, "grpo", None, parent=v1, figures={"regex:^a": 0.9, "exact_match": 0.6})
+    moved = run_cli("promote", f"{repo}@{grpo}", "--tag", "prod", "--votes", str(tmp_path / "none.sqlite"))
+    assert moved.code == 0 and "held-out exact_match 0.600, parent 0.500" in moved.out, moved.text
+
+    changed = revision(run_cli, tmp_path, repo, "changed", None, parent=v1, figures={"python:checks:ok": 0.9},
+                       graders=[{**checker, "sha256": "2" * 64}])
+    refused = run_cli("promote", f"{repo}@{changed}", "--tag", "prod", "--votes", str(tmp_path / "none.sqlite"))
+    assert refused.code == 2 and "were scored by different python:checks:ok graders" in refused.err, refused.text
+    apart = revision(run_cli, tmp_path, repo, "apart", None, parent=v1, figures={"rouge_l": 0.9})
+    refused = run_cli("promote", f"{repo}@{apart}", "--tag", "prod", "--votes", str(tmp_path / "none.sqlite"))
+    assert refused.code == 2 and "share no held-out figure" in refused.err and "--grader" in refused.err, refused.text

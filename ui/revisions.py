@@ -178,29 +178,30 @@ def evidence(registry: Registry, child: RevisionRecord, tag: str, current: str |
     found, problems = [], []
     if current and current not in (child.commit, (child.parent or {}).get("commit")):
         holder = recorded(registry, child.repo_id, current)
-        theirs, mine = holder.run.headline, child.run.headline
-        if theirs and mine and holder.run.held_out == child.run.held_out and theirs[0] == mine[0] \
-                and mine[1] < theirs[1]:
-            problems.append(f"held-out {mine[0]} {mine[1]:.3f} is below that of {holder.name} ({theirs[1]:.3f}), "
+        both = child.run.figure_against(holder.run)
+        if both and holder.run.held_out == child.run.held_out and both[1] < both[2]:
+            problems.append(f"held-out {both[0]} {both[1]:.3f} is below that of {holder.name} ({both[2]:.3f}), "
                             f"which {tag} points at now")
     if not child.parent:
         return found, [f"{child.name} records no parent revision to compare it with (it was not trained with "
                        "--init-adapter)"]
     parent = recorded(registry, child.parent["repo_id"], child.parent["commit"])
-    mine, theirs = child.run.headline, parent.run.headline
-    if mine is None or theirs is None or mine[0] != theirs[0]:
-        missing = " and ".join(r.name for r, h in ((child, mine), (parent, theirs)) if h is None) or "either"
-        problems.append(f"no held-out score of {missing} to compare (train with --eval-data)")
+    both = child.run.figure_against(parent.run)
+    if both is None:
+        missing = " and ".join(r.name for r in (child, parent) if r.run.headline is None)
+        problems.append(f"no held-out score of {missing} to compare (train with --eval-data)" if missing else
+                        f"{child.name} and its parent share no held-out figure (scored by {', '.join(child.run.eval_metrics)}"
+                        f" and {', '.join(parent.run.eval_metrics)}): name a common --grader")
     elif child.run.held_out != parent.run.held_out:
         problems.append(f"{child.name} and its parent were scored on different held-out data (sha256 "
                         f"{(child.run.held_out or '?')[:12]} and {(parent.run.held_out or '?')[:12]})")
-    elif graded_apart(child.run, parent.run, mine[0]):
-        problems.append(f"{child.name} and its parent were scored by different {mine[0]} graders "
-                        f"({child.run.grader(mine[0])} and {parent.run.grader(mine[0])})")
-    elif mine[1] < theirs[1]:
-        problems.append(f"held-out {mine[0]} {mine[1]:.3f} is below its parent's {theirs[1]:.3f}")
+    elif graded_apart(child.run, parent.run, both[0]):
+        problems.append(f"{child.name} and its parent were scored by different {both[0]} graders "
+                        f"({child.run.grader(both[0])} and {parent.run.grader(both[0])})")
+    elif both[1] < both[2]:
+        problems.append(f"held-out {both[0]} {both[1]:.3f} is below its parent's {both[2]:.3f}")
     else:
-        found.append(f"held-out {mine[0]} {mine[1]:.3f}, parent {theirs[1]:.3f}")
+        found.append(f"held-out {both[0]} {both[1]:.3f}, parent {both[2]:.3f}")
     votes = versus(votes_path, child, parent)
     if votes is None:
         found.append("no votes between the two")

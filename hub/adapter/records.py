@@ -74,7 +74,7 @@ METRICS_FIELDS = {
     "eval_loss": NUMBER, "eval_metrics_before": SCORES, "eval_metrics": SCORES, "steps": COUNT, "epochs": NUMBER,
     "processes": COUNT, "global_batch": COUNT, "trainable_parameters": COUNT, "base_parameters": COUNT,
     "train_runtime_s": NUMBER, "total_runtime_s": NUMBER, "train_tokens": COUNT, "tokens_per_second": NUMBER,
-    "peak_memory": MAPPING, "resumed_from_step": COUNT, "log_history": ENTRIES, "graders": ENTRIES,
+    "peak_memory": MAPPING, "resumed_from_step": COUNT, "log_history": ENTRIES, "graders": ENTRIES, "rewards": ENTRIES,
 }
 RUN_CONFIG_FIELDS = {
     "base_model": TEXT, "data": TEXT, "eval_data": TEXT, "objective": TEXT, "training": MAPPING,
@@ -161,7 +161,7 @@ class RunRecord:
     the card, lineage, promote, compare and the comparison screen read it. Read from a file, a field
     of the wrong type is left out (`read_metrics`): anyone who can push writes one."""
 
-    objective: str | None = None  # "sft" or "dpo"
+    objective: str | None = None  # "sft", "dpo" or "grpo"
     method: str | None = None  # the PEFT method's name
     base_model: str | None = None
     base_model_revision: str | None = None  # the base weights' sha256 (or the Hub commit)
@@ -177,6 +177,7 @@ class RunRecord:
     eval_metrics_before: dict = field(default_factory=dict)  # {grader name: mean score} untrained
     eval_metrics: dict = field(default_factory=dict)  # the same, trained
     graders: list = field(default_factory=list)  # the settings of each grader that made those figures, in order
+    rewards: list = field(default_factory=list)  # a GRPO run's reward graders: settings, batches, constant batches, failures
     steps: int | None = None
     epochs: float | None = None
     processes: int | None = None
@@ -221,6 +222,13 @@ class RunRecord:
         """The held-out figure the revision is judged by: its first grader's (exact match, then ROUGE-L,
         when the run named none)."""
         return next(iter(self.eval_metrics.items()), None)
+
+    def figure_against(self, other: "RunRecord") -> tuple[str, float, float] | None:
+        """(name, this run's, the other's) of the first held-out figure both runs made, in this run's order:
+        a GRPO child scored by its reward and the built-in graders compares with its parent on the
+        first of them the parent was scored by too."""
+        return next(((name, value, other.eval_metrics[name]) for name, value in self.eval_metrics.items()
+                     if name in other.eval_metrics), None)
 
     def grader(self, name: str) -> dict | None:
         """The settings of the grader that made the figure `name` (None for a run that recorded none)."""
