@@ -123,13 +123,17 @@ def evaluate(base_model: str, data: str, adapter: str | None = None, metrics: li
         max_new_tokens = min(512, max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references) + 16)
     model = AutoModelForCausalLM.from_pretrained(base_path).eval()
     sides = {"base": generate(model, tokenizer, conversations, max_new_tokens, batch_size)}
+    source = {"base_model": base_model, "adapter": adapter}
     if adapter:
         from peft import PeftModel
+
+        from sft.forgetting import forgetting
 
         model = PeftModel.from_pretrained(model, adapter).eval()
         adapter_tokenizer = AutoTokenizer.from_pretrained(adapter)  # with the chat template it was trained with
         sides["adapter"] = generate(model, adapter_tokenizer, conversations, max_new_tokens, batch_size)
-    return build_report({"base_model": base_model, "adapter": adapter}, data, items, skipped, max_new_tokens, sides, metrics)
+        source["general"] = forgetting(model, adapter_tokenizer)
+    return build_report(source, data, items, skipped, max_new_tokens, sides, metrics)
 
 
 def build_report(source: dict, data: str, items: list, skipped: int, max_new_tokens: int, sides: dict[str, list[str]],
@@ -214,6 +218,10 @@ def render(report: dict, n_examples: int = 3, width: int = 28) -> str:
         for name, failure in failed.items():
             lines.append(f"  {side}: {name} could not score {failure['rows']} of {report['rows']} rows (scored 0); "
                          f"first: {failure['first']}")
+    if report.get("general"):
+        from sft.forgetting import describe
+
+        lines.append(f"  {describe(report['general'])}")
     columns = ["prompt", "reference", *sides]
     lines += ["", "  " + " | ".join(f"{c:<{width}}" for c in columns)]
     for example in report["examples"][:n_examples]:

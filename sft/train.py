@@ -36,6 +36,7 @@ from sft.data import parse_columns
 from sft.data_check import check_data, enforce, to_dataset
 from sft.distributed import (LAUNCHED, check_in_step, check_processes, gathered_state_dict, global_batch_line,
                              is_main, main_first, on_main, wait_for_everyone)
+from sft.forgetting import forgetting
 from sft.full_disk import refusing_a_full_disk
 from sft.held_out import (EVAL_BEFORE, final_evaluation, generation_scores, held_out_fingerprint, held_out_sample,
                            untrained_figures)
@@ -378,6 +379,9 @@ def run(config: ResolvedConfig) -> Path:
     if not is_main():
         wait_for_everyone()  # until the main process has published
         return paths.output
+    # The forgetting guard on the trained weights; with several processes their shards are not whole here.
+    general = forgetting(trainer.accelerator.unwrap_model(trainer.model), tokenizer) \
+        if trainer_args.world_size == 1 else None
 
     record, report = lineage(config, parent, data, held), prepared.train_report
     names = [g.spec for g in graders]
@@ -397,7 +401,7 @@ def run(config: ResolvedConfig) -> Path:
         train_runtime_s=round(result.metrics["train_runtime"], 2),
         total_runtime_s=round(time.perf_counter() - started, 2), train_tokens=tokens,
         tokens_per_second=round(tokens / max(result.metrics["train_runtime"], 1e-9), 1),
-        rewards=[f.record() for f in getattr(trainer, "reward_funcs", ())],
+        rewards=[f.record() for f in getattr(trainer, "reward_funcs", ())], general=general,
         peak_memory=peak_memory(), resumed_from_step=int(checkpoint.name.split("-")[-1]) if checkpoint else None,
         log_history=trainer.state.log_history)
     output = publish(trainer, config, paths, run_record, record, state_dict)
@@ -470,5 +474,7 @@ def main(config: ResolvedConfig) -> int:
     if after is not None:
         summary += f", eval loss {before:.4f} -> {after:.4f}" if before is not None else f", eval loss {after:.4f}"
     summary += "".join(f", {name.replace('_', ' ')} {value:.1%}" for name, value in written.eval_metrics.items())
+    if written.general:
+        summary += f", general-ability perplexity {written.general['forgetting']:+.1%} against the base"
     print(summary + f", {written.tokens_per_second} tokens/s")
     return 0

@@ -45,6 +45,9 @@ def test_a_bundled_task_is_learnt_for_real(cli, tmp_path, monkeypatch):
     print(f"reverse held-out exact match: base {base:.2f}, adapter {tuned:.2f}")
     assert report["rows"] == 100 and report["rows_skipped"] == 0
     assert base <= 0.1 and tuned >= 0.6, (base, tuned)
+    general = report["general"]  # the forgetting guard, with the adapter and without it on the same weights
+    assert general["rows"] == 48 and general["perplexity"] > 1 and general["base_perplexity"] > 1
+    assert "general ability: perplexity of 48 general answers" in result.out
     assert "exact_match" in result.out and "adapter" in result.out  # the printed table
 
 

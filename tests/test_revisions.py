@@ -15,7 +15,8 @@ HELD_OUT = "a" * 64
 
 
 def revision(run_cli, tmp_path: Path, repo: str, name: str, exact: float | None, parent: str | None = None,
-             held_out: str = HELD_OUT, tag: str | None = None, figures: dict | None = None, graders: list = ()) -> str:
+             held_out: str = HELD_OUT, tag: str | None = None, figures: dict | None = None, graders: list = (),
+             forgetting: float | None = None) -> str:
     """Push an adapter whose metrics.json says its parent's commit and its held-out exact match (or
     `figures`, made by `graders`)."""
     folder = adapter_folder(tmp_path / name, weights=name.encode() * 100)
@@ -23,6 +24,8 @@ def revision(run_cli, tmp_path: Path, repo: str, name: str, exact: float | None,
     (folder / "metrics.json").write_text(json.dumps({
         "objective": "dpo" if parent else "sft", "parent": record, "steps": 10, "method": "lora",
         "dataset_sha256": "d" * 64, "held_out_sha256": held_out, "graders": list(graders),
+        "general": {"rows": 48, "base_perplexity": 10.0, "perplexity": 10.0 * (1 + forgetting), "forgetting": forgetting}
+        if forgetting is not None else None,
         "eval_metrics": figures or ({"exact_match": exact, "rouge_l": 0.5} if exact is not None else None)}))
     (folder / "run_config.yaml").write_text(yaml.safe_dump({"parent": record, "objective": "dpo" if parent else "sft"}))
     pushed = run_cli("push", str(folder), repo, *(["--tag", tag] if tag else []))
@@ -131,3 +134,16 @@ def test_promote_compares_the_first_figure_child_and_parent_share_made_by_the_sa
     apart = revision(run_cli, tmp_path, repo, "apart", None, parent=v1, figures={"rouge_l": 0.9})
     refused = run_cli("promote", f"{repo}@{apart}", "--tag", "prod", "--votes", str(tmp_path / "none.sqlite"))
     assert refused.code == 2 and "share no held-out figure" in refused.err and "--grader" in refused.err, refused.text
+
+
+def test_promote_holds_a_revision_to_the_forgetting_guard(run_cli, hub_env, tmp_path):
+    repo, no_votes = "alice/forgetful", str(tmp_path / "none.sqlite")
+    v1 = revision(run_cli, tmp_path, repo, "v1", 0.5, tag="v1", forgetting=0.05)
+    forgetful = revision(run_cli, tmp_path, repo, "forgetful", 0.9, parent=v1, forgetting=0.4)
+    refused = run_cli("promote", f"{repo}@{forgetful}", "--tag", "prod", "--votes", no_votes)
+    assert refused.code == 2 and "general-ability perplexity is +40.0% against the base's, past --max-forgetting 0.25" \
+        in refused.err, refused.text
+    allowed = run_cli("promote", f"{repo}@{forgetful}", "--tag", "prod", "--votes", no_votes, "--max-forgetting", "0.5")
+    assert allowed.code == 0 and "general-ability perplexity +40.0% against the base (--max-forgetting 0.5)" in allowed.out
+    lineage = run_cli("lineage", f"{repo}@{forgetful}", "--votes", no_votes)
+    assert "general-ability perplexity +40.0% against the base" in lineage.out and "+5.0%" in lineage.out

@@ -161,7 +161,7 @@ def test_every_help_default_is_the_dataclass_default(command, capsys):
     assert "--config" in entries and "--print-config" in entries
     for f in documented_fields(cls):
         positional = re.match(r"[A-Z][A-Z_]*", f.metadata.get("metavar") or f.name.upper()).group(0)
-        flag = positional if f.metadata.get("positional") else "--" + f.name.replace("_", "-")
+        flag = positional if f.metadata.get("positional") else "--" + f.metadata.get("one", f.name).replace("_", "-")
         match = re.search(r"\(default: ([^)]*)\)", entries.get(flag, ""))
         assert match, f"{flag} has no default in `loradock {' '.join(command)} --help`"
         assert match.group(1) == shown(default_of(f)), flag

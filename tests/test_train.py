@@ -124,9 +124,12 @@ def test_metrics_are_honest(trained):
     assert recorded[WORDS] == {"name": WORDS, "grader": "regex", "pattern": WORDS[len("regex:"):]}
     assert recorded[kept]["function"] == "words_kept" and recorded[kept]["sha256"] == sha256(output.parent / "reverse_graders.py")
     assert metrics["method"] == "lora" and 0 < metrics["trainable_parameters"] < metrics["base_parameters"]
+    general = metrics["general"]  # the forgetting guard, on the shipped general sample
+    assert general["rows"] == 48 and general["base_perplexity"] > 1 and general["perplexity"] > 1
+    assert general["forgetting"] == pytest.approx(general["perplexity"] / general["base_perplexity"] - 1, abs=1e-3)
     card = yaml.safe_load((output / "README.md").read_text().split("---")[1])
     scores = {m["type"]: m["value"] for m in card["model-index"][0]["results"][0]["metrics"]}
-    assert scores == {"loss": round(metrics["eval_loss"], 4), **metrics["eval_metrics"]}
+    assert scores == {"loss": round(metrics["eval_loss"], 4), **metrics["eval_metrics"], "forgetting": general["forgetting"]}
 
 
 @pytest.mark.slow

@@ -32,6 +32,9 @@ from loradock.errors import LoradockError
 from ui.cli import VOTES_HELP
 
 MAX_DEPTH = 100  # a chain longer than this is a loop in the records, not a history
+# How much higher an adapter's perplexity on the general sample (`sft.forgetting`) may be than the
+# base's before promote refuses it: 0.25 is 25%.
+MAX_FORGETTING = 0.25
 
 
 @dataclass
@@ -108,6 +111,7 @@ def describe(revision: RevisionRecord, parent: RevisionRecord | None, votes_path
             "objective": run.objective or ("sft" if run.recorded else None), "method": run.method,
             "data": run.data() if run.recorded else None, "dataset": run.dataset, "dataset_sha256": run.dataset_sha256,
             "steps": run.steps, "held_out": {headline[0]: headline[1]} if headline else None,
+            "forgetting": run.forgetting,
             "parent": revision.parent, "base_model": run.base_model, "base_model_revision": run.base_model_revision,
             "votes_vs_parent": versus(votes_path, revision, parent) if parent else None,
             "rollouts": [{"tag": r.tag, "role": "candidate" if r.candidate == revision.commit else "stable",
@@ -141,6 +145,8 @@ def render_lineage(rows: list[dict]) -> str:
     for depth, row in enumerate(rows):
         tags = f" [{', '.join(row['tags'])}]" if row["tags"] else ""
         held = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in (row["held_out"] or {}).items()) or "no held-out score"
+        if row.get("forgetting") is not None:
+            held += f", general-ability perplexity {row['forgetting']:+.1%} against the base"
         votes = row["votes_vs_parent"]
         voted = (f"; votes vs parent {votes['win_rate']:.2f} [{votes['low']:.2f}, {votes['high']:.2f}] over "
                  f"{votes['votes']}" if votes else "")
@@ -171,11 +177,18 @@ def rollout_line(r: dict) -> str:
 # --- promote ------------------------------------------------------------------------------------
 
 def evidence(registry: Registry, child: RevisionRecord, tag: str, current: str | None,
-             votes_path: Path | None) -> tuple[list[str], list[str]]:
+             votes_path: Path | None, max_forgetting: float = MAX_FORGETTING) -> tuple[list[str], list[str]]:
     """(what speaks for the child, what stands against it or is missing) before `tag` may point at
-    it: its parent's held-out score and votes, and the held-out score of the revision `tag` points
-    at now, when that is another one scored on the same data."""
+    it: the forgetting guard's figure, where recorded, within `max_forgetting`; its parent's held-out
+    score and votes; and the held-out score of the revision `tag` points at now, when that is
+    another one scored on the same data."""
     found, problems = [], []
+    forgetting = child.run.forgetting
+    if forgetting is not None and forgetting > max_forgetting:
+        problems.append(f"its general-ability perplexity is {forgetting:+.1%} against the base's, past "
+                        f"--max-forgetting {max_forgetting:g}: it has forgotten more of what the base could do")
+    elif forgetting is not None:
+        found.append(f"general-ability perplexity {forgetting:+.1%} against the base (--max-forgetting {max_forgetting:g})")
     if current and current not in (child.commit, (child.parent or {}).get("commit")):
         holder = recorded(registry, child.repo_id, current)
         both = child.run.figure_against(holder.run)
@@ -225,7 +238,7 @@ def graded_apart(one: RunRecord, other: RunRecord, name: str) -> bool:
 
 
 def promote(spec: str, tag: str, force: bool, votes_path: Path | None, endpoint: str | None = None,
-            token: str | None = None) -> str:
+            token: str | None = None, max_forgetting: float = MAX_FORGETTING) -> str:
     """Point `tag` at the revision `spec` names when the evidence allows it (or `force`); the tag's
     message, which says what the evidence was, or that it was forced past.
 
@@ -244,7 +257,7 @@ def promote(spec: str, tag: str, force: bool, votes_path: Path | None, endpoint:
                             f"running ({running.share}% of its requests)",
                             f"end it first: `loradock rollout abort {ref.repo_id} --tag {tag}`, or complete it with "
                             f"`loradock rollout status {ref.repo_id} --tag {tag} --advance`; no tag was moved")
-    found, problems = evidence(door, child, tag, current, votes_path)
+    found, problems = evidence(door, child, tag, current, votes_path, max_forgetting)
     if problems and not force:
         raise LoradockError(f"not moving {tag} to {child.name}: " + "; ".join(problems),
                             f"train a revision that beats its parent, or pass --force to move {tag} anyway; "
@@ -286,9 +299,11 @@ class LineageArgs:
 
 @dataclass
 class PromoteArgs:
-    """Point --tag at REPO@REVISION only when its held-out score is not below its parent's (same
-    held-out data) and, if votes compare the two, its win rate over the parent is above 50% at the
-    95% interval's lower bound. The tag's message records the evidence. With --canary, on the same
+    """Point --tag at REPO@REVISION only when its held-out score is not below its parent's (the first
+    figure both were scored on, the same held-out data and grader), its general-ability perplexity is
+    within --max-forgetting of the base's where recorded, and, if votes compare the two, its win rate
+    over the parent is above 50% at the 95% interval's lower bound. The tag's message records the
+    evidence. With --canary, on the same
     evidence, move no tag: start a rollout of part of the tag's traffic (`loradock rollout`)."""
 
     spec: str | None = field(default=None, metadata={"help": "the revision to promote", "positional": True,
@@ -301,6 +316,9 @@ class PromoteArgs:
         "help": "move no tag: start a canary rollout that answers this percent (1-99) of the tag's requests with "
                 "the revision; `loradock rollout status` completes or rolls it back on the evidence",
         "metavar": "PERCENT"})
+    max_forgetting: float = field(default=MAX_FORGETTING, metadata={
+        "help": "refuse a revision whose recorded perplexity on the general sample is more than this much above the "
+                "base's (0.25: 25%; the forgetting guard `loradock train` and `eval` measure)", "metavar": "FRACTION"})
     registry: str | None = field(default=None, metadata={"help": REGISTRY_HELP, "metavar": "URL"})
     token: str | None = field(default=None, metadata={"help": TOKEN_HELP, "secret": True})
     votes: str | None = field(default=None, metadata={"help": VOTES_HELP, "metavar": "PATH"})
@@ -333,7 +351,8 @@ def run_promote(args) -> int:
     if args.canary is not None:
         from ui.rollouts import canary  # ui.rollouts builds on this module
 
-        print(canary(args.spec, args.tag, args.canary, args.force, votes_of(args), args.registry, args.token))
+        print(canary(args.spec, args.tag, args.canary, args.force, votes_of(args), args.registry, args.token,
+                     args.max_forgetting))
         return 0
-    print(promote(args.spec, args.tag, args.force, votes_of(args), args.registry, args.token))
+    print(promote(args.spec, args.tag, args.force, votes_of(args), args.registry, args.token, args.max_forgetting))
     return 0

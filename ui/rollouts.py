@@ -28,13 +28,13 @@ from hub.rollouts import Rollout
 from loradock.config import REGISTRY_HELP, TOKEN_HELP, subcommand
 from loradock.errors import Busy, LoradockError
 from ui.cli import VOTES_HELP
-from ui.revisions import check_tag, evidence, recorded, votes_of, win_rate
+from ui.revisions import MAX_FORGETTING, check_tag, evidence, recorded, votes_of, win_rate
 
 
 # --- starting one ---------------------------------------------------------------------------------
 
 def canary(spec: str, tag: str, share: int, force: bool, votes_path: Path | None, endpoint: str | None = None,
-           token: str | None = None) -> str:
+           token: str | None = None, max_forgetting: float = MAX_FORGETTING) -> str:
     """Record a running rollout of `tag` to the revision `spec` names, answering `share` percent of
     the tag's requests; no tag moves. Returns what was done, in words.
 
@@ -72,7 +72,7 @@ def canary(spec: str, tag: str, share: int, force: bool, votes_path: Path | None
         raise LoradockError(f"not starting a canary of {tag} to {child.name}: " + "; ".join(kind_problems),
                             "roll out a revision of the same base model and PEFT method (or promote it to another "
                             "tag); nothing was written")
-    found, problems = evidence(door, child, tag, current, votes_path)
+    found, problems = evidence(door, child, tag, current, votes_path, max_forgetting)
     if problems and not force:
         raise LoradockError(f"not starting a canary of {tag} to {child.name}: " + "; ".join(problems),
                             "train a revision that beats its parent, or pass --force to start it anyway; nothing was "

@@ -57,6 +57,8 @@ class CardInfo:
         if run.eval_loss is not None:
             figures.append(Metric("loss", "eval loss", round(run.eval_loss, 4)))
         figures += [Metric(k, k.replace("_", " "), v) for k, v in run.eval_metrics.items()]
+        if run.forgetting is not None:
+            figures.append(Metric("forgetting", "general-ability perplexity against the base", run.forgetting))
         dataset = run.dataset or run_config.get("dataset")
         if dataset and dataset.get("repo_id"):
             datasets = [dataset["repo_id"]]

@@ -75,6 +75,7 @@ METRICS_FIELDS = {
     "processes": COUNT, "global_batch": COUNT, "trainable_parameters": COUNT, "base_parameters": COUNT,
     "train_runtime_s": NUMBER, "total_runtime_s": NUMBER, "train_tokens": COUNT, "tokens_per_second": NUMBER,
     "peak_memory": MAPPING, "resumed_from_step": COUNT, "log_history": ENTRIES, "graders": ENTRIES, "rewards": ENTRIES,
+    "general": MAPPING,
 }
 RUN_CONFIG_FIELDS = {
     "base_model": TEXT, "data": TEXT, "eval_data": TEXT, "objective": TEXT, "training": MAPPING,
@@ -178,6 +179,7 @@ class RunRecord:
     eval_metrics: dict = field(default_factory=dict)  # the same, trained
     graders: list = field(default_factory=list)  # the settings of each grader that made those figures, in order
     rewards: list = field(default_factory=list)  # a GRPO run's reward graders: settings, batches, constant batches, failures
+    general: dict | None = None  # the forgetting guard: {sample, sha256, rows, base_perplexity, perplexity, forgetting}
     steps: int | None = None
     epochs: float | None = None
     processes: int | None = None
@@ -222,6 +224,13 @@ class RunRecord:
         """The held-out figure the revision is judged by: its first grader's (exact match, then ROUGE-L,
         when the run named none)."""
         return next(iter(self.eval_metrics.items()), None)
+
+    @property
+    def forgetting(self) -> float | None:
+        """The forgetting guard's figure: how much higher the general sample's perplexity is with the
+        adapter than without it (0.1: 10%); None when not measured."""
+        value = (self.general or {}).get("forgetting")
+        return value if is_number(value) else None
 
     def figure_against(self, other: "RunRecord") -> tuple[str, float, float] | None:
         """(name, this run's, the other's) of the first held-out figure both runs made, in this run's order:
