@@ -5,7 +5,7 @@ labels are all masked or a loss that is NaN/Inf stops the run (TRL would clamp t
 silent zero and log the second), and each step's trained-token fraction and tokens/s are logged.
 Each evaluation also answers a fixed sample of held-out prompts (greedy) and scores the answers
 with the run's graders (exact match and ROUGE-L unless it names others), logged beside the loss as
-`eval_NAME` (`HeldOutGenerations`, shared by both trainers; for DPO the reference answer is the
+`eval_NAME` (`HeldOutGenerations`, shared by the three trainers; for DPO the reference answer is the
 chosen one). GRPO's rewards are graders' scores (`GraderReward`), which say when a batch gives no
 learning signal.
 """

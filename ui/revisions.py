@@ -262,9 +262,9 @@ def promote(spec: str, tag: str, force: bool, votes_path: Path | None, endpoint:
         raise LoradockError(f"not moving {tag} to {child.name}: " + "; ".join(problems),
                             f"train a revision that beats its parent, or pass --force to move {tag} anyway; "
                             f"no tag was moved", "\n".join(f"evidence for it: {line}" for line in found))
-    message = f"loradock promote: {tag} -> {child.commit}. " + (
-        f"Forced with --force past: {'; '.join(problems)}." if problems else "") + (
-        f" Evidence: {'; '.join(found)}." if found else "")
+    message = " ".join([f"loradock promote: {tag} -> {child.commit}.",
+                        *([f"Forced with --force past: {'; '.join(problems)}."] if problems else []),
+                        *([f"Evidence: {'; '.join(found)}."] if found else [])])
     if current == child.commit:
         return message.replace("->", "already at", 1)
     door.move_tag(ref.repo_id, tag, current, child.commit, message.strip())
