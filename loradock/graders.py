@@ -186,7 +186,10 @@ def json_schema(spec: str, path: str) -> Grader:
             value = json.loads(fenced.group(1) if fenced else text)
         except ValueError:
             return 0.0
-        return float(validator.is_valid(value))
+        try:
+            return float(validator.is_valid(value))
+        except Exception as e:  # e.g. a $ref the schema cannot resolve: jsonschema fetches nothing
+            raise Unscorable(f"{spec}: the schema could not be applied ({type(e).__name__}: {e})") from None
 
     settings = {"grader": "json_schema", "file": path, "sha256": hashlib.sha256(text.encode()).hexdigest()}
     return Grader(spec, "json_schema", settings, False, score)

@@ -159,7 +159,8 @@ class LoradockGRPOTrainer(HeldOutGenerations, GRPOTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         from transformers import Trainer
 
-        metrics = {f"{metric_key_prefix}_{name}": value for name, value in self.generation_scores().items()}
+        scores = self.generation_scores() if self.held_out else {}
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in scores.items()}
         # Trainer's own log: GRPOTrainer's would fold its running training averages into these figures.
         Trainer.log(self, metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)

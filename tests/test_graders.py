@@ -139,3 +139,10 @@ def test_train_refuses_a_bad_grader_with_the_other_problems(run_cli, tmp_path):
                      "--grader", "regex:(", "--print-config")
     assert result.code == 2 and "--grader" in result.err and "does not compile" in result.err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_schema_whose_reference_cannot_be_resolved_fails_the_row_not_the_run(tmp_path):
+    schema = tmp_path / "remote.json"
+    schema.write_text(json.dumps({"$ref": "https://example.invalid/order.schema.json"}))
+    scores = grade(f"json_schema:{schema}", '{"id": 1}', "not json")
+    assert scores.values == [0.0, 0.0] and scores.failures == 1 and "could not be applied" in scores.first_failure

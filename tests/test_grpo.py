@@ -77,3 +77,16 @@ def test_grpo_refuses_what_it_cannot_train(cli, tmp_path):
     assert not (tmp_path / "out").exists()
     configured = train("--objective", "grpo", "--reward", "rouge_l")
     assert configured.code == 0 and "num_generations: 4" in configured.out and "rewards:\n- rouge_l" in configured.out
+
+
+def test_a_fresh_grpo_adapter_with_held_out_data_and_no_generations(cli, tmp_path):
+    """A new adapter (no --init-adapter), held-out data but --eval-generations 0: trained, nothing scored."""
+    train = write_jsonl(tmp_path / "train.jsonl", (REVERSE / "train.jsonl").read_text().splitlines()[:16])
+    held = write_jsonl(tmp_path / "held.jsonl", (REVERSE / "heldout.jsonl").read_text().splitlines()[:4])
+    result = cli("train", "--objective", "grpo", "--reward", "rouge_l", "--data", train, "--eval-data", held,
+                 "--eval-generations", "0", "--output", tmp_path / "fresh", "--max-steps", "2", "--batch-size", "4",
+                 "--training.max_completion_length", "8", "--training.eval_steps", "2", "--training.save_strategy", "no")
+    assert result.code == 0, result.text[-3000:]
+    metrics = json.loads((tmp_path / "fresh" / "metrics.json").read_text())
+    assert metrics["objective"] == "grpo" and metrics["parent"] is None and metrics["steps"] == 2
+    assert metrics["eval_metrics"] == {} and metrics["graders"] == [] and metrics["rewards"][0]["batches"] == 2
