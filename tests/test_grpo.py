@@ -89,4 +89,4 @@ def test_a_fresh_grpo_adapter_with_held_out_data_and_no_generations(cli, tmp_pat
     assert result.code == 0, result.text[-3000:]
     metrics = json.loads((tmp_path / "fresh" / "metrics.json").read_text())
     assert metrics["objective"] == "grpo" and metrics["parent"] is None and metrics["steps"] == 2
-    assert metrics["eval_metrics"] == {} and metrics["graders"] == [] and metrics["rewards"][0]["batches"] == 2
+    assert metrics["eval_metrics"] is None and metrics["graders"] == [] and metrics["rewards"][0]["batches"] == 2
