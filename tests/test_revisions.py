@@ -145,5 +145,8 @@ def test_promote_holds_a_revision_to_the_forgetting_guard(run_cli, hub_env, tmp_
         in refused.err, refused.text
     allowed = run_cli("promote", f"{repo}@{forgetful}", "--tag", "prod", "--votes", no_votes, "--max-forgetting", "0.5")
     assert allowed.code == 0 and "general-ability perplexity +40.0% against the base (--max-forgetting 0.5)" in allowed.out
+    alone = revision(run_cli, tmp_path, repo, "alone", 0.9, forgetting=0.5)  # every reason is named
+    refused = run_cli("promote", f"{repo}@{alone}", "--tag", "prod", "--votes", no_votes)
+    assert refused.code == 2 and "+50.0% against the base's" in refused.err and "records no parent" in refused.err
     lineage = run_cli("lineage", f"{repo}@{forgetful}", "--votes", no_votes)
     assert "general-ability perplexity +40.0% against the base" in lineage.out and "+5.0%" in lineage.out

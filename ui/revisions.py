@@ -196,8 +196,8 @@ def evidence(registry: Registry, child: RevisionRecord, tag: str, current: str |
             problems.append(f"held-out {both[0]} {both[1]:.3f} is below that of {holder.name} ({both[2]:.3f}), "
                             f"which {tag} points at now")
     if not child.parent:
-        return found, [f"{child.name} records no parent revision to compare it with (it was not trained with "
-                       "--init-adapter)"]
+        return found, [*problems, f"{child.name} records no parent revision to compare it with (it was not trained "
+                                  "with --init-adapter)"]
     parent = recorded(registry, child.parent["repo_id"], child.parent["commit"])
     both = child.run.figure_against(parent.run)
     if both is None:
