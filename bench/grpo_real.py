@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,22 +28,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loradock.home import SMOLLM2, embedded_dir  # noqa: E402
+from bench.train_real import base_model  # noqa: E402  (copied from --loradock-home, else installed)
+from loradock.home import SMOLLM2  # noqa: E402
 from loradock.procs import Service, create_token, free_port, loradock_command, start_registry  # noqa: E402
 
 TASK = REPO / "sft" / "assets" / "tasks" / "commas"
 REPO_ID = "bench/commas"
 LORA = ["--lora-r", "16", "--lora-alpha", "32"]  # the parent's shapes (sft/configs/commas.yaml)
 QUIET = ["--training.save_strategy", "no", "--training.disable_tqdm", "true"]
-
-
-def base_model(args) -> None:
-    target = embedded_dir(SMOLLM2)
-    given = args.loradock_home / "models" / target.name if args.loradock_home else None
-    if given and given.is_dir():
-        shutil.copytree(given, target)
-    else:
-        subprocess.run(loradock_command("base", "install"), check=True, capture_output=True)
 
 
 def loradock(log: Path, *args) -> tuple[float, str]:
@@ -76,7 +67,7 @@ def main() -> int:
         os.environ.update(LORADOCK_HOME=str(tmp / "home"), HF_HOME=str(tmp / "hf"), HF_HUB_DISABLE_TELEMETRY="1",
                           TOKENIZERS_PARALLELISM="false")
         os.environ.pop("LORADOCK_BASE_MODEL", None)
-        base_model(args)
+        base_model(args, tmp)
         port = free_port()
         services.enter_context(start_registry(tmp / "registry", port, tmp / "registry.log"))
         os.environ.update(LORADOCK_REGISTRY=f"http://127.0.0.1:{port}",
